@@ -1,0 +1,1 @@
+"""Subcommands of `domlora`: one module each, exposing HELP, add_arguments(parser) and run(args)."""

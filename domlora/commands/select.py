@@ -1,0 +1,39 @@
+"""`domlora select`: turn probe scores into a placement."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import DomloraError
+
+HELP = "turn probe scores into a placement (exact module names + evidence)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..placement import STRATEGIES
+
+    p.add_argument("--probe", required=True, help="page.json written by `domlora probe`")
+    p.add_argument("--strategy", required=True, help=f"one of: {', '.join(sorted(STRATEGIES))}")
+    p.add_argument("--out", required=True, help="placement JSON to write")
+    p.add_argument("--nfn", default=None, help="nfn.json for plop / plop_inverse (default: beside --probe)")
+    p.add_argument("--k", type=int, default=3, help="modules (page_topk, random) or types (plop)")
+    p.add_argument("--types", default="", help="comma list of types or groups (ffn_all, attn_all)")
+    p.add_argument("--layers", default="", help="comma list of layer indices (explicit; -1 = last)")
+    p.add_argument("--seed", type=int, default=0, help="seed for `random`")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise DomloraError(f"--layers must be a comma list of integers, got {text!r}") from None
+
+
+def run(a: argparse.Namespace) -> int:
+    from ..pipeline import select_placement
+
+    doc = select_placement(probe_path=a.probe, strategy=a.strategy, out=a.out, nfn_path=a.nfn, k=a.k,
+                           types=tuple(t for t in a.types.split(",") if t), layers=_ints(a.layers), seed=a.seed)
+    print(json.dumps({"strategy": doc["strategy"], "n_modules": doc["n_modules"], "modules": doc["modules"][:8]}))
+    return 0

