@@ -71,3 +71,130 @@ def select_placement(*, probe_path: str | os.PathLike, strategy: str, out: str |
     doc = placement.to_dict() | {"probe": str(probe_path)}
     write_json(out, doc)
     return doc
+
+
+# ---------------------------------------------------------------- grid stages
+# Each takes the validated `Params`, the cell (or its parts) and a `Layout`; DVC stage
+# scripts and Prefect tasks both call these, so both write the same files.
+
+
+def prepare_data_stage(params, dataset: str, *, layout, show_progress: bool = False) -> dict:
+    """prepare_data: data/<dataset>/{train,probe,eval}.jsonl + stats.json."""
+    from .data import prepare_dataset
+
+    spec = params.datasets[dataset]
+    return prepare_dataset(spec.source, layout.data_dir(dataset), n_train=spec.n_train, n_probe=spec.n_probe,
+                           n_eval=spec.n_eval, seed=params.seed_data, source=spec.path, show_progress=show_progress)
+
+
+def probe_stage(params, model: str, dataset: str, *, layout, tracker=None, show_progress: bool = False) -> dict:
+    """probe: probes/<model>/<dataset>/{page.json,page.png,nfn.json,page_layers.csv}."""
+    spec, p = params.models[model], params.probe
+    out_dir = layout.probe_dir(model, dataset)
+    doc = probe(model=spec.id, data=layout.split(dataset, "probe"), out_dir=out_dir, samples=p.samples,
+                max_length=p.max_length, alpha=p.alpha, rank=p.rank, batch_size=p.batch_size, dtype=spec.dtype,
+                nfn=p.nfn, trust_remote_code=spec.trust_remote_code, show_progress=show_progress,
+                model_name=spec.id)
+    write_layer_csv(doc, out_dir / "page_layers.csv")
+    if tracker is not None:
+        tracker.log_probe(model=model, dataset=dataset, layout=layout)
+    return doc
+
+
+def write_layer_csv(doc: dict, path) -> None:
+    """PAGE by layer, one column per module type (DVC plots draw one line per type)."""
+    from .io import write_text
+    from .summary import layer_type_matrix
+
+    types, grid = layer_type_matrix(doc)
+    lines = ["layer," + ",".join(types)]
+    for layer in range(len(grid[0])):
+        lines.append(f"{layer}," + ",".join("" if v != v else f"{v:.6g}" for v in (row[layer] for row in grid)))
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def select_stage(params, model: str, dataset: str, method: str, *, layout) -> dict:
+    """select: placements/<model>/<dataset>/<method>.json."""
+    m = params.methods[method]
+    return select_placement(probe_path=layout.page_json(model, dataset), strategy=m.placement,
+                            out=layout.placement(model, dataset, method), k=m.k, types=tuple(m.types),
+                            layers=tuple(m.layers), seed=0)
+
+
+def _train_config(params, cell):
+    from dataclasses import fields
+
+    from .train import TrainConfig
+
+    spec = params.method_train(cell.method)
+    names = {f.name for f in fields(TrainConfig)}
+    values = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name in names}
+    values["seed"] = cell.seed
+    return TrainConfig(**values)
+
+
+def train_stage(params, cell, *, layout, tracker=None, show_progress: bool = False) -> dict:
+    """train: runs/<cell>/adapter/, train_metrics.json, loss.csv."""
+    from .tracking import NullTracker
+
+    tracker = tracker or NullTracker()
+    m = params.methods[cell.method]
+    spec = params.models[cell.model]
+    out_dir = layout.run_dir(cell)
+    placement = layout.placement(cell.model, cell.dataset, cell.method)
+    try:
+        if m.grpo or m.sparse_b:
+            from . import sparse_b
+
+            kw = dict(m.sparse_b or {})
+            if m.grpo:
+                metrics = sparse_b.grpo(model=spec.id, train_data=layout.split(cell.dataset, "train"),
+                                        eval_data=layout.split(cell.dataset, "eval"), placement=placement,
+                                        out_dir=out_dir, seed=cell.seed, train_cfg=_train_config(params, cell), **kw)
+            else:
+                metrics = sparse_b.sparse_b_sft(model=spec.id, train_data=layout.split(cell.dataset, "train"),
+                                                placement=placement, out_dir=out_dir, seed=cell.seed,
+                                                train_cfg=_train_config(params, cell), **kw)
+        else:
+            from .train import train
+
+            metrics = train(model=spec.id, train_data=layout.split(cell.dataset, "train"), placement=placement,
+                            out_dir=out_dir, cfg=_train_config(params, cell), method="ist" if m.ist else None,
+                            show_progress=show_progress)
+    except Exception as exc:
+        tracker.mark_failed(cell=cell, error=f"{type(exc).__name__}: {exc}")
+        raise
+    write_loss_csv(layout.train_metrics(cell), layout.loss_csv(cell))
+    tracker.log_cell(cell=cell, params=params, layout=layout, stage="train")
+    return metrics
+
+
+def write_loss_csv(metrics_path, csv_path) -> None:
+    from .io import write_text
+    from .tracking import _loss_points
+
+    tm = read_json(metrics_path) if Path(metrics_path).is_file() else {}
+    rows = ["step,loss"] + [f"{s},{v:.6g}" for s, v in _loss_points(tm)]
+    write_text(csv_path, "\n".join(rows) + "\n")
+
+
+def evaluate_stage(params, cell_or_base, *, layout, model: str | None = None, dataset: str | None = None,
+                   tracker=None, show_progress: bool = False) -> dict:
+    """evaluate: runs/<cell>/eval.json + metrics.json (a cell), or runs/<model>-<dataset>-base/ (no adapter)."""
+    from .evaluate import evaluate
+
+    if cell_or_base == "base":
+        run_id, adapter = layout.base_id(model, dataset), None
+    else:
+        cell = cell_or_base
+        model, dataset, run_id, adapter = cell.model, cell.dataset, cell.id, layout.adapter(cell)
+    spec, e = params.models[model], params.eval
+    doc = evaluate(model=spec.id, adapter=adapter, tasks=list(params.datasets[dataset].tasks),
+                   out=layout.eval_json(run_id), data_dir=layout.root / "data", limit=e.limit,
+                   batch_size=e.batch_size, max_gen_toks=e.max_gen_toks, allow_code_exec=e.allow_code_exec,
+                   show_progress=show_progress)
+    flat = doc.get("metrics", {})
+    write_json(layout.metrics_json(run_id), flat)
+    if tracker is not None and cell_or_base != "base":
+        tracker.log_cell(cell=cell_or_base, params=params, layout=layout, stage="evaluate")
+    return doc

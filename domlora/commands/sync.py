@@ -1,0 +1,33 @@
+"""`domlora sync`: log results on disk to MLflow (after a tracking outage, or into another server)."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "log every finished cell of the active grid to MLflow (idempotent)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file")
+    p.add_argument("--root", default=".", help="repository root")
+    p.add_argument("--pending-only", action="store_true", help="only cells whose logging failed before")
+
+
+def run(a: argparse.Namespace) -> int:
+    from ..config import load_params
+    from ..paths import Layout
+    from ..tracking import PENDING, make_tracker
+
+    params = load_params(a.params)
+    layout = Layout(a.root)
+    tracker = make_tracker(params, enabled=True)
+    n = 0
+    for cell in params.cells():
+        run_dir = layout.run_dir(cell)
+        if not layout.train_metrics(cell).is_file():
+            continue
+        if a.pending_only and not (run_dir / PENDING).exists():
+            continue
+        tracker.log_cell(cell=cell, params=params, layout=layout, stage="train")
+        n += 1
+    print(f"synced {n} cells to {params.tracking.uri}")
+    return 0

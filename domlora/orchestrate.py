@@ -1,0 +1,91 @@
+"""Running grid stages as DVC-recorded steps, safely side by side.
+
+A grid cell's stage runs as its own process (`python -m stages.<name> ...`, exactly the
+command dvc.yaml declares), so two cells can compute at once and a crash in one cannot
+take the others down. DVC itself is only touched to ask whether a stage is up to date
+(`dvc status`) and to record a finished one (`dvc commit`); those calls hold DVC's
+repository lock for a moment, so they are serialised here (and retried if someone else's
+`dvc` holds the lock), while the heavy work runs outside it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_DVC_LOCK = threading.Lock()
+
+
+class StageFailed(RuntimeError):
+    """A stage process exited non-zero; the message carries the tail of its output."""
+
+
+@dataclass(frozen=True)
+class StageRef:
+    """A DVC stage instance and the command that computes it."""
+
+    name: str
+    """e.g. `train@smol-arith-domlora-0`"""
+    argv: tuple[str, ...]
+    """e.g. ("stages.train", "--cell", "smol-arith-domlora-0")"""
+
+
+def _dvc(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("dvc")
+    cmd = [str(exe) if exe.exists() else "dvc", *args]
+    for attempt in range(30):
+        with _DVC_LOCK:
+            proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout,
+                                  env=os.environ | {"DVC_NO_ANALYTICS": "1"})
+        if proc.returncode == 0 or "Unable to acquire lock" not in proc.stderr + proc.stdout:
+            return proc
+        time.sleep(min(2 + attempt, 10))  # another dvc (a user's `dvc repro`?) holds the lock
+    return proc
+
+
+def is_up_to_date(root: Path, stage: str) -> bool:
+    """True when DVC has this stage with unchanged deps, params and outs."""
+    proc = _dvc(root, "status", "--json", stage)
+    if proc.returncode != 0:
+        logger.warning("dvc status %s failed: %s", stage, proc.stderr.strip()[-300:])
+        return False
+    try:
+        return json.loads(proc.stdout or "{}") == {}
+    except json.JSONDecodeError:
+        return False
+
+
+def record(root: Path, stage: str) -> None:
+    """Record a computed stage in dvc.lock and the cache (`dvc commit`)."""
+    proc = _dvc(root, "commit", "--force", stage)
+    if proc.returncode != 0:
+        raise StageFailed(f"dvc commit {stage} failed: {(proc.stderr or proc.stdout).strip()[-1500:]}")
+
+
+def run_stage(root: Path, ref: StageRef, *, env: dict | None = None, skip_if_current: bool = True,
+              log_dir: Path | None = None) -> str:
+    """Compute one stage in its own process unless DVC already has it; returns `skipped` or `computed`."""
+    if skip_if_current and is_up_to_date(root, ref.name):
+        logger.info("%s is up to date in DVC: skipped", ref.name)
+        return "skipped"
+    log_dir = log_dir or (root / ".domlora_logs")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{ref.name.replace('@', '__')}.log"
+    cmd = [sys.executable, "-m", *ref.argv, "--no-progress"]
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=os.environ | (env or {}))
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-2000:]
+        raise StageFailed(f"{ref.name} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    record(root, ref.name)
+    logger.info("%s computed in %.1f s and recorded", ref.name, time.perf_counter() - t0)
+    return "computed"

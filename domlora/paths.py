@@ -1,0 +1,60 @@
+"""Layout: the one place artefact paths are spelled (dvc.yaml spells the same ones; a test checks)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Cell
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path = Path(".")
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    # prepare_data
+    def data_dir(self, dataset: str) -> Path:
+        return self.root / "data" / dataset
+
+    def split(self, dataset: str, split: str) -> Path:
+        return self.data_dir(dataset) / f"{split}.jsonl"
+
+    # probe
+    def probe_dir(self, model: str, dataset: str) -> Path:
+        return self.root / "probes" / model / dataset
+
+    def page_json(self, model: str, dataset: str) -> Path:
+        return self.probe_dir(model, dataset) / "page.json"
+
+    # select
+    def placement(self, model: str, dataset: str, method: str) -> Path:
+        return self.root / "placements" / model / dataset / f"{method}.json"
+
+    # train / evaluate
+    def run_dir(self, cell: Cell | str) -> Path:
+        return self.root / "runs" / (cell.id if isinstance(cell, Cell) else cell)
+
+    def adapter(self, cell: Cell) -> Path:
+        return self.run_dir(cell) / "adapter"
+
+    def train_metrics(self, cell: Cell) -> Path:
+        return self.run_dir(cell) / "train_metrics.json"
+
+    def loss_csv(self, cell: Cell) -> Path:
+        return self.run_dir(cell) / "loss.csv"
+
+    def eval_json(self, cell: Cell | str) -> Path:
+        return self.run_dir(cell) / "eval.json"
+
+    def metrics_json(self, cell: Cell | str) -> Path:
+        return self.run_dir(cell) / "metrics.json"
+
+    def base_id(self, model: str, dataset: str) -> str:
+        return f"{model}-{dataset}-base"
+
+    # report
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"

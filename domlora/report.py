@@ -1,0 +1,372 @@
+"""The report stage: Markdown tables in the layouts of the paper's tables, figures, a summary.
+
+Reads what the other stages wrote (probes/, placements/, runs/) for the cells of the
+active grid; a cell that is missing or failed is shown as such, never crashes the report.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import Cell, Params
+from .io import write_json, write_text
+from .paths import Layout
+
+logger = logging.getLogger(__name__)
+
+MISSING = "–"
+PRIMARY_HINTS = ("exact_match", "pass@1", "pass_at_1", "acc_norm", "acc", "em", "score", "f1")
+TABLE_TITLES = {
+    1: "Table 1: placement methods, instruction tuning",
+    2: "Table 2: placement methods, reasoning / code / chat",
+    3: "Table 3: LoRA variants, broad vs dominant-module placement (instruction tuning)",
+    4: "Table 4: LoRA variants, broad vs dominant-module placement (reasoning / code / chat)",
+    5: "Table 5: layer and module ablations",
+    10: "Table 10: training time and peak memory",
+    11: "Table 11: LoRA rank sensitivity of DomLoRA",
+    12: "Table 12: full-parameter updates, dominant module vs all modules",
+}
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def primary_metric(task: str, metrics: dict[str, float]) -> tuple[str, float] | None:
+    """The headline number of a task in a flat `{"task/metric": value}` dict."""
+    keys = [k for k in metrics if k.split("/")[0] == task and "stderr" not in k and isinstance(metrics[k], (int, float))]
+    for hint in PRIMARY_HINTS:
+        for k in keys:
+            if hint in k.split("/", 1)[-1]:
+                return k, float(metrics[k])
+    return (keys[0], float(metrics[keys[0]])) if keys else None
+
+
+def _stderr(metrics: dict, key: str) -> float | None:
+    task, metric = key.split("/", 1)
+    for cand in (f"{key}_stderr", f"{task}/{metric.split(',')[0]}_stderr,{metric.split(',', 1)[1]}" if "," in metric else None):
+        if cand and isinstance(metrics.get(cand), (int, float)):
+            return float(metrics[cand])
+    return None
+
+
+def _scale(task: str, value: float) -> float:
+    # scores in [0, 1] print as percentages; MT-Bench (1-10) counts x10 in averages, as the paper does
+    if "mt_bench" in task or "mtbench" in task:
+        return value * 10
+    return value * 100 if value <= 1.0 else value
+
+
+def _tasks_of(metrics: dict) -> list[str]:
+    return list(dict.fromkeys(k.split("/")[0] for k in metrics))
+
+
+class Collected:
+    """Everything the report reads, gathered once."""
+
+    def __init__(self, params: Params, layout: Layout):
+        self.params, self.layout = params, layout
+        self.cells = params.cells()
+        self.train = {c.id: _read(layout.train_metrics(c)) for c in self.cells}
+        self.metrics = {c.id: _read(layout.metrics_json(c)) for c in self.cells}
+        self.evals = {c.id: _read(layout.eval_json(c)) for c in self.cells}
+        self.base = {(m, d): _read(layout.metrics_json(layout.base_id(m, d)))
+                     for m in params.grid.models for d in params.grid.datasets}
+        self.placements = {c.id: _read(layout.placement(c.model, c.dataset, c.method)) for c in self.cells}
+        self.probes = {(m, d): _read(layout.page_json(m, d))
+                       for m in params.grid.models for d in params.grid.probe_datasets}
+
+    def status(self, cell: Cell) -> str:
+        tm = self.train.get(cell.id)
+        if tm is None:
+            return "missing"
+        if tm.get("status") not in (None, "success"):
+            return f"failed: {str(tm.get('error', tm.get('status')))[:80]}"
+        if self.metrics.get(cell.id) is None:
+            return "not evaluated"
+        return "ok"
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return MISSING if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _fmt_params(n: int | None) -> str:
+    if n is None:
+        return MISSING
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def _table_datasets(params: Params, table: int) -> list[str]:
+    instruct = [d for d in params.grid.datasets if "instruct" in params.datasets[d].tasks]
+    if table in (1, 3):
+        return instruct or list(params.grid.datasets)
+    if table in (2, 4):
+        return [d for d in params.grid.datasets if d not in instruct] if instruct else []
+    return list(params.grid.datasets)
+
+
+def score_table(col: Collected, table: int) -> tuple[str, list[dict]]:
+    """One paper table as Markdown plus its rows (for MLflow)."""
+    p = col.params
+    methods = [m for m in p.grid.methods if table in p.methods[m].tables]
+    datasets = _table_datasets(p, table)
+    if not methods or not datasets:
+        return "", []
+    lines, rows = [f"### {TABLE_TITLES[table]}", ""], []
+    for model in p.grid.models:
+        # columns: every task of every dataset in this table (as evaluated)
+        cols: list[tuple[str, str]] = []
+        for d in datasets:
+            seen = set()
+            for cell in (c for c in col.cells if c.model == model and c.dataset == d):
+                for t in _tasks_of(col.metrics.get(cell.id) or {}):
+                    if t not in seen:
+                        seen.add(t)
+                        cols.append((d, t))
+            for t in _tasks_of(col.base.get((model, d)) or {}):
+                if t not in seen:
+                    seen.add(t)
+                    cols.append((d, t))
+        label = p.models[model].label or model
+        header = ["Method", "Dom", "Params"] + [t for _d, t in cols] + ["Avg.", "status"]
+        lines += [f"**{label}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        entries = [("base", None)] + [(m, p.methods[m]) for m in methods]
+        for slug, spec in entries:
+            vals, statuses, n_params = [], [], None
+            for d, t in cols:
+                if slug == "base":
+                    met = col.base.get((model, d)) or {}
+                    statuses.append("ok" if met else "missing")
+                else:
+                    runs = [c for c in col.cells if (c.model, c.dataset, c.method) == (model, d, slug)]
+                    met = {}
+                    for c in runs:  # mean over seeds
+                        statuses.append(col.status(c))
+                        for k, v in (col.metrics.get(c.id) or {}).items():
+                            met.setdefault(k, []).append(v)
+                    met = {k: sum(v) / len(v) for k, v in met.items() if all(isinstance(x, (int, float)) for x in v)}
+                    tms = [col.train.get(c.id) or {} for c in runs]
+                    n_params = next((tm.get("trainable_params") for tm in tms if tm.get("trainable_params")), n_params)
+                pm = primary_metric(t, met)
+                vals.append(_scale(t, pm[1]) if pm else None)
+            present = [v for v in vals if v is not None]
+            avg = sum(present) / len(present) if present and len(present) == len(vals) else None
+            dom = "" if slug == "base" else ("✓" if spec.placement == "dom" else "✗")
+            name = "Base model" if slug == "base" else (spec.label or slug)
+            status = "ok" if statuses and all(s == "ok" for s in statuses) else ", ".join(sorted(set(statuses))) or MISSING
+            lines.append("| " + " | ".join([name, dom, _fmt_params(n_params)] + [_fmt(v) for v in vals] + [_fmt(avg), status]) + " |")
+            rows.append({"model": model, "method": slug, "params": n_params, "avg": avg, "status": status,
+                         **{f"{d}/{t}": v for (d, t), v in zip(cols, vals)}})
+        lines.append("")
+    return "\n".join(lines), rows
+
+
+def efficiency_table(col: Collected) -> tuple[str, list[dict]]:
+    p = col.params
+    methods = [m for m in p.grid.methods if 10 in p.methods[m].tables] or list(p.grid.methods)
+    header = ["Model", "Dataset", "Method", "Trainable params", "Wall time (s)", "Step time (s)", "Tokens/s", "Peak memory (MB)", "Final loss"]
+    lines = [f"### {TABLE_TITLES[10]}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
+    for c in col.cells:
+        if c.method not in methods:
+            continue
+        tm = col.train.get(c.id) or {}
+        r = {"model": c.model, "dataset": c.dataset, "method": c.method, "trainable_params": tm.get("trainable_params"),
+             "wall_time_s": tm.get("wall_time_s"), "step_time_s": tm.get("step_time_s"),
+             "tokens_per_s": tm.get("tokens_per_s"), "peak_memory_mb": tm.get("peak_memory_mb"),
+             "final_loss": tm.get("final_loss")}
+        rows.append(r)
+        lines.append("| " + " | ".join([c.model, c.dataset, p.methods[c.method].label or c.method,
+                                          _fmt_params(r["trainable_params"]), _fmt(r["wall_time_s"], 1),
+                                          _fmt(r["step_time_s"], 3), _fmt(r["tokens_per_s"], 0),
+                                          _fmt(r["peak_memory_mb"], 0), _fmt(r["final_loss"], 3)]) + " |")
+    return "\n".join(lines) + "\n", rows
+
+
+def dominant_table(col: Collected) -> tuple[str, list[dict]]:
+    """The dominant module per backbone x probe set, and how stable it is across probe sets."""
+    p = col.params
+    header = ["Model", "Probe set", "dom module", "share of all PAGE", "share of down_proj PAGE", "argmax", "argmax = dom"]
+    lines = ["### Dominant adaptation module (PAGE at step 0)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
+    for (m, d), doc in col.probes.items():
+        if not doc:
+            lines.append(f"| {m} | {d} | {MISSING} | | | | |")
+            continue
+        r = {"model": m, "dataset": d, "dominant": doc.get("dominant"), "share_total": doc.get("dominant_share_total"),
+             "share_type": doc.get("dominant_share_type"), "argmax": doc.get("argmax")}
+        rows.append(r)
+        lines.append(f"| {m} | {d} | `{r['dominant']}` | {_fmt(100 * (r['share_total'] or 0), 1)}% | "
+                     f"{_fmt(100 * (r['share_type'] or 0), 1)}% | `{r['argmax']}` | {'yes' if r['argmax'] == r['dominant'] else 'no'} |")
+    lines.append("")
+    stab = stability_lines(col)
+    return "\n".join(lines + stab), rows
+
+
+def stability_lines(col: Collected) -> list[str]:
+    from scipy.stats import spearmanr
+
+    out = []
+    for m in col.params.grid.models:
+        docs = {d: doc for (mm, d), doc in col.probes.items() if mm == m and doc}
+        if len(docs) < 2:
+            continue
+        names = sorted(next(iter(dococ["modules"] for dococ in docs.values())))
+        out += [f"**Task stability of {m}** across {len(docs)} probe sets", "",
+                "| Probe sets | same dom | same argmax | Spearman (PAGE, all modules) | top-10 overlap |", "|---|---|---|---|---|"]
+        ds = list(docs)
+        for i in range(len(ds)):
+            for j in range(i + 1, len(ds)):
+                a, b = docs[ds[i]], docs[ds[j]]
+                va = [a["modules"][n]["PAGE"] for n in names]
+                vb = [b["modules"][n]["PAGE"] for n in names]
+                rho = spearmanr(va, vb).statistic
+                ta = {x["name"] for x in a.get("top_k", [])[:10]}
+                tb = {x["name"] for x in b.get("top_k", [])[:10]}
+                out.append(f"| {ds[i]} vs {ds[j]} | {'yes' if a['dominant'] == b['dominant'] else 'no'} | "
+                           f"{'yes' if a['argmax'] == b['argmax'] else 'no'} | {rho:.3f} | {len(ta & tb)}/10 |")
+        out.append("")
+    return out
+
+
+def results_csv(col: Collected) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["cell", "model", "dataset", "method", "seed", "status", "key", "value"])
+    for c in col.cells:
+        st = col.status(c)
+        met = col.metrics.get(c.id) or {}
+        if not met:
+            w.writerow([c.id, c.model, c.dataset, c.method, c.seed, st, "", ""])
+        for k, v in sorted(met.items()):
+            w.writerow([c.id, c.model, c.dataset, c.method, c.seed, st, k, v])
+        tm = col.train.get(c.id) or {}
+        for k in ("trainable_params", "wall_time_s", "peak_memory_mb", "tokens_per_s", "final_loss"):
+            if isinstance(tm.get(k), (int, float)):
+                w.writerow([c.id, c.model, c.dataset, c.method, c.seed, st, f"train/{k}", tm[k]])
+    for (m, d), met in col.base.items():
+        for k, v in sorted((met or {}).items()):
+            w.writerow([f"{m}-{d}-base", m, d, "base", "", "ok", k, v])
+    return buf.getvalue()
+
+
+def figures(col: Collected, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for (m, d), doc in col.probes.items():
+        src = col.layout.probe_dir(m, d) / "page.png"
+        if doc and src.is_file():
+            dst = out / f"page_{m}_{d}.png"
+            shutil.copyfile(src, dst)
+            made.append(dst)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for (m, d), doc in col.probes.items():
+        if not doc:
+            continue
+        pts = sorted((v["layer"], v["PAGE"]) for v in doc["modules"].values() if v["type"] == "down_proj")
+        if pts:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".", label=f"{m} / {d}")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("PAGE of down_proj")
+    ax.set_title("down_proj PAGE by layer, per probe set")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "page_by_layer.png", dpi=110)
+    plt.close(fig)
+    made.append(out / "page_by_layer.png")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    from .tracking import _loss_points
+
+    for c in col.cells:
+        pts = _loss_points(col.train.get(c.id) or {})
+        if pts:
+            ax.plot([s for s, _ in pts], [v for _, v in pts], label=c.id)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("training loss per cell")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=110)
+    plt.close(fig)
+    made.append(out / "loss_curves.png")
+    return made
+
+
+def paper_comparison(col: Collected) -> str:
+    """For the `paper` profile: our averages beside the paper's Tables 1 and 2."""
+    try:
+        from .evaluate import compare_with_paper
+    except ImportError:
+        return ""
+    parts = []
+    for table in (1, 2):
+        try:
+            md = compare_with_paper(col, table=table)
+        except Exception as exc:  # the comparison is a courtesy; never fail the report for it
+            logger.warning("paper comparison for table %d failed: %s", table, exc)
+            continue
+        if md:
+            parts.append(md)
+    return "\n\n".join(parts)
+
+
+def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections: Sequence[str] = ()) -> dict:
+    """Write reports/{README.md,tables.md,results.csv,metrics.json,figures/}."""
+    col = Collected(params, layout)
+    out = layout.reports
+    sections, all_rows = [], {}
+    for t in (1, 2, 3, 4, 5, 11, 12):
+        md, rows = score_table(col, t)
+        if md:
+            sections.append(md)
+            all_rows[f"table{t}"] = rows
+    md, rows = efficiency_table(col)
+    sections.append(md)
+    all_rows["table10"] = rows
+    dom_md, dom_rows = dominant_table(col)
+    all_rows["dominant"] = dom_rows
+    if params.profile == "paper":
+        cmp = paper_comparison(col)
+        if cmp:
+            sections.append("## Beside the paper\n\n" + cmp)
+    tables_md = "# Result tables\n\n" + f"Profile `{params.profile}`; cells present: " \
+        f"{sum(col.status(c) == 'ok' for c in col.cells)}/{len(col.cells)}. Scores are percentages " \
+        "(MT-Bench x10), mean over seeds; `–` = missing.\n\n" + "\n".join(sections) + "\n" + "\n".join(extra_sections)
+    figs = figures(col, out / "figures")
+    statuses = {c.id: col.status(c) for c in col.cells}
+    headline = {}
+    for row in all_rows.get("table1", []) + all_rows.get("table2", []):
+        if row.get("avg") is not None:
+            headline[f"{row['model']}/{row['method']}/avg"] = row["avg"]
+    summary = ["# domlora report", "", f"Profile: `{params.profile}` · grid: {len(col.cells)} cells "
+               f"({', '.join(params.grid.models)} x {', '.join(params.grid.datasets)} x {', '.join(params.grid.methods)} "
+               f"x seeds {params.grid.seeds})", "", dom_md, "", "## Cells", "",
+               "| cell | status |", "|---|---|"] + [f"| {k} | {v} |" for k, v in statuses.items()] + [
+               "", "Tables in the paper's layouts: [tables.md](tables.md). Tidy results: [results.csv](results.csv).", "",
+               "## Figures", ""] + [f"![{f.stem}](figures/{f.name})" for f in figs]
+    write_text(out / "README.md", "\n".join(summary) + "\n")
+    write_text(out / "tables.md", tables_md)
+    write_text(out / "results.csv", results_csv(col))
+    metrics = {"cells_ok": sum(v == "ok" for v in statuses.values()), "cells_total": len(statuses), **headline}
+    write_json(out / "metrics.json", metrics)
+    if tracker is not None:
+        tracker.log_tables(all_rows, files=[out / "README.md", out / "tables.md", out / "results.csv", *figs])
+    return {"statuses": statuses, "metrics": metrics, "tables": all_rows}

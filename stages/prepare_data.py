@@ -1,0 +1,27 @@
+"""prepare_data stage: write data/<dataset>/{train,probe,eval}.jsonl and stats.json.
+
+Run as: python -m stages.prepare_data --dataset arith
+"""
+from __future__ import annotations
+
+import sys
+
+from domlora.config import load_params
+from domlora.entry import run_main, stage_parser
+from domlora.paths import Layout
+from domlora.pipeline import prepare_data_stage
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = stage_parser(__doc__)
+    p.add_argument("--dataset", required=True, help="dataset slug from params.yaml")
+    a = p.parse_args(argv)
+
+    def go():
+        params = load_params(a.params, profile=a.profile)
+        prepare_data_stage(params, a.dataset, layout=Layout(a.root), show_progress=not a.no_progress)
+    return run_main(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

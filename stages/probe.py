@@ -1,0 +1,30 @@
+"""probe stage: PAGE (and NFN) of every module of a model on a dataset's probe split.
+
+Run as: python -m stages.probe --model smol --dataset arith
+"""
+from __future__ import annotations
+
+import sys
+
+from domlora.config import load_params
+from domlora.entry import run_main, stage_parser
+from domlora.paths import Layout
+from domlora.pipeline import probe_stage
+from domlora.tracking import make_tracker
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = stage_parser(__doc__)
+    p.add_argument("--model", required=True, help="model slug from params.yaml")
+    p.add_argument("--dataset", required=True, help="dataset slug from params.yaml")
+    a = p.parse_args(argv)
+
+    def go():
+        params = load_params(a.params, profile=a.profile)
+        probe_stage(params, a.model, a.dataset, layout=Layout(a.root), tracker=make_tracker(params),
+                    show_progress=not a.no_progress)
+    return run_main(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

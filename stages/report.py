@@ -1,0 +1,26 @@
+"""report stage: tables in the paper's layouts, PAGE heatmaps, loss curves, the dominant module summary.
+
+Run as: python -m stages.report
+"""
+from __future__ import annotations
+
+import sys
+
+from domlora.config import load_params
+from domlora.entry import run_main, stage_parser
+from domlora.paths import Layout
+from domlora.report import write_report
+from domlora.tracking import make_tracker
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = stage_parser(__doc__).parse_args(argv)
+
+    def go():
+        params = load_params(a.params, profile=a.profile)
+        write_report(params, Layout(a.root), tracker=make_tracker(params))
+    return run_main(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

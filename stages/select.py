@@ -1,0 +1,29 @@
+"""select stage: a method's placement (exact module names + evidence) from the probe.
+
+Run as: python -m stages.select --model smol --dataset arith --method domlora
+"""
+from __future__ import annotations
+
+import sys
+
+from domlora.config import load_params
+from domlora.entry import run_main, stage_parser
+from domlora.paths import Layout
+from domlora.pipeline import select_stage
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = stage_parser(__doc__)
+    p.add_argument("--model", required=True, help="model slug")
+    p.add_argument("--dataset", required=True, help="dataset slug")
+    p.add_argument("--method", required=True, help="method slug")
+    a = p.parse_args(argv)
+
+    def go():
+        params = load_params(a.params, profile=a.profile)
+        select_stage(params, a.model, a.dataset, a.method, layout=Layout(a.root))
+    return run_main(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

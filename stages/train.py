@@ -1,0 +1,30 @@
+"""train stage: train one grid cell's adapter.
+
+Run as: python -m stages.train --cell smol-arith-domlora-0
+"""
+from __future__ import annotations
+
+import sys
+
+from domlora.config import Cell, load_params
+from domlora.entry import run_main, stage_parser
+from domlora.paths import Layout
+from domlora.pipeline import train_stage
+from domlora.tracking import make_tracker
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = stage_parser(__doc__)
+    p.add_argument("--cell", required=True, help="MODEL-DATASET-METHOD-SEED")
+    a = p.parse_args(argv)
+
+    def go():
+        params = load_params(a.params, profile=a.profile)
+        cell = Cell.parse(a.cell)
+        params.cells(models=[cell.model], datasets=[cell.dataset], methods=[cell.method], seeds=[cell.seed])
+        train_stage(params, cell, layout=Layout(a.root), tracker=make_tracker(params), show_progress=not a.no_progress)
+    return run_main(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
