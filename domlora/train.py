@@ -1,0 +1,765 @@
+"""Training: one explicit loop on Accelerate (single process, DDP or DeepSpeed ZeRO-2).
+
+    from domlora.train import TrainConfig, train
+    metrics = train(model="embedded", train_data="data/arith/train.jsonl",
+                    placement="placements/embedded/arith/dom.json", out_dir="runs/dom",
+                    cfg=TrainConfig(variant="lora", lr=2e-4, max_steps=40, batch_size=4, grad_accum=1))
+
+Writes `out_dir/adapter/` (PEFT format; see `domlora.adapters`) and `out_dir/train_metrics.json`,
+both atomically, and periodic checkpoints under `out_dir/checkpoints/` from which a killed run
+resumes (same seed -> the same adapter as an uninterrupted run). The recipe defaults are the
+paper's (SPEC section 3); `embedded_config()` gives the small-CPU defaults.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .adapters import VARIANTS, attach, count_params, disable_input_grads, save_adapter
+from .errors import ConfigError, DomloraError
+from .io import atomic_dir, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+LR_SCHEDULES = ("cosine", "linear", "constant")
+METHODS = ("ist",)
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+METRICS = "train_metrics.json"
+# fields that do not change what is trained (a resumed run may change them)
+_NON_SEMANTIC = ("save_every", "keep_checkpoints")
+
+
+class TrainingDiverged(DomloraError):
+    """The loss (or gradient norm) became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe; defaults are the paper's (Appendix C, Table 6)."""
+
+    variant: str = "lora"
+    """one of `adapters.VARIANTS`"""
+    rank: int = 64
+    """LoRA rank r (AdaLoRA: initial rank; GraLoRA: total rank)"""
+    alpha: float = 128.0
+    """LoRA alpha (scaling alpha / r; rsLoRA alpha / sqrt(r))"""
+    dropout: float = 0.0
+    """adapter dropout"""
+    lr: float = 2e-5
+    """peak learning rate (LoRA+: that of A; B gets lr * lora_plus_ratio)"""
+    lr_schedule: str = "cosine"
+    """cosine | linear | constant, after a linear warm-up from 0"""
+    warmup_ratio: float = 0.03
+    """warm-up steps as a fraction of all optimizer steps (rounded up)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0 = off)"""
+    epochs: int = 1
+    """passes over the data (ignored when max_steps > 0)"""
+    max_steps: int = -1
+    """optimizer steps; overrides epochs when > 0"""
+    batch_size: int = 4
+    """samples per micro-batch per device"""
+    grad_accum: int = 8
+    """micro-batches per optimizer step (effective batch = batch_size x grad_accum x devices)"""
+    max_length: int = 3072
+    """tokens per sample (longer samples are truncated and counted)"""
+    seed: int = 0
+    """data order, adapter init, IST sampling"""
+    gradient_checkpointing: bool = True
+    """recompute activations in backward (non-reentrant: never forces backward below the adapter)"""
+    dtype: str = "auto"
+    """auto (bfloat16 + TF32 on GPU, float32 on CPU) | float32 | bfloat16"""
+    device: str | None = None
+    """cpu | cuda | cuda:N; default cuda when available"""
+    save_every: int = 50
+    """optimizer steps between checkpoints (0 = none)"""
+    keep_checkpoints: int = 2
+    """checkpoints kept (oldest removed)"""
+    lora_plus_ratio: float = 16.0
+    """LoRA+: lr(B) / lr(A)"""
+    adalora_target_r: int | None = None
+    """AdaLoRA: final average rank (default 2/3 of rank, PEFT's 8-of-12 ratio)"""
+    adalora_tinit: float = 0.1
+    """AdaLoRA: fraction of steps before rank reduction starts"""
+    adalora_tfinal: float = 0.2
+    """AdaLoRA: fraction of steps at the end with the final ranks fixed"""
+    adalora_delta_t: int = 10
+    """AdaLoRA: steps between budget re-allocations"""
+    adalora_beta1: float = 0.85
+    adalora_beta2: float = 0.85
+    adalora_orth_reg: float = 0.1
+    """AdaLoRA: orthogonality regulariser weight (AdaLoRA paper's gamma)"""
+    gralora_k: int | None = None
+    """GraLoRA: blocks per side (default 4 for rank >= 64, else 2)"""
+    norm_step: float = 0.1
+    """NoRM Sim-Search: fraction step"""
+    norm_range_start: int = 1
+    """NoRM Sim-Search: first fraction = step * range_start"""
+    ist_active_layers: float = 0.25
+    """IST: layers updated per step (fraction < 1 or count)"""
+    ist_update_every: int = 10
+    """IST: steps between importance updates"""
+    ist_beta: float = 0.9
+    ist_temperature: float = 1.0
+    deepspeed: str | None = None
+    """DeepSpeed config JSON (e.g. configs/deepspeed_zero2.json); None = no DeepSpeed"""
+    limit_samples: int | None = None
+    """use only the first N training samples"""
+
+    def __post_init__(self):
+        def bad(field: str, value, allowed: str):
+            raise ConfigError(f"TrainConfig.{field} = {value!r} is invalid; allowed: {allowed}")
+
+        if self.variant not in VARIANTS:
+            bad("variant", self.variant, ", ".join(VARIANTS))
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad("lr_schedule", self.lr_schedule, ", ".join(LR_SCHEDULES))
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            bad("dtype", self.dtype, "auto, float32, bfloat16, float16")
+        for name in ("rank", "batch_size", "grad_accum", "epochs", "keep_checkpoints", "adalora_delta_t"):
+            if int(getattr(self, name)) < 1:
+                bad(name, getattr(self, name), "an integer >= 1")
+        if self.max_length < 2:
+            bad("max_length", self.max_length, "an integer >= 2")
+        if not self.alpha > 0:
+            bad("alpha", self.alpha, "a number > 0")
+        if not 0 <= self.dropout < 1:
+            bad("dropout", self.dropout, "0 <= dropout < 1")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            bad("lr", self.lr, "a finite number > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            bad("warmup_ratio", self.warmup_ratio, "0 <= warmup_ratio < 1")
+        if self.weight_decay < 0:
+            bad("weight_decay", self.weight_decay, "a number >= 0")
+        if self.max_grad_norm < 0:
+            bad("max_grad_norm", self.max_grad_norm, "a number >= 0 (0 = no clipping)")
+        if self.max_steps == 0 or self.max_steps < -1:
+            bad("max_steps", self.max_steps, "-1 (use epochs) or an integer >= 1")
+        if self.save_every < 0:
+            bad("save_every", self.save_every, "an integer >= 0 (0 = no checkpoints)")
+        if not self.lora_plus_ratio >= 1:
+            bad("lora_plus_ratio", self.lora_plus_ratio, "a number >= 1")
+        if self.adalora_target_r is not None and not 1 <= self.adalora_target_r <= self.rank:
+            bad("adalora_target_r", self.adalora_target_r, f"1..rank ({self.rank})")
+        for name in ("adalora_tinit", "adalora_tfinal"):
+            if not 0 <= getattr(self, name) < 1:
+                bad(name, getattr(self, name), "a fraction in [0, 1)")
+        if self.adalora_tinit + self.adalora_tfinal >= 1:
+            bad("adalora_tinit", self.adalora_tinit, "adalora_tinit + adalora_tfinal < 1")
+        if self.gralora_k is not None and self.gralora_k < 1:
+            bad("gralora_k", self.gralora_k, "an integer >= 1 dividing rank")
+        if self.limit_samples is not None and self.limit_samples < 1:
+            bad("limit_samples", self.limit_samples, "None or an integer >= 1")
+        if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
+            bad("device", self.device, "cpu, cuda or cuda:N")
+        self.ist_config()  # validates the ist_* fields
+
+    def ist_config(self):
+        from .ist import ISTConfig
+
+        return ISTConfig(active_layers=self.ist_active_layers, update_every=self.ist_update_every,
+                         beta=self.ist_beta, temperature=self.ist_temperature)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# Embedded profile (SmolLM2-135M on a 2-core CPU): short samples, small batches, a few dozen
+# steps. One adapter on one module needs a larger learning rate than the paper's 2e-5 (which is
+# tuned for 256-sample batches over thousands of steps); see docs/train.md for the measurements.
+EMBEDDED = {
+    "dom": dict(lr=2e-3, max_steps=40, batch_size=4, grad_accum=1, max_length=160, warmup_ratio=0.05,
+                gradient_checkpointing=False, save_every=10),
+    "broad": dict(lr=5e-4, max_steps=40, batch_size=4, grad_accum=1, max_length=160, warmup_ratio=0.05,
+                  gradient_checkpointing=False, save_every=10),
+}
+
+
+def embedded_config(*, dom: bool = True, **overrides) -> TrainConfig:
+    """Defaults for the embedded profile: `dom` for one adapter (DomLoRA), else broad placements."""
+    return TrainConfig(**(EMBEDDED["dom" if dom else "broad"] | overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _resolve_device(cfg: TrainConfig) -> str:
+    import torch
+
+    want = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {want!r} asked for but no CUDA GPU is visible; fix: --device cpu "
+                          "(or run on a GPU machine)")
+    if want == "cpu" and cfg.dtype == "float16":
+        raise ConfigError("float16 training needs a GPU (no fp16 kernels/loss scaling on CPU); "
+                          "fix: --dtype float32 (or auto) on CPU")
+    return want
+
+
+def resolve_placement(placement, model) -> tuple[list[str], dict]:
+    """Module names and a small description from a path, a dict, a Placement, a list, or None (all)."""
+    from .modules import find_candidates
+    from .placement import Placement
+
+    if placement is None:
+        names = [c.name for c in find_candidates(model)]
+        return names, {"strategy": "all", "modules": names, "n_modules": len(names)}
+    if isinstance(placement, (str, os.PathLike)):
+        p = Path(placement)
+        if not p.is_file():
+            raise ConfigError(f"placement file {p} does not exist; fix: run `domlora select` first, "
+                              "or pass no placement for vanilla LoRA (all modules)")
+        try:
+            placement = read_json(p)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"placement file {p} is not JSON ({exc.msg}); fix: regenerate it with `domlora select`")
+    if isinstance(placement, (list, tuple)):
+        placement = {"strategy": "explicit", "modules": list(placement)}
+    if isinstance(placement, Placement):
+        placement = placement.to_dict()
+    if not isinstance(placement, dict):
+        raise ConfigError(f"placement must be a path, a dict, a list of names or None, got {type(placement).__name__}")
+    pl = Placement.from_dict(placement)
+    return list(pl.modules), {"strategy": pl.strategy, "modules": list(pl.modules), "n_modules": len(pl.modules)}
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def run_info() -> dict:
+    """Git commit (+ dirty flag) of the source tree and library versions."""
+    import importlib.metadata as md
+
+    root = Path(__file__).resolve().parents[1]
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                            text=True, timeout=10).stdout.strip() or None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10).stdout
+        info["git_dirty"] = bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"], info["git_dirty"] = None, None
+    versions = {}
+    for pkg in ("domlora", "torch", "transformers", "peft", "accelerate", "deepspeed"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    info["versions"] = versions
+    return info
+
+
+@dataclass
+class StepPlan:
+    """Which samples each optimizer step uses: a seeded permutation per epoch, concatenated."""
+
+    n: int
+    per_step: int
+    """samples per optimizer step over all devices"""
+    total_steps: int
+    seed: int
+
+    @classmethod
+    def make(cls, n: int, cfg: TrainConfig, world: int) -> StepPlan:
+        per_step = cfg.batch_size * cfg.grad_accum * world
+        total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * n / per_step))
+        return cls(n=n, per_step=per_step, total_steps=total, seed=cfg.seed)
+
+    def _epoch(self, e: int) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 7919 + e).shuffle(order)
+        return order
+
+    def step_samples(self, step: int) -> list[int]:
+        start = step * self.per_step
+        out: list[int] = []
+        while len(out) < self.per_step:
+            e, off = divmod(start + len(out), self.n)
+            out += self._epoch(e)[off: off + self.per_step - len(out)]
+        return out
+
+    def micro_batches(self, step: int, *, rank: int, world: int, batch_size: int, lengths: list[int]) -> list[list[int]]:
+        mine = self.step_samples(step)[rank::world]
+        mine.sort(key=lambda i: (lengths[i], i))  # less padding; grouping stays deterministic
+        return [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
+
+
+def _forward_loss(net, batch: dict):
+    """Mean cross-entropy over the batch's target tokens (assistant turns)."""
+    target = (batch["loss_mask"] * batch["attention_mask"]).bool()
+    labels = batch["input_ids"].masked_fill(~target, -100)
+    out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, use_cache=False)
+    return out.loss
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing without the input-grad hook transformers adds."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - older transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    disable_input_grads(model)
+
+
+def _peak_memory(device: str) -> tuple[float, str]:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+
+
+def _deepspeed_config(path: str, cfg: TrainConfig, world: int, bf16: bool) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"DeepSpeed config {p} does not exist; fix: pass configs/deepspeed_zero2.json")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise ConfigError("--deepspeed needs the `deepspeed` package; fix: pip install -c constraints.txt deepspeed "
+                          "(or the `gpu` extra)") from None
+    ds = json.loads(p.read_text())
+    fill = {"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
+            "train_batch_size": cfg.batch_size * cfg.grad_accum * world,
+            "gradient_clipping": cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0}
+    for k, v in fill.items():
+        if ds.get(k, "auto") == "auto":
+            ds[k] = v
+    for key, on in (("bf16", bf16), ("fp16", False)):
+        sec = ds.setdefault(key, {})
+        if sec.get("enabled", "auto") == "auto":
+            sec["enabled"] = on
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ConfigError("the DeepSpeed config must not define `optimizer`/`scheduler`: the training loop builds "
+                          "them (LoRA+ groups, the paper's schedule); fix: remove those sections")
+    return ds
+
+
+def _make_accelerator(cfg: TrainConfig, device: str):
+    from accelerate import Accelerator
+
+    kwargs: dict[str, Any] = {"gradient_accumulation_steps": cfg.grad_accum, "cpu": device == "cpu"}
+    bf16 = device.startswith("cuda") and cfg.dtype in ("auto", "bfloat16")
+    if cfg.deepspeed:
+        from accelerate.utils import DeepSpeedPlugin
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        ds = _deepspeed_config(cfg.deepspeed, cfg, world, bf16)
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
+        kwargs["mixed_precision"] = "bf16" if bf16 else "no"
+    elif bf16:
+        kwargs["mixed_precision"] = "bf16"
+    return Accelerator(**kwargs)
+
+
+def _build_optimizer(net, cfg: TrainConfig):
+    import torch
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    if cfg.variant == "lora_plus":
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(net, torch.optim.AdamW, lr=cfg.lr, loraplus_lr_ratio=cfg.lora_plus_ratio,
+                                         loraplus_weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _variant_kwargs(cfg: TrainConfig, total_steps: int) -> dict:
+    if cfg.variant == "adalora":
+        tinit, tfinal = int(cfg.adalora_tinit * total_steps), int(cfg.adalora_tfinal * total_steps)
+        if tinit >= total_steps - tfinal:
+            tinit = tfinal = 0
+        return dict(total_step=total_steps, adalora_target_r=cfg.adalora_target_r, adalora_tinit=tinit,
+                    adalora_tfinal=tfinal, adalora_delta_t=cfg.adalora_delta_t, adalora_beta1=cfg.adalora_beta1,
+                    adalora_beta2=cfg.adalora_beta2, adalora_orth_reg=cfg.adalora_orth_reg)
+    if cfg.variant == "gralora":
+        return dict(gralora_k=cfg.gralora_k)
+    return {}
+
+
+def fingerprint(*, model_id: str, data_digest: str, modules: list[str], cfg: TrainConfig, method: str | None) -> str:
+    conf = {k: v for k, v in asdict(cfg).items() if k not in _NON_SEMANTIC}
+    doc = {"model": model_id, "data": data_digest, "modules": sorted(modules), "cfg": conf, "method": method}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _checkpoints(out_dir: Path) -> list[Path]:
+    root = out_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / "info.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _adalora_state(unwrapped) -> dict | None:
+    alloc = getattr(getattr(unwrapped, "base_model", None), "rankallocator", None)
+    if alloc is None:
+        return None
+    cfg = unwrapped.peft_config["default"]
+    return {"ipt": alloc.ipt, "exp_avg_ipt": alloc.exp_avg_ipt, "exp_avg_unc": alloc.exp_avg_unc,
+            "rank_pattern": cfg.rank_pattern}
+
+
+def _save_checkpoint(out_dir: Path, step: int, *, accelerator, net, optimizer, scheduler, ist, history: dict,
+                     fp: str, keep: int, use_ds: bool) -> Path:
+    import torch
+
+    from .adapters import adapter_state
+
+    unwrapped = accelerator.unwrap_model(net)
+    target = out_dir / CHECKPOINTS / f"step-{step:07d}"
+    if use_ds:  # collective: every rank writes its shard
+        tmp = target.parent / f".{target.name}.tmp"
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / "ds"), exclude_frozen_parameters=True)
+    if accelerator.is_main_process:
+        with atomic_dir(target) as d:
+            if use_ds:
+                os.replace(tmp / "ds", d / "ds")
+                shutil.rmtree(tmp, ignore_errors=True)
+            state = {"adapter": adapter_state(unwrapped), "scheduler": scheduler.state_dict(),
+                     "ist": ist.state_dict() if ist else None, "adalora": _adalora_state(unwrapped),
+                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+            if not use_ds:
+                state["optimizer"] = optimizer.state_dict()
+            torch.save(state, d / "state.pt")
+            write_json(d / "info.json", {"step": step, "fingerprint": fp, "history": history})
+        for old in _checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def _load_checkpoint(ck: Path, *, accelerator, net, optimizer, scheduler, ist, use_ds: bool) -> dict:
+    import torch
+
+    unwrapped = accelerator.unwrap_model(net)
+    state = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
+    params = dict(unwrapped.named_parameters())
+    with torch.no_grad():
+        for n, t in state["adapter"].items():
+            if n not in params:
+                raise ConfigError(f"checkpoint {ck} holds {n}, which this model lacks; fix: delete {ck.parent}")
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+    if use_ds:
+        accelerator.load_state(str(ck / "ds"), load_module_strict=False)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ist is not None and state.get("ist"):
+        ist.load_state_dict(state["ist"])
+    if state.get("adalora"):
+        alloc = unwrapped.base_model.rankallocator
+        alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = (state["adalora"][k] for k in ("ipt", "exp_avg_ipt",
+                                                                                          "exp_avg_unc"))
+        unwrapped.peft_config["default"].rank_pattern = state["adalora"]["rank_pattern"]
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    return read_json(ck / "info.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str | os.PathLike,
+          cfg: TrainConfig, method: str | None = None, on_step: Callable[[int, dict], None] | None = None,
+          model_hook: Callable[[Any], None] | None = None, cache_dir: str | os.PathLike | None = None,
+          show_progress: bool = False) -> dict:
+    """Train an adapter at a placement and write it with its metrics.
+
+    Args:
+        model: `embedded`, a hub id, a local folder, or a `models.LoadedModel` (modified in place).
+        train_data: chat JSONL (`{"messages": [...]}` per line).
+        placement: a placement JSON path, its dict, a list of module names, or None (every projection).
+        out_dir: gets `adapter/`, `train_metrics.json` and (while running) `checkpoints/`.
+        cfg: the recipe.
+        method: None, or "ist" (adapters on the whole placement, a sampled subset of layers per step).
+        on_step: called after every optimizer step as `on_step(step, metrics)` (step counts from 1).
+        model_hook: called with the model after the adapter is attached and before the optimizer is
+            built (e.g. to freeze A or mask entries of B).
+        cache_dir: where the embedded model's converted checkpoint lives.
+
+    Returns:
+        The `train_metrics.json` document.
+
+    Raises:
+        ConfigError / DataError / ModelError: bad inputs, before any training.
+        TrainingDiverged: NaN/inf loss; metrics (status failed) and earlier checkpoints are kept.
+    """
+    import torch
+
+    from .models import LoadedModel, config_hash, load_model
+    from .samples import collate, encode_samples, read_samples
+
+    t_call = time.perf_counter()
+    out_dir = Path(out_dir)
+    if method is not None and method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose none or one of {', '.join(METHODS)}")
+    if method == "ist" and cfg.variant in ("full", "adalora"):
+        raise ConfigError(f"IST switches adapter layers on and off per step, which variant {cfg.variant!r} does "
+                          "not support; fix: use lora, dora, lora_plus, rslora, gralora or norm with IST")
+    if cfg.deepspeed and cfg.variant == "adalora":
+        raise ConfigError("AdaLoRA's rank allocation reads full gradients, which ZeRO-2 partitions; "
+                          "fix: train AdaLoRA without --deepspeed (DDP via accelerate launch)")
+    if cfg.deepspeed and method == "ist":
+        raise ConfigError("IST toggles which adapters train each step, which ZeRO-2's fixed buckets do not allow; "
+                          "fix: run IST without --deepspeed")
+    device = _resolve_device(cfg)
+    samples = read_samples(train_data, limit=cfg.limit_samples)  # validate before loading a model
+    data_digest = _file_digest(Path(train_data))
+
+    if isinstance(model, LoadedModel):
+        loaded = model
+        model_id = f"{loaded.spec}:{config_hash(loaded.model)}"
+    else:
+        loaded = load_model(model, dtype=cfg.dtype, device=device, cache_dir=cache_dir)
+        model_id = f"{model}:{config_hash(loaded.model)}"
+    if device.startswith("cuda") and cfg.dtype == "auto":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    modules, placement_doc = resolve_placement(placement, loaded.model)
+    encoded, enc_report = encode_samples(loaded.tokenizer, samples, max_length=cfg.max_length)
+
+    accelerator = _make_accelerator(cfg, device)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    use_ds = bool(cfg.deepspeed)
+    plan = StepPlan.make(len(encoded), cfg, world)
+    if plan.total_steps * plan.per_step < len(encoded) and cfg.max_steps < 0:  # pragma: no cover
+        raise AssertionError("step plan misses samples")
+    fp = fingerprint(model_id=model_id, data_digest=data_digest, modules=modules, cfg=cfg, method=method)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    net = loaded.model
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(net)
+    net = attach(net, modules, variant=cfg.variant, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                 **_variant_kwargs(cfg, plan.total_steps))
+    if cfg.variant == "full" and net.dtype != torch.float32:
+        for p in net.parameters():  # keep trained weights in fp32 (autocast runs the matmuls in bf16)
+            if p.requires_grad:
+                p.data = p.data.float()
+    if model_hook is not None:
+        model_hook(net)
+    disable_input_grads(net)
+    counts = count_params(net)
+    if counts["trainable_params"] == 0:
+        raise ConfigError("nothing to train: no parameter requires grad after the adapter (and model_hook)")
+    optimizer = _build_optimizer(net, cfg)
+    from transformers import get_scheduler
+
+    warmup = math.ceil(cfg.warmup_ratio * plan.total_steps)
+    sched_name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_schedule]
+    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=plan.total_steps)
+    ist = None
+    if method == "ist":
+        from .ist import ISTController
+
+        ist = ISTController(net, cfg.ist_config(), seed=cfg.seed)
+    net.train()
+    # note: the scheduler stays outside `prepare` (accelerate would step it once per process)
+    net, optimizer = accelerator.prepare(net, optimizer)
+    unwrapped = accelerator.unwrap_model(net)
+    trainable = [p for p in unwrapped.parameters() if p.requires_grad]
+
+    history: dict[str, list] = {"loss": [], "lr": [], "tokens": [], "step_time_s": [], "grad_norm": []}
+    start_step, resumed_from, train_time = 0, None, 0.0
+    cks = _checkpoints(out_dir)
+    if cks:
+        info = read_json(cks[-1] / "info.json")
+        if info.get("fingerprint") == fp:
+            info = _load_checkpoint(cks[-1], accelerator=accelerator, net=net, optimizer=optimizer,
+                                    scheduler=scheduler, ist=ist, use_ds=use_ds)
+            start_step = resumed_from = int(info["step"])
+            history = info["history"]
+            train_time = float(history.pop("train_time_s", 0.0))
+            logger.info("resuming from %s (step %d of %d)", cks[-1], start_step, plan.total_steps)
+        else:
+            logger.warning("ignoring checkpoints in %s: they belong to another configuration", cks[-1].parent)
+            if accelerator.is_main_process:
+                shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    logger.info("training %s on %d module(s): %d steps x %d samples, lr %g, %s trainable parameters",
+                cfg.variant, len(modules), plan.total_steps, plan.per_step, cfg.lr, f"{counts['trainable_params']:,}")
+
+    base_doc = {"model": loaded.spec, "variant": cfg.variant, "method": method, "placement": placement_doc,
+                "trainable_params": counts["trainable_params"], "total_params": counts["total_params"],
+                "n_modules": counts["modules"], "steps": plan.total_steps, "samples_per_step": plan.per_step,
+                "world_size": world, "device": device, "data": {"path": str(train_data), "digest": data_digest,
+                                                                 "n_samples": len(samples), **enc_report.to_dict()},
+                "config": asdict(cfg), "fingerprint": fp}
+
+    def metrics_doc(status: str, *, error: str | None = None, step_done: int) -> dict:
+        peak, kind = _peak_memory(device)
+        tokens = sum(history["tokens"])
+        return base_doc | {
+            "status": status, "error": error, "completed_steps": step_done, "resumed_from": resumed_from,
+            "loss": history["loss"], "lr": history["lr"], "grad_norm": history["grad_norm"],
+            "step_time_s": history["step_time_s"], "tokens_seen": tokens,
+            "train_time_s": round(train_time, 3), "wall_time_s": round(time.perf_counter() - t_call, 3),
+            "tokens_per_s": round(tokens / train_time, 2) if train_time > 0 else None,
+            "peak_memory_mb": round(peak, 1), "peak_memory_kind": kind,
+            "ist": ist.summary() if ist else None, "run_info": run_info()}
+
+    lengths = [len(e.input_ids) for e in encoded]
+    pad_id = loaded.tokenizer.pad_token_id
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    bar = None
+    if show_progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=plan.total_steps, initial=start_step, desc=f"train {cfg.variant}", unit="step")
+    step = start_step
+    try:
+        for step in range(start_step, plan.total_steps):
+            t0 = time.perf_counter()
+            active = None
+            if ist is not None:
+                active = ist.sample(step)
+                ist.activate(active)
+            mbs = plan.micro_batches(step, rank=rank, world=world, batch_size=cfg.batch_size, lengths=lengths)
+            losses, ntok, gnorm = [], 0, None
+            first_batch = None
+            for j, idx in enumerate(mbs):
+                batch = collate([encoded[i] for i in idx], pad_id=pad_id, device=accelerator.device)
+                if first_batch is None:
+                    first_batch = batch
+                with accelerator.accumulate(net):
+                    loss = _forward_loss(net, batch)
+                    if not torch.isfinite(loss.detach()).all():
+                        raise _Diverged(step + 1, j + 1, float(loss.detach()))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and not use_ds and cfg.max_grad_norm > 0:
+                        gnorm = float(accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                        if not math.isfinite(gnorm):
+                            raise _Diverged(step + 1, j + 1, gnorm, what="gradient norm")
+                    optimizer.step()
+                    if cfg.variant == "adalora" and accelerator.sync_gradients:
+                        unwrapped.base_model.update_and_allocate(step)
+                    optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach().float())
+                ntok += int(batch["attention_mask"].sum())
+            lr_now = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            step_loss = torch.stack(losses).mean()
+            if world > 1:
+                step_loss = accelerator.reduce(step_loss, reduction="mean")
+                ntok = int(accelerator.reduce(torch.tensor(ntok, device=accelerator.device), reduction="sum"))
+            if ist is not None and (step + 1) % ist.cfg.update_every == 0:
+                with torch.no_grad():
+                    full = float(_forward_loss(net, first_batch))
+                    with ist.suppressed(active):
+                        sup = float(_forward_loss(net, first_batch))
+                ist.update(active, full, sup)
+            dt = time.perf_counter() - t0
+            train_time += dt
+            history["loss"].append(round(float(step_loss), 6))
+            history["lr"].append(lr_now)
+            history["tokens"].append(ntok)
+            history["step_time_s"].append(round(dt, 4))
+            history["grad_norm"].append(None if gnorm is None else round(gnorm, 6))
+            done = step + 1
+            if cfg.save_every and done % cfg.save_every == 0 and done < plan.total_steps:
+                _save_checkpoint(out_dir, done, accelerator=accelerator, net=net, optimizer=optimizer,
+                                 scheduler=scheduler, ist=ist, history=history | {"train_time_s": train_time},
+                                 fp=fp, keep=cfg.keep_checkpoints, use_ds=use_ds)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(step_loss):.4f}")
+            if on_step is not None:
+                on_step(done, {"loss": float(step_loss), "lr": lr_now, "tokens": ntok, "step_time_s": dt,
+                               "grad_norm": gnorm, "active_layers": active})
+    except _Diverged as exc:
+        last = _checkpoints(out_dir)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written before it"
+        msg = (f"training diverged: the {exc.what} became {exc.value} at step {exc.step} (micro-batch "
+               f"{exc.micro}); {where}; fix: lower the learning rate (now {cfg.lr}) or check the data")
+        if accelerator.is_main_process:
+            write_json(out_dir / METRICS, metrics_doc("failed", error=msg, step_done=exc.step - 1))
+        raise TrainingDiverged(msg) from None
+    except BaseException as exc:
+        if accelerator.is_main_process:
+            status = "canceled" if isinstance(exc, KeyboardInterrupt) else "failed"
+            with contextlib.suppress(Exception):
+                write_json(out_dir / METRICS, metrics_doc(status, error=f"{type(exc).__name__}: {exc}",
+                                                          step_done=len(history["loss"])))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if ist is not None:
+        ist.activate_all()
+
+    doc = metrics_doc("success", step_done=plan.total_steps)
+    if accelerator.is_main_process:
+        meta = {"base_model": loaded.spec, "rank": cfg.rank, "alpha": cfg.alpha, "method": method,
+                "placement": placement_doc["modules"], "trainable_params": counts["trainable_params"]}
+        adoc = save_adapter(unwrapped, out_dir / ADAPTER, variant=cfg.variant, meta=meta,
+                            norm_step=cfg.norm_step, norm_range_start=cfg.norm_range_start)
+        if cfg.variant == "norm":
+            doc["norm"] = adoc["norm"]
+            doc["params_after_norm"] = sum(r["kept"] * (_d(unwrapped, n)) for n, r in adoc["norm"].items())
+        if cfg.variant == "adalora":
+            doc["adalora_rank_pattern"] = _rank_summary(unwrapped)
+        write_json(out_dir / METRICS, doc)
+        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return doc
+
+
+def _d(model, name: str) -> int:
+    """d_in + d_out of a module (a rank-c LoRA pair has c * (d_in + d_out) parameters)."""
+    from .adapters import _projection_shapes
+
+    d_in, d_out, _ = _projection_shapes(model, [name])[name]
+    return d_in + d_out
+
+
+def _rank_summary(model) -> dict:
+    pattern = model.peft_config["default"].rank_pattern or {}
+    out = {}
+    for k, v in pattern.items():
+        out[k] = int(sum(v)) if isinstance(v, list) else int(v)
+    return out
+
+
+class _Diverged(Exception):
+    def __init__(self, step: int, micro: int, value: float, what: str = "loss"):
+        super().__init__(f"{what} {value} at step {step}")
+        self.step, self.micro, self.value, self.what = step, micro, value, what
+
+
