@@ -1,0 +1,681 @@
+"""GRPO with a verifiable reward on the generated arithmetic task, through TRL's `GRPOTrainer`.
+
+The reward of a completion is `answer_weight * [final answer correct] + format_weight * [it ends
+with a parsable "#### <int>" line]`. The policy is a LoRA adapter on any placement, either
+full (A and B train) or sparse-B (A frozen, k chosen entries of B; see `domlora.sparse_b`).
+Gradient-informed selection scores entries on the GRPO objective itself: S probe rollouts at
+the initial adapter, each a group of sampled completions with group-normalised advantages.
+
+Sized for a CPU: a handful of steps, a small group, short completions. Two failure modes are
+reported instead of silently wasting the run: rewards that never vary within a group (no
+learning signal; a warning, and `no_signal: true` in the metrics) and completions that never
+contain a parsable answer (a warning, and the parse rate in the metrics).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+_INT_RE = re.compile(r"^\$?\s*(-?\d[\d,]*)(?:\.0+)?\s*\$?\.?$")
+
+
+# ---------------------------------------------------------------- answers and rewards
+
+
+def final_line_answer(text: str) -> str | None:
+    """The text after the last `####` of a completion (None when there is none)."""
+    found = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("####"):
+            found = line[4:].strip()
+    return found
+
+
+def parse_int_answer(text: str) -> int | None:
+    """The integer on the last `#### ...` line (`#### 1,200`, `#### $12` allowed), else None."""
+    ans = final_line_answer(text)
+    if ans is None:
+        return None
+    m = _INT_RE.match(ans)
+    if m is None:
+        return None
+    try:
+        return int(m.group(1).replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _completion_text(c: Any) -> str:
+    # TRL passes strings for plain prompts and [{"role": "assistant", "content": ...}] for chat prompts
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list) and c and isinstance(c[-1], dict):
+        return str(c[-1].get("content", ""))
+    if isinstance(c, dict):
+        return str(c.get("content", ""))
+    return str(c)
+
+
+def _as_int(x: Any) -> int | None:
+    try:
+        return int(str(x).strip().replace(",", ""))
+    except ValueError:
+        return None
+
+
+class RewardLog:
+    """Records every scored completion: rewards, parse success and per-group spread."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def record(self, prompts: Sequence[Any], rewards: Sequence[float], parsed: Sequence[bool],
+               correct: Sequence[bool]) -> None:
+        groups: dict[str, list[float]] = {}
+        for p, r in zip(prompts, rewards, strict=True):
+            groups.setdefault(repr(p), []).append(float(r))
+        zero_std = sum(1 for g in groups.values() if len(g) > 1 and max(g) == min(g))
+        self.calls.append({"n": len(rewards), "reward_mean": statistics.fmean(rewards) if rewards else 0.0,
+                           "parse_rate": sum(parsed) / len(parsed) if parsed else 0.0,
+                           "accuracy": sum(correct) / len(correct) if correct else 0.0,
+                           "groups": len(groups), "groups_zero_std": zero_std})
+
+    def summary(self) -> dict:
+        if not self.calls:
+            return {"calls": 0}
+        n = sum(c["n"] for c in self.calls)
+        groups = sum(c["groups"] for c in self.calls)
+        zero = sum(c["groups_zero_std"] for c in self.calls)
+        return {"calls": len(self.calls), "completions": n,
+                "parse_rate": sum(c["parse_rate"] * c["n"] for c in self.calls) / n,
+                "accuracy": sum(c["accuracy"] * c["n"] for c in self.calls) / n,
+                "reward_mean": sum(c["reward_mean"] * c["n"] for c in self.calls) / n,
+                "groups": groups, "groups_zero_std": zero,
+                "frac_groups_zero_std": zero / groups if groups else 1.0}
+
+
+@dataclass(frozen=True)
+class ArithReward:
+    """Verifiable reward on the arithmetic task: correct final answer + format."""
+
+    answer_weight: float = 1.0
+    format_weight: float = 0.2
+
+    def __post_init__(self):
+        if self.answer_weight < 0 or self.format_weight < 0 or self.answer_weight + self.format_weight <= 0:
+            raise ConfigError("reward weights must be >= 0 and not both 0, got "
+                              f"answer_weight={self.answer_weight}, format_weight={self.format_weight}")
+
+    def score(self, completion: str, answer: Any) -> tuple[float, bool, bool]:
+        """(reward, parsable, correct) of one completion."""
+        got = parse_int_answer(completion)
+        want = _as_int(answer)
+        parsed = got is not None
+        correct = parsed and want is not None and got == want
+        return self.answer_weight * float(correct) + self.format_weight * float(parsed), parsed, correct
+
+    def reward_func(self, log: RewardLog | None = None) -> Callable[..., list[float]]:
+        """A TRL reward function (`prompts`, `completions`, dataset column `answer`)."""
+
+        def arith_reward(prompts, completions, answer, **kwargs) -> list[float]:
+            out, parsed, correct = [], [], []
+            for c, a in zip(completions, answer, strict=True):
+                r, p, ok = self.score(_completion_text(c), a)
+                out.append(r)
+                parsed.append(p)
+                correct.append(ok)
+            if log is not None:
+                log.record(prompts, out, parsed, correct)
+            return out
+
+        return arith_reward
+
+
+# ---------------------------------------------------------------- data
+
+
+def read_prompts(path: str | os.PathLike, *, limit: int | None = None) -> list[dict]:
+    """Prompt rows `{"prompt": [messages...], "answer": str}` from a chat or eval JSONL file.
+
+    A row with `question` + `answer` (the eval split) becomes a one-turn prompt; a chat row
+    becomes its messages up to the last assistant turn, answer = that turn's `#### N`.
+
+    Raises:
+        DataError: missing file, or rows with no checkable integer answer.
+    """
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file {p} does not exist; fix: run `domlora prepare --dataset arith` first")
+    rows, bad = [], 0
+    with open(p, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{p}:{lineno}: malformed JSON ({exc.msg}); fix: one JSON object per line") from None
+            if isinstance(obj, dict) and "question" in obj and "answer" in obj:
+                prompt = [{"role": "user", "content": str(obj["question"])}]
+                answer = obj["answer"]
+            elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+                msgs = obj["messages"]
+                last = max((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "assistant"),
+                           default=None)
+                if last is None or last == 0:
+                    bad += 1
+                    continue
+                prompt = msgs[:last]
+                answer = parse_int_answer(str(msgs[last].get("content", "")))
+            else:
+                bad += 1
+                continue
+            if _as_int(answer) is None:
+                bad += 1
+                continue
+            rows.append({"prompt": prompt, "answer": str(_as_int(answer))})
+            if limit is not None and len(rows) >= limit:
+                break
+    if not rows:
+        raise DataError(f"{p} has no row with a checkable integer answer ({bad} rows skipped): expected "
+                        "eval rows with `question` + `answer`, or chat rows whose last assistant turn ends with "
+                        "`#### <int>`; fix: prepare the arith dataset (`domlora prepare --dataset arith`)")
+    if bad:
+        logger.warning("%s: %d rows without a checkable integer answer were skipped", p, bad)
+    return rows
+
+
+# ---------------------------------------------------------------- generation and evaluation
+
+
+def _left_pad(tokenizer):
+    class _Ctx:
+        def __enter__(self):
+            self.side = tokenizer.padding_side
+            tokenizer.padding_side = "left"
+
+        def __exit__(self, *exc):
+            tokenizer.padding_side = self.side
+
+    return _Ctx()
+
+
+def _encode_prompts(tokenizer, prompts: Sequence[list[dict]], device):
+    from .samples import ensure_chat_template
+
+    ensure_chat_template(tokenizer)
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    with _left_pad(tokenizer):
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def generate(model, tokenizer, prompts: Sequence[list[dict]], *, max_new_tokens: int, do_sample: bool = False,
+             temperature: float = 1.0, num_return_sequences: int = 1, seed: int | None = None):
+    """Batched chat generation; returns (prompt batch, generated ids [B*n, T_new], texts)."""
+    import torch
+
+    device = next(model.parameters()).device
+    enc = _encode_prompts(tokenizer, prompts, device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad,
+                          "num_return_sequences": num_return_sequences}
+    if do_sample:
+        kw |= {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+    else:
+        kw |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(**enc, **kw)
+    new = out[:, enc["input_ids"].shape[1]:]
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return enc, new, texts
+
+
+def arith_accuracy(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: int = 128, batch_size: int = 8,
+                   keep_samples: int = 5, show_progress: bool = False) -> dict:
+    """Greedy exact match of the final `#### N` on prompt rows (see `read_prompts`).
+
+    Returns accuracy, its standard error, the parse rate, n and a few sample completions.
+    """
+    if not rows:
+        raise DataError("no evaluation rows; fix: pass an eval file with `question` + `answer` rows")
+    if batch_size < 1:
+        raise ConfigError(f"eval batch size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    correct = parsed = 0
+    samples = []
+    it = range(0, len(rows), batch_size)
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="eval arith")
+    try:
+        for i in it:
+            chunk = rows[i:i + batch_size]
+            _, _, texts = generate(model, tokenizer, [r["prompt"] for r in chunk], max_new_tokens=max_new_tokens)
+            for r, t in zip(chunk, texts, strict=True):
+                got = parse_int_answer(t)
+                ok = got is not None and got == _as_int(r["answer"])
+                parsed += got is not None
+                correct += ok
+                if len(samples) < keep_samples:
+                    samples.append({"answer": r["answer"], "completion": t, "correct": ok})
+    finally:
+        model.train(was_training)
+    n = len(rows)
+    acc = correct / n
+    return {"accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / n) if n > 1 else 0.0, "n": n,
+            "correct": correct, "parse_rate": parsed / n, "seconds": time.perf_counter() - t0,
+            "max_new_tokens": max_new_tokens, "samples": samples}
+
+
+def sequence_logprob(model, prompt_ids, prompt_mask, completion_ids, *, pad_id: int):
+    """Mean log-probability of each completion's tokens (up to and including its first EOS/pad)."""
+    import torch
+
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    comp_mask = torch.ones_like(completion_ids)
+    # stop counting after the first pad/eos of each completion (generate pads finished rows)
+    is_end = completion_ids == pad_id
+    after = torch.cumsum(is_end.long(), dim=1) - is_end.long()
+    comp_mask = (after == 0).long()
+    att = torch.cat([prompt_mask, comp_mask], dim=1)
+    logits = model(input_ids=ids, attention_mask=att).logits[:, prompt_ids.shape[1] - 1:-1].float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    m = comp_mask.to(logp.dtype)
+    return (logp * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def policy_probe_loss(model, tokenizer, rows: Sequence[dict], *, reward: ArithReward, num_generations: int,
+                      prompts_per_step: int, max_new_tokens: int, temperature: float, seed: int,
+                      log: RewardLog | None = None) -> Callable[[int], Any]:
+    """`loss_fn(step)` whose gradient is the on-policy GRPO gradient on that step's prompts.
+
+    Each step samples `num_generations` completions for `prompts_per_step` prompts, scores them,
+    normalises rewards within each group and returns ``-mean(advantage * mean token log p)``.
+    A group whose rewards are all equal contributes nothing (as in GRPO).
+    """
+    import random
+
+    import torch
+
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def loss_fn(step: int):
+        idx = [order[(step * prompts_per_step + j) % len(order)] for j in range(prompts_per_step)]
+        chunk = [rows[i] for i in idx]
+        was_training = model.training
+        model.eval()
+        enc, new, texts = generate(model, tokenizer, [r["prompt"] for r in chunk], max_new_tokens=max_new_tokens,
+                                   do_sample=True, temperature=temperature, num_return_sequences=num_generations,
+                                   seed=seed * 100_003 + step)
+        model.train(was_training)
+        answers = [r["answer"] for r in chunk for _ in range(num_generations)]
+        scored = [reward.score(t, a) for t, a in zip(texts, answers, strict=True)]
+        r = torch.tensor([s[0] for s in scored], dtype=torch.float32).view(len(chunk), num_generations)
+        if log is not None:
+            log.record([str(i) for i in idx for _ in range(num_generations)], r.flatten().tolist(),
+                       [s[1] for s in scored], [s[2] for s in scored])
+        adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
+        pids = enc["input_ids"].repeat_interleave(num_generations, dim=0)
+        pmask = enc["attention_mask"].repeat_interleave(num_generations, dim=0)
+        lp = sequence_logprob(model, pids, pmask, new, pad_id=pad)
+        return -(adv.to(lp.device) * lp).mean()
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    """GRPO run size and optimisation (defaults: a few minutes of the embedded model on a CPU)."""
+
+    steps: int = 12
+    """optimizer steps"""
+    prompts_per_step: int = 2
+    """distinct prompts per step (each gets `num_generations` completions)"""
+    num_generations: int = 4
+    """group size G"""
+    max_completion_length: int = 64
+    """tokens generated per completion"""
+    temperature: float = 1.0
+    learning_rate: float = 2e-3
+    rank: int = 8
+    alpha: float = 16.0
+    reward_answer_weight: float = 1.0
+    reward_format_weight: float = 0.2
+    probe_steps: int = 4
+    """probe rollouts for the informed / magnitude selection"""
+    probe_prompts_per_step: int = 1
+    budget: str = "global"
+    """global | per_module (see domlora.sparse_b)"""
+    n_train: int | None = None
+    """use only the first n training prompts"""
+    n_eval: int | None = 40
+    """evaluate on the first n eval rows"""
+    eval_max_new_tokens: int = 96
+    eval_batch_size: int = 8
+    eval_base: bool = False
+    """also evaluate the model before training (same rows)"""
+    system_prompt: str | None = None
+    """prepended as a system turn to every prompt (training and evaluation)"""
+
+    def __post_init__(self):
+        checks = {"steps": self.steps, "prompts_per_step": self.prompts_per_step,
+                  "max_completion_length": self.max_completion_length, "rank": self.rank,
+                  "probe_steps": self.probe_steps, "probe_prompts_per_step": self.probe_prompts_per_step,
+                  "eval_max_new_tokens": self.eval_max_new_tokens, "eval_batch_size": self.eval_batch_size}
+        for k, v in checks.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{k} must be an integer >= 1, got {v!r}")
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations must be >= 2 (GRPO compares completions within a group), "
+                              f"got {self.num_generations}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0 for sampling, got {self.temperature}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
+        for k in ("n_train", "n_eval"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{k} must be None or an integer >= 1, got {v!r}")
+        ArithReward(self.reward_answer_weight, self.reward_format_weight)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class RunState:
+    """What a GRPO run collects while it trains."""
+
+    reward_curve: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _with_system(rows: list[dict], system: str | None) -> list[dict]:
+    if not system:
+        return rows
+    return [{"prompt": [{"role": "system", "content": system}] + [m for m in r["prompt"] if m.get("role") != "system"],
+             "answer": r["answer"]} for r in rows]
+
+
+def check_signal(log: RewardLog, state: RunState) -> dict:
+    """Turn a reward log into warnings: constant rewards (no signal), nothing parsable."""
+    s = log.summary()
+    s["no_signal"] = bool(s.get("calls")) and s["groups_zero_std"] == s["groups"]
+    s["never_parsable"] = bool(s.get("calls")) and s["parse_rate"] == 0.0
+    if s["no_signal"]:
+        msg = (f"GRPO rewards were constant within every group ({s['groups']} groups): no learning signal, the "
+               "adapter did not move; fix: more generations per prompt, a higher temperature, longer completions, "
+               "or a partial-credit (format) reward")
+        logger.warning(msg)
+        state.warnings.append(msg)
+    if s["never_parsable"]:
+        msg = (f"none of the {s['completions']} sampled completions had a parsable `#### <int>` answer; fix: "
+               "raise max_completion_length, add a system prompt asking for the format, or warm up with SFT")
+        logger.warning(msg)
+        state.warnings.append(msg)
+    return s
+
+
+def train_grpo(peft_model, tokenizer, rows: list[dict], *, settings: GRPOSettings, seed: int, work_dir: Path,
+               recorder=None, log: RewardLog | None = None, state: RunState | None = None,
+               show_progress: bool = False) -> dict:
+    """Run TRL's GRPOTrainer on an already-prepared PEFT model (masks, if any, installed).
+
+    Returns the trainer's log history and timings.
+    """
+    from datasets import Dataset
+    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    state = state or RunState()
+    log = log or RewardLog()
+    reward = ArithReward(settings.reward_answer_weight, settings.reward_format_weight)
+    ds = Dataset.from_list(rows)
+    per_device = settings.prompts_per_step * settings.num_generations
+    cfg = GRPOConfig(
+        output_dir=str(work_dir), max_steps=settings.steps, per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=1, num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length, temperature=settings.temperature, top_p=1.0,
+        learning_rate=settings.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        beta=0.0, num_iterations=1, loss_type="dapo", scale_rewards="group", max_grad_norm=1.0,
+        use_cpu=not _on_gpu(peft_model), bf16=False, fp16=False, report_to=[], save_strategy="no",
+        logging_steps=1, disable_tqdm=not show_progress, seed=seed, data_seed=seed, dataloader_num_workers=0,
+        gradient_checkpointing=False, log_completions=False, remove_unused_columns=False)
+
+    class _Hooks(TrainerCallback):
+        def on_step_end(self, args, tstate, control, **kw):
+            if recorder is not None:
+                recorder.end_step(tstate.global_step)
+
+        def on_log(self, args, tstate, control, logs=None, **kw):
+            if logs and "reward" in logs:
+                state.reward_curve.append({"step": tstate.global_step, "reward": float(logs["reward"]),
+                                           "reward_std": float(logs.get("reward_std", float("nan"))),
+                                           "frac_reward_zero_std": float(logs.get("frac_reward_zero_std", float("nan"))),
+                                           "completion_length": float(logs.get("completions/mean_length", float("nan")))})
+
+    trainer = GRPOTrainer(model=peft_model, reward_funcs=[reward.reward_func(log)], args=cfg, train_dataset=ds,
+                          processing_class=tokenizer, callbacks=[_Hooks()])
+    trainer.remove_callback(PrinterCallback)
+    if not show_progress:
+        trainer.remove_callback(ProgressCallback)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "log_history": trainer.state.log_history, "steps": trainer.state.global_step}
+
+
+def _on_gpu(model) -> bool:
+    return next(model.parameters()).device.type == "cuda"
+
+
+def _load(model):
+    from .models import LoadedModel, load_model
+
+    if isinstance(model, LoadedModel):
+        return model, getattr(model, "spec", "model")
+    if isinstance(model, str):
+        return load_model(model), model
+    raise ConfigError(f"model must be a model spec (`embedded`, a hub id, a folder) or a LoadedModel, "
+                      f"got {type(model).__name__}")
+
+
+def method_label(regime: str, k: int | None, selection: str | None) -> str:
+    return f"{regime}_full_lora" if k is None else f"{regime}_sparse_{selection}"
+
+
+def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, placement, out_dir: str | os.PathLike,
+         k: int | None, selection: str = "informed", seed: int = 0, settings: GRPOSettings | None = None,
+         force: bool = False, show_progress: bool = False) -> dict:
+    """GRPO stage: train a full-LoRA (k=None) or sparse-B (k entries) adapter with TRL, evaluate it.
+
+    Writes `out_dir/adapter/` (PEFT adapter, plus the sparse-B masks), `out_dir/diagnostics.json`
+    and, last, `out_dir/metrics.json`. A rerun with the same configuration finds the finished
+    metrics and returns them without training (pass `force` to retrain); a failed run leaves
+    the previous outputs as they were.
+
+    Args:
+        model: `embedded`, a hub id, a folder, or a LoadedModel (its model gets the adapter).
+        train_data: chat JSONL whose assistant turns end with `#### <int>` (or eval-style rows).
+        eval_data: rows with `question` + `answer` (the arith eval split).
+        placement: a Placement, its dict / JSON path, or module names.
+        k: trainable B entries; None trains full LoRA (A and B) on the placement.
+        selection: random | informed | magnitude (ignored for full LoRA).
+        seed: seeds LoRA's A, the selection, the sampling and the data order.
+        settings: run size and optimisation.
+
+    Returns:
+        The metrics dict written to metrics.json.
+    """
+    import torch
+
+    from .adapters import save_adapter
+    from .io import atomic_outputs, write_json
+    from .sparse_b import (
+        GradRecorder,
+        SparseBSpec,
+        attach_lora,
+        b_sizes,
+        config_digest,
+        finished,
+        install,
+        landing,
+        make_masks,
+        module_info,
+        outside_mask_nonzero,
+        resolve_placement,
+        run_info,
+        save_masks,
+    )
+
+    settings = settings or GRPOSettings()
+    modules = resolve_placement(placement)
+    spec = None
+    if k is not None:
+        spec = SparseBSpec(k=k, selection=selection, budget=settings.budget, probe_steps=settings.probe_steps,
+                           probe_batch_size=settings.probe_prompts_per_step, seed=seed)
+    label = method_label("grpo", k, selection)
+    config = {"regime": "grpo", "method": label, "k": k, "selection": None if k is None else selection, "seed": seed,
+              "modules": modules, "train_data": str(train_data), "eval_data": str(eval_data),
+              "model": model if isinstance(model, str) else getattr(model, "spec", None),
+              "settings": settings.to_dict()}
+    digest = config_digest(config)
+    out_dir = Path(out_dir)
+    if not force:
+        done = finished(out_dir, digest)
+        if done is not None:
+            logger.info("%s: finished run with the same configuration found, not retraining", out_dir)
+            return done
+    # read and validate all inputs before the model loads
+    rows = _with_system(read_prompts(train_data, limit=settings.n_train), settings.system_prompt)
+    eval_rows = _with_system(read_prompts(eval_data, limit=settings.n_eval), settings.system_prompt)
+    if len(rows) < settings.prompts_per_step:
+        raise DataError(f"{train_data} has {len(rows)} usable prompts, fewer than prompts_per_step="
+                        f"{settings.prompts_per_step}; fix: more training rows or fewer prompts per step")
+
+    loaded, model_name = _load(model)
+    tok = loaded.tokenizer
+    info = module_info(loaded.model)
+    t_start = time.perf_counter()
+    pm = attach_lora(loaded.model, modules, rank=settings.rank, alpha=settings.alpha, seed=seed)
+    sizes = b_sizes(pm)
+    state = RunState()
+    log = RewardLog()
+    probe_log = RewardLog()
+    recorder = GradRecorder(max_steps=settings.steps, seed=seed)
+    reward = ArithReward(settings.reward_answer_weight, settings.reward_format_weight)
+    base_eval = None
+    if settings.eval_base:
+        with pm.disable_adapter():
+            base_eval = arith_accuracy(pm, tok, eval_rows, max_new_tokens=settings.eval_max_new_tokens,
+                                       batch_size=settings.eval_batch_size, show_progress=show_progress)
+    masks, scoring = None, None
+    if spec is not None:
+        loss_fn = None
+        if spec.selection != "random":
+            loss_fn = policy_probe_loss(pm, tok, rows, reward=reward, num_generations=settings.num_generations,
+                                        prompts_per_step=settings.probe_prompts_per_step,
+                                        max_new_tokens=settings.max_completion_length,
+                                        temperature=settings.temperature, seed=seed, log=probe_log)
+        masks, scoring = make_masks(pm, spec, loss_fn, show_progress=show_progress)
+        ps = probe_log.summary()
+        scoring["probe_rewards"] = ps
+        if ps.get("calls") and ps["groups_zero_std"] == ps["groups"]:
+            msg = ("every probe rollout had constant rewards, so the gradient scores are all zero and the informed "
+                   "choice reduces to tie-breaking; fix: more probe steps or generations")
+            logger.warning(msg)
+            state.warnings.append(msg)
+    handle = install(pm, masks, recorder=recorder)
+    torch.manual_seed(seed)
+    try:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="grpo-") as work:
+            tr = train_grpo(pm, tok, rows, settings=settings, seed=seed, work_dir=Path(work), recorder=recorder,
+                            log=log, state=state, show_progress=show_progress)
+    finally:
+        handle.remove()
+    signal = check_signal(log, state)
+    leaked = outside_mask_nonzero(pm, masks) if masks is not None else 0
+    if leaked:
+        msg = f"{leaked} B entries outside the mask moved during training"
+        logger.warning(msg)
+        state.warnings.append(msg)
+    ev = arith_accuracy(pm, tok, eval_rows, max_new_tokens=settings.eval_max_new_tokens,
+                        batch_size=settings.eval_batch_size, show_progress=show_progress)
+    total_s = time.perf_counter() - t_start
+    trainable = (sum(p.numel() for p in pm.parameters() if p.requires_grad) if masks is None
+                 else int(sum(int(m.sum()) for m in masks.values())))
+    land = landing(masks, info) if masks is not None else None
+    curve = state.reward_curve
+    half = max(1, len(curve) // 2)
+    metrics = {
+        "status": "success", "regime": "grpo", "method": label, "k": k,
+        "selection": None if k is None else selection, "budget": None if k is None else settings.budget,
+        "seed": seed, "model": model_name, "n_modules": len(modules),
+        "trainable_entries": trainable, "b_entries": sum(sizes.values()),
+        "train_seconds": tr["seconds"], "steps": tr["steps"],
+        "score_seconds": scoring["seconds"] if scoring else 0.0,
+        "score_fraction": (scoring["seconds"] / tr["seconds"]) if scoring and tr["seconds"] > 0 else 0.0,
+        "reward_first": statistics.fmean(c["reward"] for c in curve[:half]) if curve else None,
+        "reward_last": statistics.fmean(c["reward"] for c in curve[-half:]) if curve else None,
+        "reward_curve": curve,
+        "eval": {k_: v for k_, v in ev.items() if k_ != "samples"},
+        "eval_accuracy": ev["accuracy"],
+        "base_eval": None if base_eval is None else {k_: v for k_, v in base_eval.items() if k_ != "samples"},
+        "rewards": signal, "no_signal": signal["no_signal"], "never_parsable": signal["never_parsable"],
+        "outside_mask_nonzero": leaked,
+        "vod_share": land["vod_share"] if land else None,
+        "landing_by_type": None if land is None else {t: r["share_selected"] for t, r in land["by_type"].items()},
+        "grad": recorder.summary(),
+        "total_seconds": total_s,
+        "warnings": state.warnings,
+        "config": config, "config_digest": digest, "run_info": run_info(),
+    }
+    diagnostics = {"regime": "grpo", "method": label, "landing": land, "scoring": scoring,
+                   "grad_steps": recorder.steps, "grad_summary": recorder.summary(),
+                   "reward_log": log.calls, "eval_samples": ev["samples"],
+                   "base_eval_samples": None if base_eval is None else base_eval["samples"]}
+    with atomic_outputs(out_dir) as stage:
+        save_adapter(pm, stage / "adapter", variant="lora",
+                     meta={"base_model": model_name, "rank": settings.rank, "alpha": settings.alpha,
+                           "method": label, "placement": modules, "trainable_params": trainable})
+        if masks is not None:
+            save_masks(stage / "adapter", masks, meta={"spec": spec.to_dict(), "modules": modules,
+                                                       "regime": "grpo"})
+        write_json(stage / "diagnostics.json", diagnostics)
+        write_json(stage / "metrics.json", metrics)
+    logger.info("%s: reward %.3f -> %.3f, eval accuracy %.3f (n=%d), %.1fs", label, metrics["reward_first"] or 0,
+                metrics["reward_last"] or 0, ev["accuracy"], ev["n"], total_s)
+    return metrics
