@@ -447,3 +447,47 @@ def load_for_eval(model_spec: str, adapter_dir: str | os.PathLike | None, *, dty
     model.requires_grad_(False)
     loaded.model = model
     return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter counts without weights
+
+CONFIG_DIRS = (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parents[1] / "configs")
+
+
+def resolve_config(config: str | os.PathLike) -> Path:
+    """A config.json path, or a name of one shipped under configs/ (`Qwen3-8B`)."""
+    p = Path(config)
+    if p.is_file():
+        return p
+    for d in CONFIG_DIRS:
+        for cand in (d / str(config), d / f"{config}.json"):
+            if cand.is_file():
+                return cand
+    shipped = sorted({q.stem for d in CONFIG_DIRS if d.is_dir() for q in d.glob("*.json")
+                      if not q.stem.startswith("deepspeed")})
+    raise ConfigError(f"config {config!r} is neither a file nor a shipped config; fix: pass a config.json "
+                      f"path or one of: {', '.join(shipped) or 'none found'}")
+
+
+def count_placement(config: str | os.PathLike, *, strategy: str, layers: Sequence[int] = (),
+                    types: Sequence[str] = (), rank: int = 64, alpha: float | None = None,
+                    variant: str = "lora") -> dict:
+    """Build the model on the meta device, attach the adapter and count parameters.
+
+    Returns:
+        {"trainable_params", "total_params", "modules"} (total includes the adapter).
+    """
+    from .models import model_from_config
+    from .modules import find_candidates
+    from .placement import PlacementSpec, select
+
+    check_variant(variant)
+    model = model_from_config(resolve_config(config), device="meta")
+    cands = find_candidates(model)
+    table = {c.name: {"type": c.type, "layer": c.layer, "d_in": c.d_in, "d_out": c.d_out} for c in cands}
+    placement = select(PlacementSpec(strategy=strategy, types=tuple(types), layers=tuple(layers)), modules=table)
+    kw = {"total_step": 1000} if variant == "adalora" else {}
+    model = attach(model, placement.modules, variant=variant, rank=rank,
+                   alpha=alpha if alpha is not None else 2.0 * rank, **kw)
+    return count_params(model)
