@@ -471,7 +471,7 @@ def train_grpo(peft_model, tokenizer, rows: list[dict], *, settings: GRPOSetting
         beta=0.0, num_iterations=1, loss_type="dapo", scale_rewards="group", max_grad_norm=1.0,
         use_cpu=not _on_gpu(peft_model), bf16=False, fp16=False, report_to=[], save_strategy="no",
         logging_steps=1, disable_tqdm=not show_progress, seed=seed, data_seed=seed, dataloader_num_workers=0,
-        gradient_checkpointing=False, log_completions=False, remove_unused_columns=False)
+        log_completions=False, remove_unused_columns=False)
 
     class _Hooks(TrainerCallback):
         def on_step_end(self, args, tstate, control, **kw):
