@@ -119,6 +119,12 @@ class TrainSpec:
     dtype: str = _f("auto", str)
     deepspeed: str | None = _f(None, str, none=True)
 
+    def __post_init__(self):
+        bad = [k for k in ("rank", "batch_size", "grad_accum", "max_length", "epochs") if getattr(self, k) < 1]
+        bad += [k for k in ("alpha", "lr") if getattr(self, k) <= 0]
+        if bad:
+            raise ConfigError(f"params.yaml: train values out of range: {', '.join(f'{k}={getattr(self, k)}' for k in bad)}")
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -137,6 +143,11 @@ class MethodSpec:
     grpo: bool = _f(False, bool, doc="train with GRPO instead of SFT")
     tables: list = _f([], list, doc="paper tables this method belongs to")
     label: str | None = _f(None, str, none=True)
+
+    def __post_init__(self):
+        if self.k < 1 or (self.rank is not None and self.rank < 1) or (self.alpha is not None and self.alpha <= 0) \
+                or (self.lr is not None and self.lr <= 0):
+            raise ConfigError(f"params.yaml: a method has k/rank/alpha/lr out of range (k, rank >= 1; alpha, lr > 0): {self}")
 
 
 @dataclass(frozen=True)

@@ -180,11 +180,9 @@ def efficiency_table(col: Collected) -> tuple[str, list[dict]]:
     for c in col.cells:
         if c.method not in methods:
             continue
-        tm = col.train.get(c.id) or {}
-        r = {"model": c.model, "dataset": c.dataset, "method": c.method, "trainable_params": tm.get("trainable_params"),
-             "wall_time_s": tm.get("wall_time_s"), "step_time_s": tm.get("step_time_s"),
-             "tokens_per_s": tm.get("tokens_per_s"), "peak_memory_mb": tm.get("peak_memory_mb"),
-             "final_loss": tm.get("final_loss")}
+        from .tracking import train_summary
+
+        r = {"model": c.model, "dataset": c.dataset, "method": c.method, **train_summary(col.train.get(c.id) or {})}
         rows.append(r)
         lines.append("| " + " | ".join([c.model, c.dataset, p.methods[c.method].label or c.method,
                                           _fmt_params(r["trainable_params"]), _fmt(r["wall_time_s"], 1),
@@ -250,10 +248,11 @@ def results_csv(col: Collected) -> str:
             w.writerow([c.id, c.model, c.dataset, c.method, c.seed, st, "", ""])
         for k, v in sorted(met.items()):
             w.writerow([c.id, c.model, c.dataset, c.method, c.seed, st, k, v])
-        tm = col.train.get(c.id) or {}
-        for k in ("trainable_params", "wall_time_s", "peak_memory_mb", "tokens_per_s", "final_loss"):
-            if isinstance(tm.get(k), (int, float)):
-                w.writerow([c.id, c.model, c.dataset, c.method, c.seed, st, f"train/{k}", tm[k]])
+        from .tracking import train_summary
+
+        for k, v in train_summary(col.train.get(c.id) or {}).items():
+            if isinstance(v, (int, float)):
+                w.writerow([c.id, c.model, c.dataset, c.method, c.seed, st, f"train/{k}", v])
     for (m, d), met in col.base.items():
         for k, v in sorted((met or {}).items()):
             w.writerow([f"{m}-{d}-base", m, d, "base", "", "ok", k, v])
@@ -311,21 +310,35 @@ def figures(col: Collected, out: Path) -> list[Path]:
 
 
 def paper_comparison(col: Collected) -> str:
-    """For the `paper` profile: our averages beside the paper's Tables 1 and 2."""
-    try:
-        from .evaluate import compare_with_paper
-    except ImportError:
-        return ""
+    """For the `paper` profile: our numbers beside the paper's Tables 1 and 2, per backbone."""
+    from .evaluate import compare_with_paper
+
     parts = []
+    p = col.params
     for table in (1, 2):
-        try:
-            md = compare_with_paper(col, table=table)
-        except Exception as exc:  # the comparison is a courtesy; never fail the report for it
-            logger.warning("paper comparison for table %d failed: %s", table, exc)
-            continue
-        if md:
-            parts.append(md)
-    return "\n\n".join(parts)
+        datasets = _table_datasets(p, table)
+        methods = [m for m in p.grid.methods if table in p.methods[m].tables]
+        for model in p.grid.models:
+            docs = {}
+            for m in methods:
+                # one method's tasks come from several training sets (Table 2: math, code, chat)
+                merged = {"tasks": {}, "trainable_params": None}
+                for c in col.cells:
+                    if (c.model, c.method) == (model, m) and c.dataset in datasets:
+                        ev = col.evals.get(c.id) or {}
+                        merged["tasks"].update(ev.get("tasks", {}))
+                        merged["trainable_params"] = (col.train.get(c.id) or {}).get("trainable_params")
+                if merged["tasks"]:
+                    docs[p.methods[m].label or m] = merged
+            if not docs:
+                continue
+            try:
+                cmp = compare_with_paper(docs, table=table, backbone=p.models[model].id)
+            except Exception as exc:  # a courtesy table: never fail the report for it
+                logger.warning("paper comparison (table %d, %s) failed: %s", table, model, exc)
+                continue
+            parts.append(f"**Table {table}, {cmp['backbone']}**\n\n{cmp['markdown']}\n")
+    return "\n".join(parts)
 
 
 def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections: Sequence[str] = ()) -> dict:

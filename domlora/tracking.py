@@ -162,9 +162,9 @@ class MlflowTracker:
                     p[key] = tm[key]
             for step, loss in _loss_points(tm):
                 metrics.append(Metric("train/loss", float(loss), ts, int(step)))
-            for key in ("wall_time_s", "peak_memory_mb", "tokens_per_s", "final_loss", "trainable_params"):
-                if isinstance(tm.get(key), (int, float)):
-                    metrics.append(Metric(f"train/{key}", float(tm[key]), ts, 0))
+            for key, value in train_summary(tm).items():
+                if isinstance(value, (int, float)):
+                    metrics.append(Metric(f"train/{key}", float(value), ts, 0))
             self.client.set_tag(rid, "domlora.train_status", str(tm.get("status", "unknown")))
         ev_path = layout.metrics_json(cell)
         if ev_path.is_file():
@@ -215,7 +215,9 @@ class MlflowTracker:
 
 
 def _loss_points(tm: dict) -> list[tuple[int, float]]:
-    curve = tm.get("loss_curve") or tm.get("losses") or []
+    curve = tm.get("loss_curve") or tm.get("losses") or tm.get("loss") or []
+    if not isinstance(curve, list):
+        return []
     out = []
     for i, item in enumerate(curve):
         if isinstance(item, dict):
@@ -223,18 +225,29 @@ def _loss_points(tm: dict) -> list[tuple[int, float]]:
         elif isinstance(item, (list, tuple)):
             out.append((int(item[0]), float(item[1])))
         else:
-            out.append((i, float(item)))
+            out.append((i + 1, float(item)))
     return out
 
 
-def make_tracker(params, *, enabled: bool | None = None):
+def train_summary(tm: dict) -> dict:
+    """Scalars of a train_metrics.json: params, wall time, mean step time, tokens/s, memory, final loss."""
+    pts = _loss_points(tm)
+    steps = tm.get("step_time_s")
+    step_time = (sum(steps) / len(steps)) if isinstance(steps, list) and steps else steps
+    return {"trainable_params": tm.get("trainable_params"), "wall_time_s": tm.get("wall_time_s"),
+            "train_time_s": tm.get("train_time_s"), "step_time_s": step_time, "tokens_per_s": tm.get("tokens_per_s"),
+            "peak_memory_mb": tm.get("peak_memory_mb"), "final_loss": pts[-1][1] if pts else None,
+            "first_loss": pts[0][1] if pts else None}
+
+
+def make_tracker(params, *, enabled: bool | None = None, grid_id: str | None = None):
     """The tracker a stage should use: MLflow when params say so, else the null tracker."""
     on = params.tracking.enabled if enabled is None else enabled
     if not on or os.environ.get("DOMLORA_TRACKING", "").lower() in ("0", "off", "false"):
         return NullTracker()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
     return MlflowTracker(uri=uri, experiment=params.tracking.experiment, profile=params.profile,
-                         grid_id=grid_id_for(params.profile, params.grid_hash()), params_hash=params.grid_hash())
+                         grid_id=grid_id or grid_id_for(params.profile, params.grid_hash()), params_hash=params.grid_hash())
 
 
 def params_md5(params) -> str:

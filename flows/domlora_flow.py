@@ -18,6 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from domlora.config import load_params
 from domlora.orchestrate import StageRef, run_stage
+from domlora.tracking import make_tracker
 
 GPU_SLOTS = "domlora-gpu"  # global concurrency limit: how many cells may train/evaluate at once
 
@@ -101,6 +102,7 @@ def domlora(profile: str | None = None, root: str = ".", models: list[str] | Non
         methods = [m for m in (methods or params.grid.methods) if set(params.methods[m].tables) & set(tables)]
     cells = params.cells(models=models, datasets=datasets, methods=methods, seeds=seeds)
     grid_id = f"prefect-{flow_run.get_id() or 'local'}"
+    tracker = make_tracker(params, grid_id=grid_id)
     log.info("grid %s: %d cells of profile %s", grid_id, len(cells), params.profile)
     used_models = sorted({c.model for c in cells}, key=params.grid.models.index)
     used_data = sorted({c.dataset for c in cells}, key=params.grid.datasets.index)
@@ -118,13 +120,17 @@ def domlora(profile: str | None = None, root: str = ".", models: list[str] | Non
             s = select.submit(c.model, c.dataset, c.method, root, grid_id, wait_for=[probes[(c.model, c.dataset)]])
             t = train.submit(c.id, root, grid_id, wait_for=[s])
             e = evaluate.submit(c.id, root, grid_id, wait_for=[t])
-            futs.append((c, e))
-        wait([f for _c, f in futs])
-        for c, f in futs:
-            if f.state.is_completed():
+            futs.append((c, (s, t, e)))
+        wait([f for _c, chain in futs for f in chain])
+        for c, chain in futs:
+            if chain[-1].state.is_completed():
                 finals.append(c.id)
-            else:
-                failed.append(c.id)
+                continue
+            failed.append(c.id)
+            # the first stage that did not complete carries the error
+            bad = next(f.state for f in chain if not f.state.is_completed())
+            log.error("cell %s failed: %s", c.id, (bad.message or bad.name)[:2000])
+            tracker.mark_failed(cell=c, error=bad.message or bad.name)
     wait(bases)
     rep = report.submit(root, grid_id, wait_for=[])
     rep.wait()

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The main job on the embedded default profile.
+# The main job: the whole pipeline of the active profile (embedded by default) through DVC.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m stages.prepare_data 2>/dev/null || true
-domlora probe --model embedded --data data/code/probe.jsonl --out probes/embedded/code
-domlora select --probe probes/embedded/code/page.json --strategy dom --out placements/embedded/code/dom.json
+source scripts/env.sh
+export PATH="$PWD/.venv/bin:$PATH"
+[ -d .dvc ] || dvc init -q
+dvc repro "$@"
+dvc metrics show
+echo "report: reports/README.md   tables: reports/tables.md   plots: dvc plots show"
