@@ -1,0 +1,170 @@
+"""NFN (PLoP): forward only, Definition 1 reproduced with the same Gaussian draws, type = mean of modules."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import chat_samples, make_tiny_llama
+from domlora.errors import ConfigError
+from domlora.modules import find_candidates
+from domlora.probes.nfn import nfn_probe
+from domlora.samples import encode_samples, iter_batches
+from domlora.summary import nfn_summary
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def probe_set(tiny_tokenizer):
+    encoded, _ = encode_samples(tiny_tokenizer, chat_samples(5), max_length=500)
+    return encoded
+
+
+def test_matches_definition_with_the_same_draws(tiny_model, probe_set, monkeypatch):
+    """Record every Gaussian draw and every module input; recompute mean ||W z||^2 / ||W z~||^2 by hand."""
+    cands = find_candidates(tiny_model)
+    modules = dict(tiny_model.named_modules())
+    by_module = {id(modules[c.name]): c for c in cands}
+    draws, inputs = [], []
+    real_randn = torch.randn
+
+    def recording_randn(*a, **k):
+        out = real_randn(*a, **k)
+        draws.append(out.clone())
+        return out
+
+    def capture(mod, args, _out):
+        inputs.append((by_module[id(mod)].name, args[0].detach().clone(), keep["mask"]))
+
+    keep = {}
+    handles = [modules[c.name].register_forward_hook(capture) for c in cands]
+    # the probe's own hooks are registered after ours and call randn once per module call, in call order
+    monkeypatch.setattr(torch, "randn", recording_randn)
+    # know which tokens are real: batches come in iter_batches order
+    batches = list(iter_batches(probe_set, batch_size=2, pad_id=0))
+    masks = iter(b["attention_mask"].bool() for _, b in batches)
+    real_forward = tiny_model.forward
+
+    def forward(*a, **k):
+        keep["mask"] = next(masks)
+        return real_forward(*a, **k)
+
+    monkeypatch.setattr(tiny_model, "forward", forward)
+    result = nfn_probe(tiny_model, probe_set, batch_size=2, seed=3)
+    for h in handles:
+        h.remove()
+    assert len(draws) == len(inputs) == len(batches) * len(cands)
+
+    sums = {c.name: 0.0 for c in cands}
+    n_tok = 0
+    for (name, X, mask), g in zip(inputs, draws):
+        z = X[mask].double()  # real tokens only, (tokens, d_in)
+        W = modules[name].weight.double()  # (d_out, d_in) for nn.Linear
+        g = g.double()
+        z_tilde = g / g.norm(dim=-1, keepdim=True) * z.norm(dim=-1, keepdim=True)  # same norm as z
+        ratio = (z @ W.T).pow(2).sum(-1) / (z_tilde @ W.T).pow(2).sum(-1)
+        sums[name] += float(ratio.sum())
+    n_tok = sum(int(b["attention_mask"].sum()) for _, b in batches)
+    assert result.n_tokens == n_tok
+    for c in cands:
+        assert result.module_scores[c.name] == pytest.approx(sums[c.name] / n_tok, rel=1e-4)
+
+
+def test_forward_only(tiny_model, probe_set, monkeypatch):
+    def no_backward(*a, **k):
+        raise AssertionError("NFN must not run a backward pass")
+
+    monkeypatch.setattr(torch.Tensor, "backward", no_backward)
+    monkeypatch.setattr(torch.autograd, "backward", no_backward)
+    monkeypatch.setattr(torch.autograd, "grad", no_backward)
+    calls = []
+    real_forward = tiny_model.forward
+
+    def forward(*a, **k):
+        calls.append(torch.is_grad_enabled())
+        return real_forward(*a, **k)
+
+    monkeypatch.setattr(tiny_model, "forward", forward)
+    tiny_model.requires_grad_(True)
+    nfn_probe(tiny_model, probe_set, batch_size=2)
+    assert calls == [False, False, False]  # one pass over 5 samples in batches of 2, without autograd
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def test_type_scores_are_means_of_module_scores(tiny_model, probe_set):
+    result = nfn_probe(tiny_model, probe_set)
+    ts = result.type_scores
+    assert set(ts) == {c.type for c in result.candidates}
+    for t, v in ts.items():
+        vals = [result.module_scores[c.name] for c in result.candidates if c.type == t]
+        assert v == pytest.approx(sum(vals) / len(vals))
+    doc = nfn_summary(result, model="tiny")
+    assert doc["type_scores"] == ts
+    assert doc["type_ranking_low_to_high"] == sorted(ts, key=ts.get)
+    assert set(doc["modules"]) == set(result.module_scores)
+
+
+def test_orthogonal_weight_scores_exactly_one(tiny_model, probe_set):
+    # ||Q z|| = ||z|| = ||Q z~|| for an orthogonal Q, whatever the draws
+    name = "model.layers.1.self_attn.q_proj"
+    mod = dict(tiny_model.named_modules())[name]
+    q, _ = torch.linalg.qr(torch.randn(mod.weight.shape[0], mod.weight.shape[1]))
+    mod.weight.data.copy_(q)
+    result = nfn_probe(tiny_model, probe_set)
+    assert result.module_scores[name] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_seed_reproducible_and_model_untouched(tiny_model, probe_set):
+    before = {n: p.clone() for n, p in tiny_model.state_dict().items()}
+    a = nfn_probe(tiny_model, probe_set, seed=1).module_scores
+    b = nfn_probe(tiny_model, probe_set, seed=1).module_scores
+    c = nfn_probe(tiny_model, probe_set, seed=2).module_scores
+    assert a == b and a != c
+    assert all(torch.equal(before[n], p) for n, p in tiny_model.state_dict().items())
+
+
+def test_gpt2_conv1d(tiny_tokenizer, probe_set):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=16, n_layer=2, n_head=4,
+                                       n_positions=512)).eval()
+    result = nfn_probe(model, probe_set)
+    assert len(result.module_scores) == 8
+    assert all(v > 0 and v == v for v in result.module_scores.values())
+
+
+def test_empty_probe_set(tiny_model):
+    with pytest.raises(ConfigError, match="empty"):
+        nfn_probe(tiny_model, [])
+
+
+def test_padding_tokens_are_not_counted(tiny_model, probe_set):
+    r = nfn_probe(tiny_model, probe_set, batch_size=5)
+    assert r.n_tokens == sum(len(e.input_ids) for e in probe_set)
+
+
+def test_untouched_by_batching_in_expectation(tiny_model, probe_set):
+    # different batching pairs tokens with different draws; the scores agree up to Monte-Carlo noise
+    a = nfn_probe(tiny_model, probe_set, batch_size=1, seed=0).module_scores
+    b = nfn_probe(tiny_model, probe_set, batch_size=5, seed=7).module_scores
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=0.25)
+
+
+def test_model_with_trainable_weights_gets_no_grad(tiny_model, probe_set):
+    tiny_model.requires_grad_(True)
+    nfn_probe(tiny_model, probe_set)
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def test_float64_model(tiny_tokenizer, probe_set):
+    model = make_tiny_llama(len(tiny_tokenizer), dtype=torch.float64)
+    r = nfn_probe(model, probe_set)
+    assert all(v > 0 for v in r.module_scores.values())
