@@ -92,8 +92,10 @@ def find_candidates(model, *, types: Collection[str] | None = None) -> list[Cand
     linear_names: list[str] = []
     for name, module in base.named_modules():
         is_proj, conv = _is_projection(module)
-        if not is_proj:
+        if not is_proj or ".lora_" in name:  # PEFT's own adapter layers are not candidates
             continue
+        # a PEFT-wrapped projection keeps its weight in `<name>.base_layer`; report the wrapped name
+        name = name.removesuffix(".base_layer")
         linear_names.append(name)
         m = _BLOCK_RE.search(name)
         kind = _type_of(name)

@@ -104,12 +104,16 @@ class EncodeReport:
 
 
 def ensure_chat_template(tokenizer) -> None:
+    """Give a tokenizer without a chat template the fallback one (in place)."""
     if getattr(tokenizer, "chat_template", None) is None:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
 
 
 def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    # the fallback is passed per call, so the caller's tokenizer is left as it was
+    template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         chat_template=template)
 
 
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -132,7 +136,6 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
 
 
 def encode_sample(tokenizer, messages: list[dict], *, max_length: int) -> Encoded:
-    ensure_chat_template(tokenizer)
     text, spans = assistant_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -210,9 +213,12 @@ def iter_batches(encoded: Sequence[Encoded], *, batch_size: int, pad_id: int, de
 
 def per_sample_loss(logits, batch: dict):
     """Mean token cross-entropy over target positions, one value per sample (shape B)."""
+    import torch
     import torch.nn.functional as F
 
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):  # half logits: cross-entropy in float32
+        logits = logits.float()
     targets = batch["input_ids"][:, 1:]
     mask = batch["loss_mask"][:, 1:].to(logits.dtype) * batch["attention_mask"][:, 1:].to(logits.dtype)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
