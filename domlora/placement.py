@@ -188,6 +188,7 @@ STRATEGIES: dict[str, Callable] = {
     "types": _types,
     "explicit": _explicit,
     "random": _random,
+    "massive": lambda spec, probe, nfn, mods, activations=None: _massive(probe, mods, activations),
 }
 
 
@@ -196,19 +197,33 @@ def register_strategy(name: str, fn: Callable) -> None:
     STRATEGIES[name] = fn
 
 
+def _massive(probe, mods, activations):
+    from .probes.massive import choose_from_doc  # note: lazy, keeps this module torch-free
+
+    return choose_from_doc(activations, mods, probe)
+
+
+# strategies that read the forward-only `massive.json` (passed to select() as `activations`)
+ACTIVATION_STRATEGIES = {"massive"}
+
+
 def select(spec: PlacementSpec, *, probe: dict | None = None, nfn: dict | None = None,
-           modules: dict[str, dict] | None = None) -> Placement:
+           modules: dict[str, dict] | None = None, activations: dict | None = None) -> Placement:
     """Apply a strategy to probe results.
 
     Args:
         spec: the strategy and its arguments.
         probe: a `page.json` dict (needed by dom / page_*; gives the module table).
         nfn: an `nfn.json` dict (needed by plop / plop_inverse).
+        activations: a `massive.json` dict written by `domlora diagnose` (needed by `massive`).
         modules: the module table `{name: {"type", "layer", "d_in", "d_out"}}` when no probe is given.
     """
-    table = modules if modules is not None else (probe or nfn or {}).get("modules")
+    table = modules if modules is not None else (probe or nfn or activations or {}).get("modules")
     if not table:
         raise ConfigError("no module table: pass a probe result (page.json) or the model's candidates")
-    names, evidence = STRATEGIES[spec.strategy](spec, probe, nfn, table)
-    model = (probe or nfn or {}).get("model")
+    if spec.strategy in ACTIVATION_STRATEGIES:
+        names, evidence = STRATEGIES[spec.strategy](spec, probe, nfn, table, activations=activations)
+    else:
+        names, evidence = STRATEGIES[spec.strategy](spec, probe, nfn, table)
+    model = (probe or nfn or activations or {}).get("model")
     return Placement(strategy=spec.strategy, modules=list(names), evidence=evidence, model=model)

@@ -97,3 +97,20 @@ def chat_jsonl(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(s) + "\n" for s in chat_samples(8)))
     return path
+
+
+def make_massive_llama(vocab_size: int, *, layers: int = 4, hidden: int = 16, inter: int = 24, at: int = 1,
+                       out_channel: int = 5, in_channel: int = 7, gain: float = 60.0, weight: float = 80.0,
+                       seed: int = 0):
+    """A tiny Llama with a planted "super weight": in block `at`, FFN channel `in_channel` is amplified
+    (gate and up rows x gain) and down_proj.weight[out_channel, in_channel] = weight, so the block writes a
+    massive value into residual channel `out_channel` that later blocks carry along."""
+    import torch
+
+    model = make_tiny_llama(vocab_size, layers=layers, hidden=hidden, inter=inter, seed=seed)
+    mlp = model.model.layers[at].mlp
+    with torch.no_grad():
+        mlp.gate_proj.weight[in_channel] *= gain
+        mlp.up_proj.weight[in_channel] *= gain
+        mlp.down_proj.weight[out_channel, in_channel] = weight
+    return model

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
@@ -90,6 +90,24 @@ class PageResult:
                           self.encode_report, self.seconds, self.methods)
 
 
+def excluded_positions(exclude, idx: Sequence[int], batch: dict):
+    """Bool (B, T) mask of the positions `exclude` names (a list of positions or a callable)."""
+    import torch
+
+    ids = batch["input_ids"]
+    if callable(exclude):
+        out = torch.as_tensor(exclude(list(idx), batch), dtype=torch.bool, device=ids.device)
+        if out.shape != ids.shape:
+            raise ConfigError(f"exclude_positions returned shape {tuple(out.shape)}, expected {tuple(ids.shape)}")
+        return out
+    pos = [int(p) for p in exclude]
+    if any(p < 0 for p in pos):
+        raise ConfigError(f"exclude_positions must be >= 0 (0 is the first token), got {pos}")
+    out = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    out[:, [p for p in pos if p < ids.shape[1]]] = True
+    return out
+
+
 def _input_embedding_requires_grad(model):
     emb = model.get_input_embeddings()
     return emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
@@ -97,7 +115,8 @@ def _input_embedding_requires_grad(model):
 
 def page_probe(model, encoded: Sequence[Encoded], *, alpha: float = 16.0, rank: int = 8,
                batch_size: int = 4, candidates: Sequence[Candidate] | None = None,
-               method: str = "auto", show_progress: bool = False) -> PageResult:
+               method: str = "auto", show_progress: bool = False,
+               exclude_positions: Sequence[int] | Callable | None = None) -> PageResult:
     """Score every candidate module by PAGE on the pretrained model (step 0).
 
     Args:
@@ -107,6 +126,10 @@ def page_probe(model, encoded: Sequence[Encoded], *, alpha: float = 16.0, rank: 
         batch_size: samples per forward/backward; results do not depend on it.
         candidates: modules to score (default: all of `find_candidates(model)`).
         method: `auto`, `direct` or `ghost` for every module.
+        exclude_positions: token positions whose module inputs are left out of every G_i
+            (e.g. `[0]`, the first / sink token), or `fn(sample_indices, batch) -> bool (B, T)`
+            marking them per sample. The forward pass and the output gradients D are unchanged;
+            only X's rows at those positions are zeroed, so S measures what flows through the rest.
 
     Raises:
         ConfigError: alpha/rank <= 0 or an empty probe set.
@@ -164,7 +187,10 @@ def page_probe(model, encoded: Sequence[Encoded], *, alpha: float = 16.0, rank: 
         it = iter_batches(encoded, batch_size=batch_size, pad_id=pad_id, device=device)
         for idx, batch in tqdm(it, total=len(batches), desc="PAGE probe", disable=not show_progress, unit="batch"):
             state["idx"] = torch.tensor(idx)
-            state["mask"] = batch["attention_mask"].unsqueeze(-1).to(next(model.parameters()).dtype)
+            keep = batch["attention_mask"]
+            if exclude_positions is not None:
+                keep = keep * ~excluded_positions(exclude_positions, idx, batch)
+            state["mask"] = keep.unsqueeze(-1).to(next(model.parameters()).dtype)
             with torch.enable_grad():
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
                 losses = per_sample_loss(out.logits, batch)

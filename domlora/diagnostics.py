@@ -1,0 +1,552 @@
+"""Activation diagnostics: where massive activations appear, and which `down_proj` weights make them.
+
+Forward hooks only (no gradients, the model is never modified). Per Transformer block: the
+largest |value| of the residual stream after the block, at which sample / token position /
+channel, its ratio to the hidden state's median magnitude and its jump from the block's input;
+per `down_proj`: the largest |input| and |output| and, at the output's peak, which single
+weight contributes most ("super weight" candidate, Yu et al. 2024). A value is *massive*
+(Sun et al. 2024) when |value| > 100 and >= 1000x the median |value| of its hidden state.
+
+Run as: domlora diagnose --model embedded --data data/arith/probe.jsonl --out diagnostics/embedded/arith
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, ModelError
+from .modules import Candidate, find_candidates
+from .samples import Encoded, iter_batches
+
+logger = logging.getLogger(__name__)
+
+# same container names as `modules.find_candidates` uses for a block index
+_BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder_layers)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class MassiveCriterion:
+    """When a hidden-state value counts as massive (Sun et al. 2024, Sec. 2)."""
+
+    abs_threshold: float = 100.0
+    """|value| must exceed this"""
+    ratio: float = 1000.0
+    """and be at least this many times the median |value| of its hidden state (one sequence)"""
+    min_fraction: float = 0.5
+    """a layer is massive when this fraction of the probe samples has a massive value there"""
+
+    def __post_init__(self):
+        if not (self.abs_threshold >= 0 and math.isfinite(self.abs_threshold)):
+            raise ConfigError(f"abs_threshold must be a finite number >= 0, got {self.abs_threshold!r}")
+        if not (self.ratio >= 1 and math.isfinite(self.ratio)):
+            raise ConfigError(f"ratio must be a finite number >= 1, got {self.ratio!r}")
+        if not 0 < self.min_fraction <= 1:
+            raise ConfigError(f"min_fraction must be in (0, 1], got {self.min_fraction!r}")
+
+    def is_massive(self, value: float, median: float) -> bool:
+        return abs(value) > self.abs_threshold and abs(value) >= self.ratio * max(median, 1e-30)
+
+
+@dataclass
+class Peak:
+    """The largest |value| of one tensor over the probe set, and where it is."""
+
+    value: float
+    """signed value at the peak"""
+    sample: int
+    position: int
+    channel: int
+
+    @property
+    def magnitude(self) -> float:
+        return abs(self.value)
+
+
+@dataclass
+class LayerStats:
+    """The residual stream after one block (its output hidden state)."""
+
+    layer: int
+    peak: Peak
+    """largest |h| over all samples"""
+    median: float
+    """median over samples of each sample's median |h|"""
+    ratio: float
+    """peak magnitude / median |h| of the peak's sample"""
+    jump: float
+    """median over samples of max|h_out| / max|h_in| (how much the block grows the largest value)"""
+    peak_before: float
+    """|h_in| at the peak's (sample, position, channel): small when the block created the value"""
+    mlp_share: float
+    """the block's FFN output at the peak's entry / (h_out - h_in) there: 1 when the FFN made the jump"""
+    massive_fraction: float
+    """fraction of samples whose hidden state here holds a massive value"""
+    first_token_fraction: float
+    """fraction of samples whose largest |h| is at position 0"""
+    channel_fraction: float
+    """fraction of samples whose largest |h| is in the peak's channel"""
+
+
+@dataclass
+class SuperWeight:
+    """At a `down_proj` output peak y_j = sum_k x_k W_jk: the weight contributing most."""
+
+    row: int
+    """output channel j (the peak's channel)"""
+    col: int
+    """input channel k of the largest contribution x_k W_jk"""
+    weight: float
+    """W_jk"""
+    input_value: float
+    """x_k at the peak's token"""
+    share: float
+    """x_k W_jk / y_j: the fraction of the output peak this one weight produces"""
+    aligned: bool
+    """k is also the channel of the largest |input| of this down_proj (the massive input channel)"""
+    weight_z: float
+    """|W_jk| / std of all of W (how much of an outlier the weight is)"""
+    column_rank: int
+    """1 = the largest |W_.k| in its column"""
+    column_outliers: list[dict] = field(default_factory=list)
+    """the largest |W_.k'| in the column of the massive input channel k', with |W| / median |W_.k'|"""
+
+
+@dataclass
+class DownProjStats:
+    """One `down_proj`: its input (the FFN's hidden activation) and output."""
+
+    name: str
+    layer: int
+    input_peak: Peak
+    output_peak: Peak
+    input_median_max: float
+    """median over samples of each sample's max |input|"""
+    output_median_max: float
+    """median over samples of each sample's max |output|"""
+    first_token_energy: float
+    """mean over samples of the share of ||X||_F^2 on position 0"""
+    super_weight: SuperWeight | None = None
+
+
+@dataclass
+class ActivationReport:
+    """Everything `activation_diagnostics` measured."""
+
+    n_samples: int
+    n_tokens: int
+    criterion: MassiveCriterion
+    embedding: LayerStats
+    """the input of the first block (layer -1)"""
+    layers: list[LayerStats]
+    down_proj: list[DownProjStats]
+    candidates: list[Candidate]
+    seconds: float = 0.0
+
+    @property
+    def onset_layer(self) -> int | None:
+        """The first block after which most samples hold a massive value (None: no such block)."""
+        for s in self.layers:
+            if s.massive_fraction >= self.criterion.min_fraction:
+                return s.layer
+        return None
+
+    def down_proj_at(self, layer: int) -> DownProjStats | None:
+        return next((d for d in self.down_proj if d.layer == layer), None)
+
+    def to_dict(self) -> dict:
+        return {"n_samples": self.n_samples, "n_tokens": self.n_tokens, "criterion": asdict(self.criterion),
+                "onset_layer": self.onset_layer, "seconds": self.seconds,
+                "embedding": _layer_dict(self.embedding),
+                "layers": [_layer_dict(s) for s in self.layers],
+                "down_proj": [_down_dict(d) for d in self.down_proj]}
+
+
+def _layer_dict(s: LayerStats) -> dict:
+    d = asdict(s)
+    d["max"] = s.peak.magnitude
+    return d
+
+
+def _down_dict(d: DownProjStats) -> dict:
+    out = asdict(d)
+    out["input_max"] = d.input_peak.magnitude
+    out["output_max"] = d.output_peak.magnitude
+    return out
+
+
+def block_name(cand: Candidate) -> str:
+    """`model.layers.11.mlp.down_proj` -> `model.layers.11`."""
+    m = _BLOCK_RE.search(cand.name)
+    if m is None:  # pragma: no cover - find_candidates only returns names that match
+        raise ModelError(f"cannot tell which block {cand.name} belongs to")
+    return cand.name[: m.end() - 1]
+
+
+def ffn_down_candidates(model) -> tuple[list[Candidate], list[Candidate]]:
+    """All candidates and the `down_proj` ones, one per layer.
+
+    Raises:
+        ModelError: no projections, or no FFN down projection among them.
+    """
+    cands = find_candidates(model)
+    downs = [c for c in cands if c.type == "down_proj"]
+    if not downs:
+        types = sorted({c.type for c in cands})
+        raise ModelError(f"no FFN down projection recognised in {type(model).__name__} (module types found: "
+                         f"{', '.join(types)}); the massive-activation diagnostics need each block's FFN output "
+                         "projection (`mlp.down_proj`, GPT-2 `mlp.c_proj`, `dense_4h_to_h`, `mlp.fc2`); fix: use a "
+                         "decoder LM with a supported architecture (Llama, Qwen2/3, Mistral, Gemma, Phi-3, GPT-2)")
+    layers = [c.layer for c in downs]
+    if len(set(layers)) != len(layers):
+        raise ModelError(f"more than one down projection per block in {type(model).__name__} (e.g. a mixture of "
+                         "experts); these diagnostics support one FFN per block")
+    return cands, downs
+
+
+def _weight_matrix(module, cand: Candidate):
+    """W as d_out x d_in (nn.Linear convention), detached; GPT-2 Conv1D stores the transpose."""
+    w = module.weight.detach()
+    return w.T if cand.conv1d else w
+
+
+class _Tracker:
+    """Per-sample reductions of one hooked tensor: max |value| with its position/channel, and medians."""
+
+    def __init__(self, n: int, *, medians: bool):
+        import torch
+
+        self.max = torch.zeros(n, dtype=torch.float64)
+        self.val = torch.zeros(n, dtype=torch.float64)
+        self.pos = torch.zeros(n, dtype=torch.long)
+        self.ch = torch.zeros(n, dtype=torch.long)
+        self.median = torch.zeros(n, dtype=torch.float64) if medians else None
+
+    def update(self, H, idx, lengths):
+        import torch
+
+        B, T, d = H.shape
+        A = H.detach().abs().float()
+        valid = (torch.arange(T, device=H.device)[None, :] < lengths[:, None]).unsqueeze(-1)
+        A = A * valid
+        vmax, arg = A.reshape(B, -1).max(1)
+        pos, ch = arg // d, arg % d
+        vals = H.detach().reshape(B, -1).gather(1, arg[:, None]).squeeze(1)
+        ix = torch.as_tensor(idx)
+        self.max[ix] = vmax.double().cpu()
+        self.val[ix] = vals.double().cpu()
+        self.pos[ix] = pos.cpu()
+        self.ch[ix] = ch.cpu()
+        if self.median is not None:
+            for b in range(B):
+                self.median[ix[b]] = float(A[b, : int(lengths[b])].median())
+        return pos, ch
+
+    def peak(self) -> Peak:
+        i = int(self.max.argmax())
+        return Peak(value=float(self.val[i]), sample=i, position=int(self.pos[i]), channel=int(self.ch[i]))
+
+
+def activation_diagnostics(model, encoded: Sequence[Encoded], *, batch_size: int = 8,
+                           criterion: MassiveCriterion | None = None, n_column_outliers: int = 3,
+                           show_progress: bool = False) -> ActivationReport:
+    """Measure the residual stream and every `down_proj` on a probe set (forward only).
+
+    Args:
+        model: a causal LM; only forward hooks are attached (and removed), nothing is written.
+        encoded: tokenised samples (`samples.encode_samples`); no labels are used.
+        batch_size: samples per forward pass.
+        criterion: what counts as a massive activation.
+        n_column_outliers: how many of the largest weights of the massive input channel's column to list.
+
+    Raises:
+        ConfigError: an empty probe set.
+        ModelError: no recognisable FFN down projection.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    criterion = criterion or MassiveCriterion()
+    if not encoded:
+        raise ConfigError("the probe set is empty; fix: pass at least one tokenised sample")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    cands, downs = ffn_down_candidates(model)
+    modules = dict(model.named_modules())
+    blocks = {}
+    for c in cands:
+        blocks.setdefault(c.layer, block_name(c))
+    layers = sorted(blocks)
+    n = len(encoded)
+    device = next(model.parameters()).device
+    pad_id = getattr(model.config, "pad_token_id", None) or 0
+
+    emb = _Tracker(n, medians=True)
+    res = {L: _Tracker(n, medians=True) for L in layers}
+    dx = {c.layer: _Tracker(n, medians=False) for c in downs}
+    dy = {c.layer: _Tracker(n, medians=False) for c in downs}
+    jump = {L: torch.zeros(n, dtype=torch.float64) for L in layers}
+    before = {L: torch.zeros(n, dtype=torch.float64) for L in layers}
+    ffn_at_peak = {L: torch.zeros(n, dtype=torch.float64) for L in layers}
+    first_energy = {c.layer: torch.zeros(n, dtype=torch.float64) for c in downs}
+    # the input row at each sample's output peak, to attribute the peak to single weights
+    x_at_peak = {c.layer: [None] * n for c in downs}
+    state: dict = {}
+
+    def pre_block(L):
+        def hook(_mod, args, kwargs):
+            h = args[0] if args else kwargs.get("hidden_states")
+            state["h_in"] = h.detach()
+            if L == layers[0]:
+                emb.update(h, state["idx"], state["len"])
+        return hook
+
+    def post_block(L):
+        def hook(_mod, _args, _kwargs, out):
+            h = out[0] if isinstance(out, (tuple, list)) else out
+            pos, ch = res[L].update(h, state["idx"], state["len"])
+            h_in = state.pop("h_in")
+            B = h.shape[0]
+            ar = torch.arange(B, device=h.device)
+            ix = torch.as_tensor(state["idx"])
+            valid = (torch.arange(h.shape[1], device=h.device)[None, :] < state["len"][:, None]).unsqueeze(-1)
+            in_max = (h_in.abs().float() * valid).reshape(B, -1).max(1).values
+            jump[L][ix] = (res[L].max[ix] / in_max.double().cpu().clamp_min(1e-30))
+            before[L][ix] = h_in[ar, pos, ch].abs().double().cpu()
+            y = state.pop(("y", L), None)
+            if y is not None:
+                delta = (h[ar, pos, ch] - h_in[ar, pos, ch]).double().cpu()
+                made = y[ar, pos, ch].double().cpu()
+                ffn_at_peak[L][ix] = made / torch.where(delta.abs() > 0, delta, torch.ones_like(delta))
+        return hook
+
+    def down_hook(c: Candidate):
+        def hook(_mod, inputs, out):
+            X = inputs[0].detach()
+            y = out.detach()
+            idx, lens = state["idx"], state["len"]
+            dx[c.layer].update(X, idx, lens)
+            pos, _ = dy[c.layer].update(y, idx, lens)
+            state[("y", c.layer)] = y
+            B = X.shape[0]
+            ar = torch.arange(B, device=X.device)
+            rows = X[ar, pos].float().cpu()
+            valid = (torch.arange(X.shape[1], device=X.device)[None, :] < lens[:, None]).unsqueeze(-1)
+            energy = (X.float() ** 2 * valid).sum(-1)  # B x T
+            share = energy[:, 0] / energy.sum(1).clamp_min(1e-30)
+            for b, i in enumerate(idx):
+                x_at_peak[c.layer][i] = rows[b]
+                first_energy[c.layer][i] = float(share[b])
+        return hook
+
+    handles = []
+    try:
+        for L in layers:
+            blk = modules[blocks[L]]
+            handles.append(blk.register_forward_pre_hook(pre_block(L), with_kwargs=True))
+            handles.append(blk.register_forward_hook(post_block(L), with_kwargs=True))
+        for c in downs:
+            handles.append(modules[c.name].register_forward_hook(down_hook(c)))
+        was_training = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        n_tokens = 0
+        try:
+            batches = iter_batches(encoded, batch_size=batch_size, pad_id=pad_id, device=device)
+            total = math.ceil(n / batch_size)
+            with torch.no_grad():
+                for idx, batch in tqdm(batches, total=total, desc="activations", disable=not show_progress,
+                                       unit="batch"):
+                    state["idx"] = idx
+                    state["len"] = batch["attention_mask"].sum(1)
+                    n_tokens += int(state["len"].sum())
+                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                    state.clear()
+        finally:
+            model.train(was_training)
+        seconds = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+
+    def layer_stats(L: int, tr: _Tracker, j=None, bef=None, ffn=None) -> LayerStats:
+        pk = tr.peak()
+        massive = [criterion.is_massive(float(tr.max[i]), float(tr.median[i])) for i in range(n)]
+        return LayerStats(
+            layer=L, peak=pk, median=float(tr.median.median()),
+            ratio=pk.magnitude / max(float(tr.median[pk.sample]), 1e-30),
+            jump=float(j.median()) if j is not None else float("nan"),
+            peak_before=float(bef[pk.sample]) if bef is not None else float("nan"),
+            mlp_share=float(ffn[pk.sample]) if ffn is not None else float("nan"),
+            massive_fraction=sum(massive) / n,
+            first_token_fraction=float((tr.pos == 0).double().mean()),
+            channel_fraction=float((tr.ch == pk.channel).double().mean()))
+
+    embedding = layer_stats(-1, emb)
+    layer_list = [layer_stats(L, res[L], jump[L], before[L], ffn_at_peak[L] if L in dx else None) for L in layers]
+    down_list = []
+    for c in downs:
+        W = _weight_matrix(modules[c.name], c)
+        ip, op = dx[c.layer].peak(), dy[c.layer].peak()
+        sw = _super_weight(W, x_at_peak[c.layer][op.sample], op, ip, n_column_outliers)
+        down_list.append(DownProjStats(
+            name=c.name, layer=c.layer, input_peak=ip, output_peak=op,
+            input_median_max=float(dx[c.layer].max.median()), output_median_max=float(dy[c.layer].max.median()),
+            first_token_energy=float(first_energy[c.layer].mean()), super_weight=sw))
+    return ActivationReport(n_samples=n, n_tokens=n_tokens, criterion=criterion, embedding=embedding,
+                            layers=layer_list, down_proj=down_list, candidates=cands, seconds=seconds)
+
+
+def _super_weight(W, x_row, out_peak: Peak, in_peak: Peak, n_outliers: int) -> SuperWeight | None:
+    """Attribute y_j at the output peak to single weights x_k W_jk; describe the input channel's column."""
+    import torch
+
+    if x_row is None:
+        return None
+    Wf = W.float().cpu()
+    j = out_peak.channel
+    contrib = x_row * Wf[j]
+    k = int(contrib.abs().argmax())
+    y = float(contrib.sum())
+    std = float(Wf.std()) or 1e-30
+    col = Wf[:, k].abs()
+    rank = int((col > col[j]).sum()) + 1
+    kin = in_peak.channel
+    colin = Wf[:, kin].abs()
+    med = float(colin.median()) or 1e-30
+    top = torch.topk(colin, min(n_outliers, colin.numel()))
+    outliers = [{"row": int(r), "weight": float(Wf[int(r), kin]), "ratio_to_median": float(v) / med}
+                for v, r in zip(top.values, top.indices)]
+    return SuperWeight(row=j, col=k, weight=float(Wf[j, k]), input_value=float(x_row[k]),
+                       share=float(contrib[k]) / y if y else float("nan"), aligned=k == kin,
+                       weight_z=abs(float(Wf[j, k])) / std, column_rank=rank, column_outliers=outliers)
+
+
+def page_layer_curve(page_doc: dict, module_type: str = "down_proj") -> dict[int, float]:
+    """layer -> PAGE of the `module_type` module there, from a `page.json` dict."""
+    mods = page_doc.get("modules") or {}
+    return {m["layer"]: m["PAGE"] for m in mods.values() if m.get("type") == module_type}
+
+
+def plot_activations(report: dict, path: str | Path, *, page: dict | None = None, massive: dict | None = None,
+                     title: str | None = None) -> Path:
+    """Max |activation| per layer (residual stream and down_proj input), beside the down_proj PAGE curve.
+
+    Args:
+        report: `ActivationReport.to_dict()` (the `activations.json` dict).
+        path: PNG to write (atomically).
+        page: a `page.json` dict; adds the lower panel with its `down_proj` PAGE per layer.
+        massive: a `massive.json` dict; marks the predicted module.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [s["layer"] for s in report["layers"]]
+    resid = [s["max"] for s in report["layers"]]
+    med = [s["median"] for s in report["layers"]]
+    din = {d["layer"]: d["input_max"] for d in report["down_proj"]}
+    dout = {d["layer"]: d["output_max"] for d in report["down_proj"]}
+    rows = 2 if page else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(max(7, 0.28 * len(layers) + 3), 3.2 * rows), sharex=True,
+                             squeeze=False)
+    ax = axes[0][0]
+    ax.semilogy(layers, resid, "o-", label="residual stream max |h| (after block)", color="C0")
+    ax.semilogy(layers, med, ":", label="residual stream median |h|", color="C0", alpha=0.6)
+    ax.semilogy(sorted(din), [din[k] for k in sorted(din)], "s-", ms=3, label="down_proj input max |x|", color="C1")
+    ax.semilogy(sorted(dout), [dout[k] for k in sorted(dout)], "^-", ms=3, label="down_proj output max |y|",
+                color="C2", alpha=0.7)
+    onset = report.get("onset_layer")
+    if onset is not None:
+        ax.axvline(onset, color="red", ls="--", lw=1, label=f"massive onset (layer {onset})")
+    ax.set_ylabel("max |activation|")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    if page:
+        curve = page_layer_curve(page)
+        ax2 = axes[1][0]
+        ks = sorted(curve)
+        ax2.semilogy(ks, [curve[k] for k in ks], "o-", color="C3", label="down_proj PAGE")
+        dom = page.get("dominant")
+        if dom and dom in page.get("modules", {}):
+            dl = page["modules"][dom]["layer"]
+            ax2.plot([dl], [curve[dl]], marker="s", ms=11, mfc="none", mec="red", mew=2, ls="",
+                     label=f"dom ({dom})")
+        if massive and massive.get("layer") in curve:
+            ml = massive["layer"]
+            ax2.plot([ml], [curve[ml]], marker="*", ms=12, color="gold", mec="black", ls="",
+                     label=f"massive pick (layer {ml})")
+        ax2.set_ylabel("PAGE")
+        ax2.legend(fontsize=7, loc="best")
+        ax2.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("layer")
+    axes[0][0].set_title(title or f"massive activations vs down_proj PAGE (N={report.get('n_samples')})", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def diagnose(*, model: str, data: str | Path, out_dir: str | Path, samples: int = 32, max_length: int = 256,
+             batch_size: int = 8, probe_path: str | Path | None = None, rule: str = "onset",
+             criterion: MassiveCriterion | None = None, dtype: str = "auto", device: str | None = None,
+             cache_dir: str | None = None, trust_remote_code: bool = False, model_name: str | None = None,
+             show_progress: bool = False) -> dict:
+    """Diagnose stage: write `activations.json`, `massive.json` and `activations.png` into `out_dir`.
+
+    Args:
+        model: `embedded`, a hub id or a local folder.
+        data: chat JSONL; only the tokens of its first `samples` samples are used (no labels).
+        probe_path: a `page.json` of the same model; adds the down_proj PAGE panel to the plot and
+            the agreement of the prediction with PAGE's `dom` to `massive.json`.
+        rule: the predictor's rule (`onset`, `largest_jump`, `largest_output`).
+
+    Returns:
+        The `massive.json` document.
+    """
+    from .io import atomic_outputs, read_json, write_json
+    from .models import config_hash, load_model
+    from .probes.massive import RULES, massive_predict, massive_summary
+    from .samples import encode_samples, read_samples
+
+    if samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {samples}")
+    if rule not in RULES:
+        raise ConfigError(f"unknown rule {rule!r}; valid: {', '.join(RULES)}")
+    page = None
+    if probe_path is not None:
+        if not Path(probe_path).is_file():
+            raise ConfigError(f"probe file {probe_path} does not exist; fix: run `domlora probe` first or drop --probe")
+        page = read_json(probe_path)
+    chosen = read_samples(data, limit=samples)  # validate before loading the model
+    loaded = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    encoded, _ = encode_samples(loaded.tokenizer, chosen, max_length=max_length)
+    pred, report = massive_predict(loaded.model, encoded, rule=rule, batch_size=batch_size, criterion=criterion,
+                                   show_progress=show_progress)
+    name = model_name or model
+    doc = massive_summary(pred, report, model=name, config_hash=config_hash(loaded.model))
+    doc["data"] = str(data)
+    acts = report.to_dict() | {"model": name, "data": str(data)}
+    if page is not None:
+        if page.get("modules") and pred.module not in page["modules"]:
+            raise ConfigError(f"{probe_path} does not score {pred.module}: it belongs to another model; fix: pass "
+                              "the page.json of the same model")
+        doc["page_dominant"] = page.get("dominant")
+        doc["agrees_with_dom"] = page.get("dominant") == pred.module
+        doc["page_argmax"] = page.get("argmax")
+    with atomic_outputs(out_dir) as stage:
+        write_json(stage / "activations.json", acts)
+        write_json(stage / "massive.json", doc)
+        plot_activations(acts, stage / "activations.png", page=page, massive=doc,
+                         title=f"{name}: massive activations vs down_proj PAGE")
+    logger.info("massive activation onset at layer %s; predicted %s (%s)", pred.onset_layer, pred.module, rule)
+    return doc
