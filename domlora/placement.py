@@ -6,7 +6,6 @@ matches exactly (no suffix surprises).
 """
 from __future__ import annotations
 
-import random as _random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -174,7 +173,9 @@ def _explicit(spec, probe, nfn, mods):
 def _random(spec, probe, nfn, mods):
     if spec.k > len(mods):
         raise ConfigError(f"k={spec.k} is larger than the {len(mods)} candidate modules; fix: k <= {len(mods)}")
-    names = sorted(_random.Random(spec.seed).sample(sorted(mods), spec.k), key=list(mods).index)
+    import random  # note: the module-level alias is shadowed by this function's name
+
+    names = sorted(random.Random(spec.seed).sample(sorted(mods), spec.k), key=list(mods).index)
     return names, {"seed": spec.seed, "k": spec.k}
 
 
