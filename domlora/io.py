@@ -85,13 +85,15 @@ def atomic_outputs(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a staging folder; on success move each file in it into `out_dir` atomically.
 
     Files already in `out_dir` that the staging folder does not replace are kept; nothing
-    is moved if the body raises, so a failed run leaves `out_dir` untouched.
+    is moved if the body raises, so a failed run leaves `out_dir` untouched (and does not
+    create it: the staging folder is a hidden sibling).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=".staging.", suffix=".tmp"))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.staging.", suffix=".tmp"))
     try:
         yield stage
+        out_dir.mkdir(exist_ok=True)
         for item in sorted(stage.iterdir()):
             target = out_dir / item.name
             if item.is_dir():

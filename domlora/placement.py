@@ -173,7 +173,7 @@ def _explicit(spec, probe, nfn, mods):
 def _random(spec, probe, nfn, mods):
     if spec.k > len(mods):
         raise ConfigError(f"k={spec.k} is larger than the {len(mods)} candidate modules; fix: k <= {len(mods)}")
-    import random  # note: the module-level alias is shadowed by this function's name
+    import random  # note: a module-level `import random as _random` would be shadowed by this function
 
     names = sorted(random.Random(spec.seed).sample(sorted(mods), spec.k), key=list(mods).index)
     return names, {"seed": spec.seed, "k": spec.k}
