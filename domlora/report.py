@@ -212,27 +212,22 @@ def dominant_table(col: Collected) -> tuple[str, list[dict]]:
 
 
 def stability_lines(col: Collected) -> list[str]:
-    from scipy.stats import spearmanr
+    """Per backbone: do the probe sets agree on dom and argmax; rank correlation; top-k overlap."""
+    from .stability import compare_probes
 
     out = []
     for m in col.params.grid.models:
         docs = {d: doc for (mm, d), doc in col.probes.items() if mm == m and doc}
         if len(docs) < 2:
             continue
-        names = sorted(next(iter(dococ["modules"] for dococ in docs.values())))
-        out += [f"**Task stability of {m}** across {len(docs)} probe sets", "",
-                "| Probe sets | same dom | same argmax | Spearman (PAGE, all modules) | top-10 overlap |", "|---|---|---|---|---|"]
-        ds = list(docs)
-        for i in range(len(ds)):
-            for j in range(i + 1, len(ds)):
-                a, b = docs[ds[i]], docs[ds[j]]
-                va = [a["modules"][n]["PAGE"] for n in names]
-                vb = [b["modules"][n]["PAGE"] for n in names]
-                rho = spearmanr(va, vb).statistic
-                ta = {x["name"] for x in a.get("top_k", [])[:10]}
-                tb = {x["name"] for x in b.get("top_k", [])[:10]}
-                out.append(f"| {ds[i]} vs {ds[j]} | {'yes' if a['dominant'] == b['dominant'] else 'no'} | "
-                           f"{'yes' if a['argmax'] == b['argmax'] else 'no'} | {rho:.3f} | {len(ta & tb)}/10 |")
+        rep = compare_probes(docs, k=10)
+        out += [f"**Task stability of {m}** across {len(docs)} probe sets: dom agreement "
+                f"{rep.dom_agreement:.0%}, argmax agreement {rep.argmax_agreement:.0%}", "",
+                "| Probe sets | same dom | same argmax | Spearman (all modules) | Spearman (down_proj) | top-10 overlap |",
+                "|---|---|---|---|---|---|"]
+        for pc in rep.pairs:
+            out.append(f"| {pc.a} vs {pc.b} | {'yes' if pc.dom_agree else 'no'} | {'yes' if pc.argmax_agree else 'no'} | "
+                       f"{pc.spearman:.3f} | {pc.spearman_down_proj:.3f} | {pc.topk_overlap:.0%} |")
         out.append("")
     return out
 
@@ -341,9 +336,32 @@ def paper_comparison(col: Collected) -> str:
     return "\n".join(parts)
 
 
-def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections: Sequence[str] = ()) -> dict:
-    """Write reports/{README.md,tables.md,results.csv,metrics.json,figures/}."""
+def update_registry(col: Collected, path: Path) -> int:
+    """Record every probe of the grid in the dominant-module registry (backbone -> dom module)."""
+    from .models import config_hash_of
+    from .registry import record
+
+    n = 0
+    for (m, d), doc in col.probes.items():
+        if not doc or not doc.get("dominant"):
+            continue
+        spec = col.params.models[m]
+        try:
+            h = config_hash_of(spec.id, trust_remote_code=spec.trust_remote_code)
+        except Exception as exc:  # no config at hand (offline, gated): the report goes on without it
+            logger.warning("registry: cannot read the config of %s (%s); not recorded", spec.id, exc)
+            continue
+        record(doc, model=spec.id, config_hash=h, path=path, data=d)
+        n += 1
+    return n
+
+
+def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections: Sequence[str] = (),
+                 registry: Path | None = None) -> dict:
+    """Write reports/{README.md,tables.md,results.csv,metrics.json,figures/} (and update the registry)."""
     col = Collected(params, layout)
+    if registry is not None:
+        update_registry(col, registry)
     out = layout.reports
     sections, all_rows = [], {}
     for t in (1, 2, 3, 4, 5, 11, 12):

@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def go():
         params = load_params(a.params, profile=a.profile)
-        write_report(params, Layout(a.root), tracker=make_tracker(params))
+        layout = Layout(a.root)
+        write_report(params, layout, tracker=make_tracker(params), registry=layout.root / "registry" / "dominant_modules.json")
     return run_main(go)
 
 

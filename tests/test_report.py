@@ -1,0 +1,89 @@
+"""The report: paper-layout tables for the cells present; missing and failed cells marked, never a crash."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from domlora.config import load_params
+from domlora.paths import Layout
+from domlora.report import primary_metric, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _page_doc(dom_layer: int, argmax: str, n_layers: int = 4) -> dict:
+    mods = {}
+    for layer in range(n_layers):
+        for t in ("q_proj", "v_proj", "down_proj"):
+            name = f"model.layers.{layer}.{'mlp' if t == 'down_proj' else 'self_attn'}.{t}"
+            page = 10.0 if (t == "down_proj" and layer == dom_layer) else 1.0 + layer * 0.1
+            if name == argmax:
+                page = 20.0
+            mods[name] = {"type": t, "layer": layer, "d_in": 8, "d_out": 8, "S": page, "PAGE": page}
+    total = sum(m["PAGE"] for m in mods.values())
+    for m in mods.values():
+        m["share_total"] = m["PAGE"] / total
+        m["share_type"] = 0.5
+    dom = f"model.layers.{dom_layer}.mlp.down_proj"
+    top = sorted(mods, key=lambda n: -mods[n]["PAGE"])
+    return {"model": "embedded", "dominant": dom, "argmax": top[0], "dominant_share_total": mods[dom]["share_total"],
+            "dominant_share_type": 0.5, "top_k": [{"name": n} for n in top[:10]], "modules": mods}
+
+
+@pytest.fixture
+def grid(tmp_path):
+    params = load_params(ROOT / "params.yaml", profile="ci")
+    lay = Layout(tmp_path)
+    for d, argmax in (("arith", "model.layers.1.mlp.down_proj"), ("humaneval", "model.layers.2.self_attn.v_proj")):
+        pd = lay.probe_dir("smol", d)
+        pd.mkdir(parents=True)
+        (pd / "page.json").write_text(json.dumps(_page_doc(1, argmax)))
+    lora, dom = params.cells()
+    # lora: trained and evaluated; domlora: training failed
+    lay.run_dir(lora).mkdir(parents=True)
+    lay.train_metrics(lora).write_text(json.dumps({"status": "success", "trainable_params": 4_883_456,
+                                                    "loss": [2.0, 1.0], "step_time_s": [1.0, 3.0], "wall_time_s": 9.0}))
+    lay.metrics_json(lora).write_text(json.dumps({"arith/exact_match": 0.25, "arith/exact_match_stderr": 0.1}))
+    lay.run_dir(dom).mkdir(parents=True)
+    lay.train_metrics(dom).write_text(json.dumps({"status": "failed", "error": "loss became NaN at step 3"}))
+    base = lay.run_dir(lay.base_id("smol", "arith"))
+    base.mkdir(parents=True)
+    (base / "metrics.json").write_text(json.dumps({"arith/exact_match": 0.1}))
+    return params, lay
+
+
+def test_report_marks_failed_and_missing_and_fills_tables(grid):
+    params, lay = grid
+    out = write_report(params, lay)
+    assert out["statuses"] == {"smol-arith-lora-0": "ok", "smol-arith-domlora-0": "failed: loss became NaN at step 3"}
+    tables = (lay.reports / "tables.md").read_text()
+    assert "Table 1" in tables and "Table 10" in tables
+    row = next(line for line in tables.splitlines() if line.startswith("| LoRA |"))
+    assert "25.00" in row and "4.88M" in row
+    assert "10.00" in next(line for line in tables.splitlines() if line.startswith("| Base model |"))
+    dom_row = next(line for line in tables.splitlines() if line.startswith("| DomLoRA |"))
+    assert "failed" in dom_row and "–" in dom_row
+    readme = (lay.reports / "README.md").read_text()
+    assert "model.layers.1.mlp.down_proj" in readme and "Task stability" in readme
+    assert "argmax agreement 0%" in readme and "dom agreement 100%" in readme
+    assert (lay.reports / "figures" / "page_by_layer.png").stat().st_size > 1000
+    m = json.loads((lay.reports / "metrics.json").read_text())
+    assert m["cells_ok"] == 1 and m["cells_total"] == 2
+    csv = (lay.reports / "results.csv").read_text()
+    assert "smol-arith-lora-0" in csv and "train/step_time_s,2.0" in csv
+
+
+def test_report_with_nothing_present(tmp_path):
+    params = load_params(ROOT / "params.yaml", profile="ci")
+    out = write_report(params, Layout(tmp_path))
+    assert set(out["statuses"].values()) == {"missing"}
+    assert (tmp_path / "reports" / "tables.md").exists()
+
+
+def test_primary_metric_prefers_the_headline():
+    met = {"humaneval_local/pass@1": 0.2, "humaneval_local/pass@1_stderr": 0.05, "arith/exact_match": 0.5}
+    assert primary_metric("humaneval_local", met) == ("humaneval_local/pass@1", 0.2)
+    assert primary_metric("arith", met)[1] == 0.5
+    assert primary_metric("mmlu", met) is None
