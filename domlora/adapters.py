@@ -239,10 +239,19 @@ def attach(model, placement_modules: Sequence[str], *, variant: str, rank: int, 
 
 
 def disable_input_grads(model) -> None:
-    """Remove transformers' `enable_input_require_grads` hooks anywhere in `model`."""
+    """Remove the input-embedding "require grad" hooks transformers and PEFT add, anywhere in `model`.
+
+    note: each `enable_input_require_grads` call overwrites the handle list of the previous one
+    (activation checkpointing and PEFT both call it), so look the hooks up on the modules.
+    """
+    names = {"make_inputs_require_grads", "make_inputs_require_grad"}
     for mod in model.modules():
         if hasattr(mod, "disable_input_require_grads") and getattr(mod, "_require_grads_hooks", None):
             mod.disable_input_require_grads()
+        hooks = getattr(mod, "_forward_hooks", None)
+        if hooks:
+            for key in [k for k, fn in hooks.items() if getattr(fn, "__name__", "") in names]:
+                del hooks[key]
 
 
 def count_params(model) -> dict:
@@ -344,8 +353,9 @@ def _check_shapes(model, tensors: dict[str, tuple], adapter_dir, meta: dict) -> 
                              f"trained for another base model ({trained_on}); fix: load it on that model")
         mod = mods[mod_name]
         w = getattr(mod, "weight", None)
-        if w is None:
-            continue
+        if w is None:  # only a container (`model.layers`) matched: the adapted module is missing
+            raise ModelError(f"adapter {adapter_dir} names {key!r}, which this base model does not have: it was "
+                             f"trained for another base model ({trained_on}); fix: load it on that model")
         d_out, d_in = (w.shape[1], w.shape[0]) if type(mod).__name__ == "Conv1D" else (w.shape[0], w.shape[1])
         leaf = parts[cut] if cut < len(parts) else ""
         ok = True

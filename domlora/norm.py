@@ -29,6 +29,9 @@ from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+TIE_TOL = 1e-4
+"""similarities this close count as equal (then the larger kept rank wins)"""
+
 
 @dataclass
 class NormChoice:
@@ -108,7 +111,7 @@ def sim_search(A, B, W, *, scaling: float, step: float = 0.1, range_start: int =
     for t, c in candidate_ranks(r, step=step, range_start=range_start):
         phi = subspace_similarity(U[:, :c], Uw)
         sims[c] = phi
-        if phi >= best - 1e-9:  # ties go to the larger kept rank
+        if phi >= best - TIE_TOL:  # ties (up to round-off) go to the larger kept rank
             best_c, best_t, best = c, t, max(phi, best)
     root = S[:best_c].clamp_min(0).sqrt()
     dtype = A.dtype

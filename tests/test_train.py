@@ -1,0 +1,355 @@
+"""Training loop: artefacts, resume after a real kill, NaN stop, frozen-below-the-adapter, variants, CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import chat_samples, make_tiny_llama
+from domlora.errors import ConfigError, DataError, ModelError
+from domlora.train import TrainConfig, TrainingDiverged, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# resumed vs uninterrupted adapters: same ops in the same order on CPU, so they agree to round-off
+RESUME_ATOL = 1e-6
+DOWN2 = ["model.layers.2.mlp.down_proj"]
+
+
+def tiny_cfg(**kw) -> TrainConfig:
+    base = dict(rank=4, alpha=8, lr=1e-2, max_steps=6, batch_size=2, grad_accum=2, max_length=64, save_every=2,
+                gradient_checkpointing=False)
+    return TrainConfig(**(base | kw))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and the machine's cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def base_dir(tmp_path, tiny_tokenizer):
+    model = make_tiny_llama(len(tiny_tokenizer))
+    d = tmp_path / "base"
+    model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def data(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps(s) + "\n" for s in chat_samples(12)))
+    return p
+
+
+def adapter_tensors(out: Path) -> dict:
+    f = out / "adapter" / "adapter_model.safetensors"
+    return load_file(str(f if f.exists() else out / "adapter" / "full_weights.safetensors"))
+
+
+class TestConfig:
+    def test_defaults_are_the_papers(self):
+        c = TrainConfig()
+        assert (c.rank, c.alpha, c.dropout, c.lr, c.warmup_ratio, c.weight_decay, c.epochs) == \
+               (64, 128.0, 0.0, 2e-5, 0.03, 0.0, 1)
+        assert (c.lr_schedule, c.gradient_checkpointing, c.batch_size, c.grad_accum, c.max_length) == \
+               ("cosine", True, 4, 8, 3072)
+
+    @pytest.mark.parametrize("field,value,allowed", [
+        ("variant", "qlora", "dora"), ("lr_schedule", "step", "cosine"), ("rank", 0, ">= 1"),
+        ("lr", -1.0, "> 0"), ("warmup_ratio", 1.5, "warmup_ratio <"), ("max_steps", 0, "-1"),
+        ("dtype", "int8", "bfloat16"), ("device", "tpu", "cuda"), ("ist_active_layers", 0, "fraction"),
+        ("adalora_tinit", 0.9, "adalora_tfinal")])
+    def test_errors_name_field_and_allowed(self, field, value, allowed):
+        with pytest.raises(ConfigError, match=field) as e:
+            TrainConfig(**{field: value})
+        assert allowed in str(e.value)
+
+
+class TestTrain:
+    def test_artefacts_and_metrics(self, base_dir, data, tmp_path):
+        out = tmp_path / "run"
+        doc = train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=out, cfg=tiny_cfg())
+        assert sorted(p.name for p in out.iterdir()) == ["adapter", "train_metrics.json"]
+        assert sorted(p.name for p in (out / "adapter").iterdir()) == \
+            ["README.md", "adapter_config.json", "adapter_model.safetensors", "domlora_adapter.json"]
+        saved = json.loads((out / "train_metrics.json").read_text())
+        assert saved["status"] == doc["status"] == "success"
+        for key in ("loss", "lr", "tokens_per_s", "wall_time_s", "peak_memory_mb", "trainable_params",
+                    "placement", "config", "run_info"):
+            assert saved[key] not in (None, [], {}), key
+        assert len(saved["loss"]) == 6 and saved["trainable_params"] == 4 * (24 + 16)
+        assert saved["placement"]["modules"] == DOWN2
+        assert saved["run_info"]["versions"]["peft"]
+        # warm-up from 0 (ceil(0.03 * 6) = 1 step) then cosine decay to 0
+        assert saved["lr"][0] == 0.0 and saved["lr"][1] == pytest.approx(1e-2)
+        assert all(a >= b for a, b in zip(saved["lr"][1:], saved["lr"][2:]))
+
+    def test_loss_falls(self, base_dir, data, tmp_path):
+        # the tiny model's frozen lm_head keeps logits small, so the loss can only move a little
+        doc = train(model=str(base_dir), train_data=data, placement=None, out_dir=tmp_path / "r",
+                    cfg=tiny_cfg(max_steps=10, lr=3e-2, warmup_ratio=0.0, lr_schedule="constant", save_every=0))
+        assert sum(doc["loss"][-3:]) / 3 < doc["loss"][0] - 0.04
+
+    def test_resume_after_exception_equals_uninterrupted(self, base_dir, data, tmp_path):
+        full = tmp_path / "full"
+        train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=full, cfg=tiny_cfg())
+
+        def crash(step, m):
+            if step == 3:
+                raise RuntimeError("killed at step 3")
+
+        part = tmp_path / "part"
+        with pytest.raises(RuntimeError, match="step 3"):
+            train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=part, cfg=tiny_cfg(), on_step=crash)
+        assert not (part / "adapter").exists()
+        assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-0000002"]
+        assert json.loads((part / "train_metrics.json").read_text())["status"] == "failed"
+        doc = train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=part, cfg=tiny_cfg())
+        assert doc["resumed_from"] == 2 and doc["status"] == "success" and len(doc["loss"]) == 6
+        a, b = adapter_tensors(full), adapter_tensors(part)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=RESUME_ATOL, rtol=0), k
+        assert not (part / "checkpoints").exists()
+
+    def test_resume_after_sigkill(self, base_dir, data, tmp_path):
+        """A process killed with SIGKILL mid-run; rerunning ends with the uninterrupted adapter."""
+        cfg = dict(rank=4, alpha=8, lr=1e-2, max_steps=5, batch_size=2, grad_accum=1, max_length=64, save_every=2,
+                   gradient_checkpointing=True, variant="lora_plus")
+        full = tmp_path / "full"
+        train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=full, cfg=TrainConfig(**cfg))
+        part = tmp_path / "part"
+        script = textwrap.dedent(f"""
+            import os, signal
+            import torch
+            from domlora.train import TrainConfig, train
+            torch.set_num_threads(1)
+            def kill(step, m):
+                if step == 3:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            train(model={str(base_dir)!r}, train_data={str(data)!r}, placement={DOWN2!r}, out_dir={str(part)!r},
+                  cfg=TrainConfig(**{cfg!r}), on_step=kill)
+        """)
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                              env=os.environ | {"PYTHONPATH": str(ROOT)})
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        assert not (part / "adapter").exists() and not (part / "train_metrics.json").exists()
+        doc = train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=part, cfg=TrainConfig(**cfg))
+        assert doc["resumed_from"] == 2
+        a, b = adapter_tensors(full), adapter_tensors(part)
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=RESUME_ATOL, rtol=0), k
+
+    def test_other_config_does_not_resume(self, base_dir, data, tmp_path):
+        out = tmp_path / "r"
+        with pytest.raises(RuntimeError):
+            train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=out, cfg=tiny_cfg(),
+                  on_step=lambda s, m: (_ for _ in ()).throw(RuntimeError("stop")) if s == 3 else None)
+        doc = train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=out, cfg=tiny_cfg(lr=5e-3))
+        assert doc["resumed_from"] is None
+
+    def test_nan_stops_with_step_and_keeps_checkpoint(self, base_dir, data, tmp_path):
+        calls = {"n": 0}
+
+        def poison(net):
+            def hook(mod, inp, output):
+                calls["n"] += 1
+                return output * float("nan") if calls["n"] >= 4 else output
+
+            net.get_base_model().lm_head.register_forward_hook(hook)
+
+        out = tmp_path / "r"
+        with pytest.raises(TrainingDiverged, match=r"step 4 .*step-0000002.*lower the learning rate"):
+            train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=out,
+                  cfg=tiny_cfg(grad_accum=1), model_hook=poison)
+        doc = json.loads((out / "train_metrics.json").read_text())
+        assert doc["status"] == "failed" and "step 4" in doc["error"] and doc["completed_steps"] == 3
+        assert len(doc["loss"]) == 3
+        assert (out / "checkpoints" / "step-0000002" / "state.pt").is_file()
+        assert not (out / "adapter").exists()
+
+    @pytest.mark.parametrize("checkpointing", [False, True])
+    def test_backward_stops_at_the_adapter(self, base_dir, data, tmp_path, checkpointing):
+        """Adapter at layer 2: layers 0-1 get no backward and no frozen weight gets a gradient."""
+        seen: dict[int, list] = {0: [], 1: [], 2: []}
+        backward_calls = {0: 0, 1: 0, 2: 0}
+        frozen_grads = []
+
+        def hook(net):
+            layers = net.get_base_model().model.layers
+            for i, layer in enumerate(layers):
+                layer.register_forward_hook(lambda m, a, o, i=i: seen[i].append(
+                    (o[0] if isinstance(o, tuple) else o).requires_grad))
+                layer.register_full_backward_hook(lambda m, gi, go, i=i: backward_calls.__setitem__(
+                    i, backward_calls[i] + 1))
+
+        def check_grads(step, m):
+            net_params = hook_state["net"].named_parameters()
+            frozen_grads.extend(n for n, p in net_params if not p.requires_grad and p.grad is not None)
+
+        hook_state = {}
+
+        def keep(net):
+            hook_state["net"] = net
+            hook(net)
+
+        train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=tmp_path / "r",
+              cfg=tiny_cfg(max_steps=2, gradient_checkpointing=checkpointing), model_hook=keep, on_step=check_grads)
+        assert seen[0] and not any(seen[0]) and not any(seen[1])
+        assert all(seen[2])  # positive control: the adapter's layer is on the backward path
+        assert backward_calls[0] == backward_calls[1] == 0 and backward_calls[2] > 0
+        assert frozen_grads == []
+
+    def test_lora_plus_groups(self, tiny_model):
+        from domlora.adapters import attach
+        from domlora.train import _build_optimizer
+
+        net = attach(tiny_model, DOWN2, variant="lora_plus", rank=4, alpha=8)
+        opt = _build_optimizer(net, TrainConfig(variant="lora_plus", lr=1e-3, lora_plus_ratio=16))
+        by_lr = {g["lr"]: [p.shape for p in g["params"]] for g in opt.param_groups if g["params"]}
+        assert by_lr == {1e-3: [torch.Size([4, 24])], 1.6e-2: [torch.Size([16, 4])]}
+
+    def test_adalora_allocates_to_target_budget(self, base_dir, data, tmp_path):
+        two = DOWN2 + ["model.layers.1.self_attn.q_proj"]
+        doc = train(model=str(base_dir), train_data=data, placement=two, out_dir=tmp_path / "r",
+                    cfg=tiny_cfg(variant="adalora", rank=6, adalora_target_r=2, max_steps=12, adalora_delta_t=1,
+                                 save_every=0))
+        ranks = doc["adalora_rank_pattern"]
+        assert len(ranks) == 2 and sum(ranks.values()) == 2 * 2  # target_r x modules
+
+    @pytest.mark.parametrize("variant", ["dora", "rslora", "gralora", "norm", "full"])
+    def test_variants_train_and_load(self, base_dir, data, tmp_path, variant):
+        from domlora.adapters import load_for_eval
+
+        out = tmp_path / variant
+        doc = train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=out,
+                    cfg=tiny_cfg(variant=variant, max_steps=3, save_every=0))
+        assert doc["status"] == "success" and all(map(torch.isfinite, torch.tensor(doc["loss"])))
+        meta = json.loads((out / "adapter" / "domlora_adapter.json").read_text())
+        assert meta["variant"] == variant and meta["modules"] == DOWN2
+        if variant == "norm":
+            assert 1 <= doc["norm"][DOWN2[0]]["kept"] <= 4
+        assert load_for_eval(str(base_dir), out / "adapter", device="cpu").model is not None
+
+
+class TestIST:
+    def test_ist_trains_sampled_layers_and_stops_below(self, base_dir, data, tmp_path):
+        seen: dict[int, list] = {0: [], 1: [], 2: []}
+        actives = []
+
+        def hook(net):
+            for i, layer in enumerate(net.get_base_model().model.layers):
+                layer.register_forward_hook(lambda m, a, o, i=i: seen[i].append(
+                    (o[0] if isinstance(o, tuple) else o).requires_grad))
+
+        def record(step, m):
+            actives.append(m["active_layers"])
+
+        doc = train(model=str(base_dir), train_data=data, placement=None, out_dir=tmp_path / "r", method="ist",
+                    cfg=tiny_cfg(max_steps=8, grad_accum=1, ist_active_layers=1, ist_update_every=1,
+                                 save_every=0), model_hook=hook, on_step=record)
+        assert all(len(a) == 1 for a in actives) and len({a[0] for a in actives}) > 1
+        ist = doc["ist"]
+        assert sum(ist["times_selected"]) == 8 and ist["active_per_step"] == 1
+        assert any(s != 0 for s in ist["scores"])  # scores were updated from the loss
+        # per step: one training forward, then two importance probes without grad
+        assert all(len(v) == 8 * 3 for v in seen.values())
+        for step, (layer,) in enumerate(actives):
+            on_path = [seen[i][3 * step] for i in range(3)]
+            assert on_path == [i >= layer for i in range(3)], (step, layer, on_path)
+
+    def test_ist_rejects_full(self, base_dir, data, tmp_path):
+        with pytest.raises(ConfigError, match="IST"):
+            train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=tmp_path / "r", method="ist",
+                  cfg=tiny_cfg(variant="full"))
+
+
+class TestBadInput:
+    def test_missing_placement_file(self, base_dir, data, tmp_path):
+        with pytest.raises(ConfigError, match="domlora select"):
+            train(model=str(base_dir), train_data=data, placement=tmp_path / "p.json", out_dir=tmp_path / "r",
+                  cfg=tiny_cfg())
+
+    def test_placement_module_not_in_model(self, base_dir, data, tmp_path):
+        with pytest.raises(ModelError, match="does not have"):
+            train(model=str(base_dir), train_data=data, placement=["model.layers.7.mlp.down_proj"],
+                  out_dir=tmp_path / "r", cfg=tiny_cfg())
+
+    def test_missing_data(self, base_dir, tmp_path):
+        with pytest.raises(DataError, match="does not exist"):
+            train(model=str(base_dir), train_data=tmp_path / "none.jsonl", placement=DOWN2, out_dir=tmp_path / "r",
+                  cfg=tiny_cfg())
+
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+    def test_gpu_only_options_on_cpu(self, base_dir, data, tmp_path):
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=tmp_path / "r",
+                  cfg=tiny_cfg(device="cuda"))
+        with pytest.raises(ConfigError, match="float16 training needs a GPU"):
+            train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=tmp_path / "r",
+                  cfg=tiny_cfg(dtype="float16"))
+
+    def test_unknown_method(self, base_dir, data, tmp_path):
+        with pytest.raises(ConfigError, match="unknown method"):
+            train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=tmp_path / "r", cfg=tiny_cfg(),
+                  method="lisa")
+
+
+def test_cli_train(base_dir, data, tmp_path, capsys):
+    from domlora.cli import main
+
+    (tmp_path / "p.json").write_text(json.dumps({"strategy": "dom", "modules": DOWN2}))
+    rc = main(["train", "--model", str(base_dir), "--data", str(data), "--placement", str(tmp_path / "p.json"),
+               "--out", str(tmp_path / "r"), "--rank", "4", "--alpha", "8", "--lr", "1e-2", "--max-steps", "2",
+               "--batch-size", "2", "--grad-accum", "1", "--max-length", "64", "--no-gradient-checkpointing"])
+    assert rc == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["status"] == "success" and line["steps"] == 2 and line["trainable_params"] == 160
+    assert (tmp_path / "r" / "adapter" / "adapter_model.safetensors").is_file()
+    assert main(["train", "--model", str(base_dir), "--data", str(tmp_path / "x.jsonl"), "--out",
+                 str(tmp_path / "r2")]) == 2
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_step_on_cpu(base_dir, data, tmp_path):
+    """One ZeRO-2 optimizer step through the DeepSpeed engine, single process on CPU (gloo)."""
+    pytest.importorskip("deepspeed")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                        "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    out = tmp_path / "ds"
+    script = textwrap.dedent(f"""
+        import json
+        from domlora.train import TrainConfig, train
+        doc = train(model={str(base_dir)!r}, train_data={str(data)!r}, placement={DOWN2!r}, out_dir={str(out)!r},
+                    cfg=TrainConfig(rank=4, alpha=8, lr=1e-2, max_steps=3, batch_size=2, grad_accum=2,
+                                    max_length=64, save_every=2, gradient_checkpointing=True,
+                                    deepspeed={str(ROOT / 'configs' / 'deepspeed_zero2.json')!r}))
+        print("RESULT", json.dumps({{"status": doc["status"], "loss": doc["loss"], "lr": doc["lr"]}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert res["status"] == "success" and len(res["loss"]) == 3
+    assert res["lr"][0] == 0.0 and res["lr"][1] > 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # the engine really updated the adapter: B started at zero
+    b = [v for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k]
+    assert b and float(b[0].abs().sum()) > 0
