@@ -1,0 +1,283 @@
+"""PAGE across checkpoints: does the dominant module stay put while a model is fine-tuned?
+
+`probe_checkpoints` scores every candidate module by PAGE on each checkpoint (full
+fine-tuning checkpoints, or a base with a trained adapter merged in) on one probe set, and
+`plot_checkpoint_curves` draws the paper's Figure 2: one panel per module type, PAGE over
+layers, one line per checkpoint. `finetune_checkpoints` makes such checkpoints: a full
+fine-tuning run (every parameter trained, through `domlora.train.train`) that saves the
+model at chosen steps (0 = the untouched base).
+
+Run as: domlora checkpoints finetune --model embedded --data data/arith/train.jsonl --out ckpt --steps 20
+        domlora checkpoints probe --checkpoint ckpt/step-0000 --checkpoint ckpt/step-0020 --data data/arith/probe.jsonl --out why/ckpt
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ConfigError, ModelError
+from .io import write_json
+from .modules import PAPER_TYPES, TYPES
+
+logger = logging.getLogger(__name__)
+
+STEP_DIR = "step-{:04d}"
+MANIFEST = "checkpoints.json"
+_STEP_RE = re.compile(r"(?:step|checkpoint)[-_]?(\d+)$")
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """A trained adapter folder (domlora's or plain PEFT) rather than a full checkpoint."""
+    from .adapters import META_FILE
+
+    p = Path(path)
+    return (p / META_FILE).is_file() or (p / "adapter_config.json").is_file()
+
+
+def step_of(path: str | os.PathLike) -> int | None:
+    """The training step a folder name carries (`step-0010`, `checkpoint-10`), else None."""
+    m = _STEP_RE.search(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def load_checkpoint(path: str | os.PathLike, *, base: str | None = None, dtype: str = "float32",
+                    device: str | None = None, cache_dir: str | os.PathLike | None = None):
+    """Load a full checkpoint folder, or a base model with an adapter folder merged in.
+
+    Args:
+        path: a saved model folder (config.json + weights) or an adapter folder.
+        base: the base model for an adapter (default: the one its metadata names).
+
+    Raises:
+        ModelError: missing folder, an adapter with no known base, or an adapter for another base.
+    """
+    from .adapters import apply_adapter, read_adapter_meta
+    from .models import LoadedModel, config_hash, load_model
+
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"checkpoint {p} does not exist; fix: pass a saved model folder or an adapter folder")
+    if not is_adapter_dir(p):
+        return load_model(str(p), dtype=dtype, device=device, cache_dir=cache_dir)
+    meta = read_adapter_meta(p)
+    base = base or meta.get("base_model")
+    if not base:
+        raise ModelError(f"{p} is an adapter folder that does not name its base model; fix: pass --base MODEL")
+    loaded = load_model(base, dtype=dtype, device=device, cache_dir=cache_dir)
+    want = meta.get("base_config_hash")
+    have = config_hash(loaded.model)
+    if want and want != have:
+        raise ModelError(f"adapter {p} was trained on an architecture with config hash {want}, but {base!r} has "
+                         f"{have}; fix: pass the base model it was trained on (--base)")
+    model = apply_adapter(loaded.model, p, merge=True)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=loaded.tokenizer, spec=f"{base}+{p}", path=str(p))
+
+
+def layer_curves(page_doc: dict) -> dict[str, list[float]]:
+    """type -> PAGE per layer (NaN where the type has no module in a layer), from a `page.json` dict."""
+    mods = page_doc["modules"]
+    n_layers = max(m["layer"] for m in mods.values()) + 1
+    out: dict[str, list[float]] = {}
+    for t in TYPES:
+        rows = [m for m in mods.values() if m["type"] == t]
+        if rows:
+            curve = [math.nan] * n_layers
+            for m in rows:
+                curve[m["layer"]] = m["PAGE"] if math.isnan(curve[m["layer"]]) else curve[m["layer"]] + m["PAGE"]
+            out[t] = curve
+    return out
+
+
+def probe_checkpoints(checkpoints: Sequence[str | os.PathLike], *, data: str | os.PathLike, samples: int = 32,
+                      max_length: int = 256, alpha: float = 16.0, rank: int = 8, batch_size: int = 4,
+                      base: str | None = None, labels: Sequence[str] | None = None, dtype: str = "float32",
+                      device: str | None = None, cache_dir: str | os.PathLike | None = None,
+                      show_progress: bool = False) -> dict:
+    """PAGE of every module on each checkpoint, on the same probe samples.
+
+    Args:
+        checkpoints: full checkpoint folders and/or adapter folders (merged into `base`).
+        data: chat JSONL probe set (its first `samples` samples are used).
+        labels: one per checkpoint (default: `step N` from the folder name, else the folder name).
+
+    Returns:
+        The `checkpoints.json` document: per checkpoint its dom / argmax / shares and per-type layer curves.
+
+    Raises:
+        ConfigError: no checkpoints, or labels that do not match them.
+        ModelError: a checkpoint that cannot be loaded, or one of another architecture than the first.
+        DataError: a bad probe file.
+    """
+    from .models import config_hash
+    from .probes.page import check_lora_shape, page_probe
+    from .samples import encode_samples, read_samples
+    from .summary import page_summary
+
+    check_lora_shape(alpha, rank)
+    paths = [Path(c) for c in checkpoints]
+    if not paths:
+        raise ConfigError("no checkpoints given; fix: pass at least one checkpoint folder")
+    if labels is not None and len(labels) != len(paths):
+        raise ConfigError(f"{len(labels)} labels for {len(paths)} checkpoints; fix: one label per checkpoint")
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise ModelError(f"checkpoint folder(s) do not exist: {missing[:3]}; fix: check the paths")
+    chosen = read_samples(data, limit=samples)
+    rows, ref_hash, ref_path, encoded = [], None, None, None
+    for i, p in enumerate(paths):
+        step = step_of(p)
+        label = labels[i] if labels is not None else (f"step {step}" if step is not None else p.name)
+        loaded = load_checkpoint(p, base=base, dtype=dtype, device=device, cache_dir=cache_dir)
+        h = config_hash(loaded.model)
+        if ref_hash is None:
+            ref_hash, ref_path = h, p
+            encoded, report = encode_samples(loaded.tokenizer, chosen, max_length=max_length)
+        elif h != ref_hash:
+            raise ModelError(f"checkpoint {p} has another architecture than {ref_path} (config hash {h} vs "
+                             f"{ref_hash}: {type(loaded.model).__name__}); fix: compare checkpoints of one run")
+        result = page_probe(loaded.model, encoded, alpha=alpha, rank=rank, batch_size=batch_size,
+                            show_progress=show_progress)
+        result.encode_report = report
+        doc = page_summary(result, model=str(p))
+        rows.append({"label": label, "path": str(p), "step": step, "adapter": is_adapter_dir(p),
+                     "dominant": doc["dominant"], "argmax": doc["argmax"],
+                     "dominant_share_total": doc.get("dominant_share_total"),
+                     "dominant_share_type": doc.get("dominant_share_type"),
+                     "type_share": doc["type_share"], "seconds": result.seconds, "curves": layer_curves(doc)})
+        logger.info("%s: dom %s (%.1f%% of down_proj PAGE), argmax %s", label, doc["dominant"],
+                    100 * (doc.get("dominant_share_type") or math.nan), doc["argmax"])
+        del loaded, result
+        gc.collect()
+    doms = {r["dominant"] for r in rows}
+    argmaxes = {r["argmax"] for r in rows}
+    return {"config_hash": ref_hash, "data": str(data), "n_samples": len(encoded), "max_length": max_length,
+            "alpha": alpha, "rank": rank, "dominant_stable": len(doms) == 1, "argmax_stable": len(argmaxes) == 1,
+            "dominants": [r["dominant"] for r in rows], "checkpoints": rows}
+
+
+def plot_checkpoint_curves(doc: dict, path: str | os.PathLike, *, types: Sequence[str] = PAPER_TYPES,
+                           title: str | None = None) -> Path:
+    """The paper's Figure 2: per module type, PAGE over layers, one line per checkpoint (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = doc["checkpoints"]
+    if not rows:
+        raise ConfigError("no checkpoints to plot")
+    present = [t for t in types if t in rows[0]["curves"]] or [t for t in TYPES if t in rows[0]["curves"]]
+    ncol = min(4, len(present))
+    nrow = math.ceil(len(present) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.8 * nrow), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for k, t in enumerate(present):
+        ax = axes[k // ncol][k % ncol]
+        for i, r in enumerate(rows):
+            ys = r["curves"][t]
+            ax.semilogy(range(len(ys)), ys, "-", marker=".", ms=3, lw=1.2, label=r["label"],
+                        color=cmap(i / max(1, len(rows) - 1)))
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("layer", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for k in range(len(present), nrow * ncol):
+        axes[k // ncol][k % ncol].axis("off")
+    axes[0][0].set_ylabel("PAGE")
+    axes[0][0].legend(fontsize=7)
+    stable = "stable" if doc.get("dominant_stable") else "moves"
+    fig.suptitle(title or f"PAGE across checkpoints (dom {stable}: {rows[0]['dominant']})", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def finetune_checkpoints(*, model, train_data: str | os.PathLike, out_dir: str | os.PathLike,
+                         steps: int = 20, save_steps: Sequence[int] = (0, 1, 5, 10, 20), lr: float = 2e-5,
+                         batch_size: int = 4, max_length: int = 160, seed: int = 0, warmup_ratio: float = 0.03,
+                         all_parameters: bool = True, cache_dir: str | os.PathLike | None = None,
+                         show_progress: bool = False) -> dict:
+    """A full fine-tuning run that saves the whole model at `save_steps` (0 = before any update).
+
+    Training goes through `domlora.train.train` (variant `full`, every projection placed); with
+    `all_parameters` the embeddings and norms train too (true full fine-tuning). Each saved step
+    is a plain checkpoint folder `out_dir/step-NNNN` that `load_model` / `probe_checkpoints` read.
+
+    Args:
+        model: `embedded`, a hub id, a folder, or a `models.LoadedModel` (trained in place).
+        train_data: chat JSONL.
+        steps: optimizer steps (batch_size samples each, no accumulation).
+        save_steps: steps at which to save (each in 0..steps).
+
+    Returns:
+        The manifest written to `out_dir/checkpoints.json` (paths, steps, the training metrics' loss).
+
+    Raises:
+        ConfigError: bad steps / save_steps.
+    """
+    from .io import atomic_dir
+    from .train import TrainConfig, train
+
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}")
+    save = sorted(set(int(s) for s in save_steps))
+    bad = [s for s in save if not 0 <= s <= steps]
+    if bad or not save:
+        raise ConfigError(f"save_steps must lie in 0..{steps} (0 = the base), got {list(save_steps)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig(variant="full", lr=lr, max_steps=steps, batch_size=batch_size, grad_accum=1,
+                      max_length=max_length, seed=seed, warmup_ratio=warmup_ratio, save_every=0,
+                      gradient_checkpointing=False, dtype="float32")
+    state: dict = {}
+    saved: list[dict] = []
+
+    def snapshot(step: int):
+        net = state["net"]
+        target = out / STEP_DIR.format(step)
+        with atomic_dir(target) as tmp:
+            net.save_pretrained(str(tmp), safe_serialization=True)
+            if state.get("tokenizer") is not None:
+                state["tokenizer"].save_pretrained(str(tmp))
+        saved.append({"step": step, "path": str(target)})
+        logger.info("saved step %d to %s", step, target)
+
+    def hook(net):
+        state["net"] = net
+        if all_parameters:
+            for p in net.parameters():
+                p.requires_grad_(True)
+        if 0 in save:
+            snapshot(0)
+
+    def on_step(step: int, metrics: dict):
+        if step in save:
+            snapshot(step)
+
+    from .models import LoadedModel, load_model
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype="float32", cache_dir=cache_dir)
+    state["tokenizer"] = loaded.tokenizer
+    metrics = train(model=loaded, train_data=train_data, placement=None, out_dir=out / "train", cfg=cfg,
+                    on_step=on_step, model_hook=hook, show_progress=show_progress)
+    # note: the `full` variant also writes every trained projection as an adapter; the step folders
+    # hold the same weights (and the rest), so drop that copy (hundreds of MB on the embedded model)
+    shutil.rmtree(out / "train" / "adapter", ignore_errors=True)
+    manifest = {"base": loaded.spec, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
+                "all_parameters": all_parameters, "trainable_params": metrics.get("trainable_params"),
+                "loss": metrics.get("loss"), "checkpoints": saved}
+    write_json(out / MANIFEST, manifest)
+    return manifest
