@@ -161,7 +161,9 @@ def load_model(spec: str, *, dtype: str = "auto", device: str | None = None,
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
     path = resolve_model_path(spec, cache_dir=cache_dir)
-    local = Path(path)
+    local = Path(path).expanduser()
+    if local.exists():
+        path = str(local)
     if local.exists() and not (local / "config.json").is_file():
         raise ModelError(f"{path} is a folder but has no config.json; fix: point --model at a "
                          "saved Hugging Face checkpoint folder, a hub id, or `embedded`")
@@ -172,9 +174,11 @@ def load_model(spec: str, *, dtype: str = "auto", device: str | None = None,
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        hint = (" HF_HUB_OFFLINE is set: download it once with network, or pass a local folder."
-                if _offline() else " Check the id (e.g. `Qwen/Qwen3-8B`) or pass a local folder.")
-        raise ModelError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}.{hint}") from exc
+        hint = ("HF_HUB_OFFLINE is set, so only local copies are used: download it once with network, "
+                "or pass a local checkpoint folder, or `embedded`" if _offline()
+                else "check the id (e.g. `Qwen/Qwen3-8B`), or pass a local checkpoint folder, or `embedded`")
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        raise ModelError(f"cannot load model {spec!r}: {first}; fix: {hint}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)

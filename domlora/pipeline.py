@@ -54,6 +54,20 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
     return doc
 
 
+def _read_scores(path: Path, what: str) -> dict:
+    import json
+
+    try:
+        doc = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} file {path} is not valid JSON ({exc}); fix: pass the file written by "
+                          "`domlora probe`") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{what} file {path} holds a {type(doc).__name__}, not a JSON object; fix: pass the "
+                          "file written by `domlora probe`")
+    return doc
+
+
 def select_placement(*, probe_path: str | os.PathLike, strategy: str, out: str | os.PathLike,
                      nfn_path: str | os.PathLike | None = None, k: int = 3, types: tuple[str, ...] = (),
                      layers: tuple[int, ...] = (), seed: int = 0) -> dict:
@@ -64,9 +78,11 @@ def select_placement(*, probe_path: str | os.PathLike, strategy: str, out: str |
     probe_path = Path(probe_path)
     if not probe_path.is_file():
         raise ConfigError(f"probe file {probe_path} does not exist; fix: run `domlora probe` first")
-    page = read_json(probe_path)
+    page = _read_scores(probe_path, "probe")
+    if nfn_path and not Path(nfn_path).is_file():
+        raise ConfigError(f"NFN file {nfn_path} does not exist; fix: pass the nfn.json written by `domlora probe`")
     nfn_file = Path(nfn_path) if nfn_path else probe_path.with_name("nfn.json")
-    nfn = read_json(nfn_file) if nfn_file.is_file() else None
+    nfn = _read_scores(nfn_file, "NFN") if nfn_file.is_file() else None
     placement = select(spec, probe=page, nfn=nfn)
     doc = placement.to_dict() | {"probe": str(probe_path)}
     write_json(out, doc)

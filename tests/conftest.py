@@ -114,3 +114,13 @@ def make_massive_llama(vocab_size: int, *, layers: int = 4, hidden: int = 16, in
         mlp.up_proj.weight[in_channel] *= gain
         mlp.down_proj.weight[out_channel, in_channel] = weight
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama + tokenizer saved as a Hugging Face checkpoint folder (a stand-in for a hub model)."""
+    path = tmp_path_factory.mktemp("tiny_ckpt")
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
