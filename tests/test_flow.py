@@ -24,12 +24,12 @@ profiles:
       toy: {{id: {model}, dtype: float32}}
     datasets:
       arith: {{source: arith, n_train: 16, n_probe: 4, n_eval: 3, tasks: [arith]}}
-    probe: {{samples: 4, max_length: 96, alpha: 16, rank: 8, batch_size: 2, nfn: true}}
+    probe: {{samples: 4, max_length: 512, alpha: 16, rank: 8, batch_size: 2, nfn: true}}
     methods:
       lora: {{placement: all, tables: [1, 10]}}
       domlora: {{placement: dom, lr: 1.0e-3, tables: [1, 10]}}
       broken: {{placement: explicit, layers: [7], types: [down_proj], tables: [5]}}
-    train: {{rank: 4, alpha: 8, lr: 1.0e-3, max_steps: 2, batch_size: 2, grad_accum: 1, max_length: 96,
+    train: {{rank: 4, alpha: 8, lr: 1.0e-3, max_steps: 2, batch_size: 2, grad_accum: 1, max_length: 512,
             gradient_checkpointing: false, save_every: 0, dtype: float32}}
     eval: {{limit: 2, batch_size: 2, max_gen_toks: 4, allow_code_exec: false}}
     tracking: {{enabled: true, uri: "sqlite:///{root}/mlflow.db", experiment: flowtest}}
