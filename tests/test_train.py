@@ -213,6 +213,16 @@ class TestTrain:
         assert backward_calls[0] == backward_calls[1] == 0 and backward_calls[2] > 0
         assert frozen_grads == []
 
+    def test_loss_on_target_positions_equals_labels_path(self, tiny_model, tiny_tokenizer):
+        from domlora.samples import collate, encode_samples
+        from domlora.train import _forward_loss
+
+        enc, _ = encode_samples(tiny_tokenizer, chat_samples(5), max_length=64)
+        batch = collate(enc, pad_id=tiny_tokenizer.pad_token_id)
+        a = _forward_loss(tiny_model, batch)
+        b = _forward_loss(tiny_model, batch, full_logits=True)
+        assert float(a) == pytest.approx(float(b), abs=1e-5)
+
     def test_lora_plus_groups(self, tiny_model):
         from domlora.adapters import attach
         from domlora.train import _build_optimizer
