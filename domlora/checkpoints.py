@@ -100,13 +100,15 @@ def probe_checkpoints(checkpoints: Sequence[str | os.PathLike], *, data: str | o
                       max_length: int = 256, alpha: float = 16.0, rank: int = 8, batch_size: int = 4,
                       base: str | None = None, labels: Sequence[str] | None = None, dtype: str = "float32",
                       device: str | None = None, cache_dir: str | os.PathLike | None = None,
-                      show_progress: bool = False) -> dict:
+                      massive: bool = False, show_progress: bool = False) -> dict:
     """PAGE of every module on each checkpoint, on the same probe samples.
 
     Args:
         checkpoints: full checkpoint folders and/or adapter folders (merged into `base`).
         data: chat JSONL probe set (its first `samples` samples are used).
         labels: one per checkpoint (default: `step N` from the folder name, else the folder name).
+        massive: also run the forward-only `massive` predictor on each checkpoint and record
+            whether it agrees with that checkpoint's `dom`.
 
     Returns:
         The `checkpoints.json` document: per checkpoint its dom / argmax / shares and per-type layer curves.
@@ -147,7 +149,14 @@ def probe_checkpoints(checkpoints: Sequence[str | os.PathLike], *, data: str | o
                             show_progress=show_progress)
         result.encode_report = report
         doc = page_summary(result, model=str(p))
-        rows.append({"label": label, "path": str(p), "step": step, "adapter": is_adapter_dir(p),
+        extra = {}
+        if massive:
+            from .probes.massive import massive_predict
+
+            pred, _ = massive_predict(loaded.model, encoded, batch_size=max(batch_size, 4))
+            extra = {"massive": pred.module, "massive_agrees": pred.module == doc["dominant"],
+                     "onset_layer": pred.onset_layer}
+        rows.append(extra | {"label": label, "path": str(p), "step": step, "adapter": is_adapter_dir(p),
                      "dominant": doc["dominant"], "argmax": doc["argmax"],
                      "dominant_share_total": doc.get("dominant_share_total"),
                      "dominant_share_type": doc.get("dominant_share_type"),

@@ -63,7 +63,9 @@ class TestProbe:
     def test_curves_per_checkpoint(self, run, data, tmp_path):
         man, _ = run
         paths = [c["path"] for c in man["checkpoints"]]
-        doc = probe_checkpoints(paths, data=data, samples=4, max_length=64)
+        doc = probe_checkpoints(paths, data=data, samples=4, max_length=64, massive=True)
+        assert all(r["massive"].endswith("down_proj") and r["massive_agrees"] == (r["massive"] == r["dominant"])
+                   for r in doc["checkpoints"])
         assert [r["label"] for r in doc["checkpoints"]] == ["step 0", "step 1", "step 3"]
         assert [r["step"] for r in doc["checkpoints"]] == [0, 1, 3]
         for r in doc["checkpoints"]:

@@ -197,3 +197,28 @@ def test_diagnose_stage(massive_model, tiny_tokenizer, chat_jsonl, tmp_path):
     assert main(["diagnose", "--model", str(folder), "--data", str(empty), "--out", str(out)]) == 2
     with pytest.raises(ConfigError):
         diagnose(model=str(folder), data=chat_jsonl, out_dir=out, probe_path=tmp_path / "missing.json")
+
+
+# measured on the embedded SmolLM2-135M-Instruct (see docs/why.md): the massive activation appears after
+# block 11 on the first token, in residual channel 507, written by down_proj weight [507, 1229]
+EMBEDDED_ONSET, EMBEDDED_CHANNEL, EMBEDDED_SUPER_WEIGHT = 11, 507, (507, 1229)
+
+
+@pytest.mark.slow
+def test_embedded_model_and_cache_untouched(tmp_path):
+    from domlora.models import embedded_checkpoint, load_model
+    from domlora.probes.massive import massive_predict
+
+    cache = embedded_checkpoint()
+    files = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(cache.rglob("*")) if p.is_file()}
+    lm = load_model("embedded", dtype="float32", device="cpu")
+    before = _fingerprint(lm.model)
+    enc, _ = encode_samples(lm.tokenizer, chat_samples(2), max_length=96)
+    pred, report = massive_predict(lm.model, enc)
+    assert _fingerprint(lm.model) == before
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(cache.rglob("*")) if p.is_file()} == files
+    assert report.onset_layer == EMBEDDED_ONSET and pred.module == f"model.layers.{EMBEDDED_ONSET}.mlp.down_proj"
+    at = report.layers[EMBEDDED_ONSET]
+    assert at.peak.channel == EMBEDDED_CHANNEL and at.first_token_fraction == 1.0 and at.jump > 50
+    sw = report.down_proj_at(EMBEDDED_ONSET).super_weight
+    assert (sw.row, sw.col) == EMBEDDED_SUPER_WEIGHT and sw.aligned
