@@ -249,8 +249,11 @@ def generate(model, tokenizer, prompts: Sequence[list[dict]], *, max_new_tokens:
 
 
 def arith_accuracy(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: int = 128, batch_size: int = 8,
-                   keep_samples: int = 5, show_progress: bool = False) -> dict:
+                   keep_samples: int = 5, merge: bool = True, show_progress: bool = False) -> dict:
     """Greedy exact match of the final `#### N` on prompt rows (see `read_prompts`).
+
+    With `merge`, a LoRA adapter is folded into the base weights while generating (no per-token
+    adapter matmuls) and unfolded after.
 
     Returns accuracy, its standard error, the parse rate, n and a few sample completions.
     """
@@ -260,6 +263,10 @@ def arith_accuracy(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: in
         raise ConfigError(f"eval batch size must be >= 1, got {batch_size}")
     was_training = model.training
     model.eval()
+    merged = False
+    if merge and hasattr(model, "merge_adapter") and not getattr(model, "_adapters_disabled", False):
+        model.merge_adapter()
+        merged = True
     t0 = time.perf_counter()
     correct = parsed = 0
     samples = []
@@ -280,6 +287,8 @@ def arith_accuracy(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: in
                 if len(samples) < keep_samples:
                     samples.append({"answer": r["answer"], "completion": t, "correct": ok})
     finally:
+        if merged:
+            model.unmerge_adapter()
         model.train(was_training)
     n = len(rows)
     acc = correct / n
@@ -511,13 +520,29 @@ def _load(model):
                       f"got {type(model).__name__}")
 
 
+def _adapter_digest(adapter_dir) -> str:
+    """Content hash of an adapter's weights (so a changed warm start retrains)."""
+    import hashlib
+
+    d = Path(adapter_dir)
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"init adapter {d} holds no weights (*.safetensors); fix: pass the `adapter/` folder "
+                          "of a finished training run")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def method_label(regime: str, k: int | None, selection: str | None) -> str:
     return f"{regime}_full_lora" if k is None else f"{regime}_sparse_{selection}"
 
 
 def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, placement, out_dir: str | os.PathLike,
          k: int | None, selection: str = "informed", seed: int = 0, settings: GRPOSettings | None = None,
-         force: bool = False, show_progress: bool = False) -> dict:
+         init_adapter: str | os.PathLike | None = None, force: bool = False, show_progress: bool = False) -> dict:
     """GRPO stage: train a full-LoRA (k=None) or sparse-B (k entries) adapter with TRL, evaluate it.
 
     Writes `out_dir/adapter/` (PEFT adapter, plus the sparse-B masks), `out_dir/diagnostics.json`
@@ -529,11 +554,13 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
         model: `embedded`, a hub id, a folder, or a LoadedModel (its model gets the adapter).
         train_data: chat JSONL whose assistant turns end with `#### <int>` (or eval-style rows).
         eval_data: rows with `question` + `answer` (the arith eval split).
-        placement: a Placement, its dict / JSON path, or module names.
+        placement: a Placement, its dict / JSON path, module names, or None (every projection).
         k: trainable B entries; None trains full LoRA (A and B) on the placement.
         selection: random | informed | magnitude (ignored for full LoRA).
         seed: seeds LoRA's A, the selection, the sampling and the data order.
         settings: run size and optimisation.
+        init_adapter: an adapter folder (e.g. an SFT run's `adapter/`) merged into the base model
+            before the GRPO adapter is attached: GRPO from a warm start instead of the base model.
 
     Returns:
         The metrics dict written to metrics.json.
@@ -560,7 +587,7 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
     )
 
     settings = settings or GRPOSettings()
-    modules = resolve_placement(placement)
+    modules = None if placement is None else resolve_placement(placement)
     spec = None
     if k is not None:
         spec = SparseBSpec(k=k, selection=selection, budget=settings.budget, probe_steps=settings.probe_steps,
@@ -569,6 +596,8 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
     config = {"regime": "grpo", "method": label, "k": k, "selection": None if k is None else selection, "seed": seed,
               "modules": modules, "train_data": str(train_data), "eval_data": str(eval_data),
               "model": model if isinstance(model, str) else getattr(model, "spec", None),
+              "init_adapter": None if init_adapter is None else str(init_adapter),
+              "init_adapter_digest": None if init_adapter is None else _adapter_digest(init_adapter),
               "settings": settings.to_dict()}
     digest = config_digest(config)
     out_dir = Path(out_dir)
@@ -586,7 +615,13 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
 
     loaded, model_name = _load(model)
     tok = loaded.tokenizer
+    if init_adapter is not None:
+        from .adapters import apply_adapter
+
+        loaded.model = apply_adapter(loaded.model, init_adapter, merge=True)
     info = module_info(loaded.model)
+    if modules is None:  # no placement: every projection (vanilla LoRA's placement)
+        modules = list(info)
     t_start = time.perf_counter()
     pm = attach_lora(loaded.model, modules, rank=settings.rank, alpha=settings.alpha, seed=seed)
     sizes = b_sizes(pm)

@@ -280,16 +280,20 @@ def _sort_keys(scores: EntryScores | None, selection: str, name: str):
     raise ConfigError(f"selection {selection!r} has no gradient score")
 
 
-def _top(primary, secondary, k: int):
-    """Indices of the k best entries: by primary, ties by secondary (both descending)."""
+def _top(primary, secondary, k: int, gen):
+    """Indices of the k best entries: by primary, ties by secondary (both descending), then at random.
+
+    The seeded random order under the two keys matters when scores tie wholesale (e.g. a probe with
+    no signal gives all-zero scores): the choice then falls back to a random one instead of the
+    first entries in module order.
+    """
     import torch
 
-    if secondary is None:
-        return torch.topk(primary, k, sorted=False).indices
-    # two stable sorts: secondary first, then primary, gives lexicographic order
-    order = torch.sort(secondary, descending=True, stable=True).indices
-    order2 = torch.sort(primary[order], descending=True, stable=True).indices
-    return order[order2[:k]]
+    order = torch.randperm(primary.numel(), generator=gen)
+    if secondary is not None:
+        order = order[torch.sort(secondary[order], descending=True, stable=True).indices]
+    order = order[torch.sort(primary[order], descending=True, stable=True).indices]
+    return order[:k]
 
 
 def select_entries(spec: SparseBSpec, shapes: Mapping[str, tuple[int, ...]],
@@ -317,7 +321,7 @@ def select_entries(spec: SparseBSpec, shapes: Mapping[str, tuple[int, ...]],
             if spec.selection == "random":
                 idx = torch.randperm(sizes[n], generator=gen)[: alloc[n]]
             else:
-                idx = _top(*_sort_keys(scores, spec.selection, n), alloc[n])
+                idx = _top(*_sort_keys(scores, spec.selection, n), alloc[n], gen)
             flat[n][idx] = True
     else:  # global
         offsets, o = {}, 0
@@ -330,7 +334,7 @@ def select_entries(spec: SparseBSpec, shapes: Mapping[str, tuple[int, ...]],
             keys = [_sort_keys(scores, spec.selection, n) for n in names]
             primary = torch.cat([p for p, _ in keys])
             secondary = None if keys[0][1] is None else torch.cat([s for _, s in keys])
-            idx = _top(primary, secondary, spec.k)
+            idx = _top(primary, secondary, spec.k, gen)
         allmask = torch.zeros(o, dtype=torch.bool)
         allmask[idx] = True
         for n in names:

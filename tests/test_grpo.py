@@ -189,3 +189,23 @@ class TestGRPOStage:
             g.grpo(model=_loaded(tiny_tokenizer), train_data=_write(tmp_path / "one.jsonl", _train_rows(1)),
                    eval_data=ev, placement=MODULES, out_dir=tmp_path / "x", k=4, settings=settings)
         assert not (tmp_path / "x").exists() or not (tmp_path / "x" / "metrics.json").exists()
+
+
+class TestEval:
+    def test_merged_eval_matches_unmerged_and_restores_weights(self, tiny_tokenizer):
+        model = make_tiny_llama(len(tiny_tokenizer))
+        pm = sb.attach_lora(model, MODULES, rank=4, alpha=8.0, seed=0)
+        with torch.no_grad():
+            for p in sb.lora_b_params(pm).values():
+                p.normal_(0, 0.5)
+        before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+        rows = [{"prompt": [{"role": "user", "content": f"What is {i} plus 2?"}], "answer": str(i + 2)}
+                for i in range(3)]
+        a = g.arith_accuracy(pm, tiny_tokenizer, rows, max_new_tokens=5, batch_size=2, merge=True)
+        b = g.arith_accuracy(pm, tiny_tokenizer, rows, max_new_tokens=5, batch_size=2, merge=False)
+        assert [s["completion"] for s in a["samples"]] == [s["completion"] for s in b["samples"]]
+        for n, p in pm.named_parameters():
+            torch.testing.assert_close(p, before[n], atol=1e-6, rtol=1e-6)
+        assert a["n"] == 3 and 0.0 <= a["accuracy"] <= 1.0
+        with pytest.raises(DataError):
+            g.arith_accuracy(pm, tiny_tokenizer, [], max_new_tokens=2)

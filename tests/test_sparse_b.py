@@ -118,6 +118,14 @@ class TestSelect:
         mag = sb.select_entries(sb.SparseBSpec(k=2, selection="magnitude"), shapes, scores)["m"].flatten()
         assert mag.tolist() == [False, True, False, True]
 
+    def test_scores_without_signal_fall_back_to_a_spread_choice(self):
+        zeros = {n: [0.0] * 40 for n in ("a", "b", "c")}
+        scores = _scores(zeros, zeros, zeros)
+        masks = sb.select_entries(sb.SparseBSpec(k=30, selection="informed", seed=0),
+                                  {n: (1, 40) for n in zeros}, scores)
+        counts = [int(m.sum()) for m in masks.values()]
+        assert sum(counts) == 30 and min(counts) >= 4  # not the first 30 entries of module "a"
+
     def test_gradient_selection_needs_scores(self):
         with pytest.raises(ConfigError, match="needs gradient scores"):
             sb.select_entries(sb.SparseBSpec(k=2, selection="informed"), self.SHAPES)
