@@ -412,3 +412,34 @@ class TestSFTStage:
                             out_dir=tmp_path / "x", k=2, budget="per_module", selection="random",
                             train_cfg=self._cfg())
         assert not (tmp_path / "x" / "metrics.json").exists()
+
+
+class TestCommand:
+    @pytest.fixture
+    def tiny_dir(self, tiny_tokenizer, tmp_path):
+        d = tmp_path / "tiny"
+        make_tiny_llama(len(tiny_tokenizer)).save_pretrained(d)
+        tiny_tokenizer.save_pretrained(d)
+        return d
+
+    def test_sft_command(self, tiny_dir, chat_jsonl, tmp_path, capsys):
+        from domlora.cli import main
+
+        ev = _eval_rows(tmp_path / "eval.jsonl", n=2)
+        rc = main(["sparse-b", "--regime", "sft", "--model", str(tiny_dir), "--train-data", str(chat_jsonl),
+                   "--eval-data", str(ev), "--out", str(tmp_path / "run"), "--k", "30", "--selection", "magnitude",
+                   "--probe-steps", "1", "--steps", "2", "--rank", "2", "--alpha", "4", "--n-eval", "2"])
+        assert rc == 0
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert line["method"] == "sft_sparse_magnitude" and line["trainable_entries"] == 30 and line["steps"] == 2
+        assert sb.has_masks(tmp_path / "run" / "adapter")
+
+    def test_bad_k_is_a_clear_error(self, tiny_dir, chat_jsonl, tmp_path, capsys):
+        from domlora.cli import main
+
+        rc = main(["sparse-b", "--regime", "sft", "--model", str(tiny_dir), "--train-data", str(chat_jsonl),
+                   "--out", str(tmp_path / "run"), "--k", "0"])
+        assert rc == 2 and "k must be >= 1" in capsys.readouterr().err
+        rc = main(["sparse-b", "--regime", "grpo", "--model", str(tiny_dir), "--train-data", str(chat_jsonl),
+                   "--out", str(tmp_path / "run"), "--k", "none"])
+        assert rc == 2 and "needs --eval-data" in capsys.readouterr().err
