@@ -268,9 +268,10 @@ def count_params(model) -> dict:
     return {"trainable_params": int(trainable), "total_params": int(total), "modules": len(adapted_modules(model))}
 
 
-def adapter_state(model) -> dict:
-    """The trainable tensors plus the adapter buffers needed to rebuild a run (for checkpoints)."""
-    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+def adapter_state(model, names: Sequence[str] | None = None) -> dict:
+    """The trained tensors (`names`, default: those requiring grad now) plus AdaLoRA's rank counters."""
+    keep = set(names) if names is not None else {n for n, p in model.named_parameters() if p.requires_grad}
+    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if n in keep}
     # AdaLoRA keeps its (non-trainable) rank counter as a parameter; keep it with the state
     for n, p in model.named_parameters():
         if "ranknum" in n:

@@ -447,7 +447,7 @@ def _adalora_state(unwrapped) -> dict | None:
 
 
 def _save_checkpoint(out_dir: Path, step: int, *, accelerator, net, optimizer, scheduler, ist, history: dict,
-                     fp: str, keep: int, use_ds: bool) -> Path:
+                     fp: str, keep: int, use_ds: bool, names: list[str]) -> Path:
     import torch
 
     from .adapters import adapter_state
@@ -465,7 +465,7 @@ def _save_checkpoint(out_dir: Path, step: int, *, accelerator, net, optimizer, s
             if use_ds:
                 os.replace(tmp / "ds", d / "ds")
                 shutil.rmtree(tmp, ignore_errors=True)
-            state = {"adapter": adapter_state(unwrapped), "scheduler": scheduler.state_dict(),
+            state = {"adapter": adapter_state(unwrapped, names), "scheduler": scheduler.state_dict(),
                      "ist": ist.state_dict() if ist else None, "adalora": _adalora_state(unwrapped),
                      "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
             if not use_ds:
@@ -609,6 +609,8 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     # note: the scheduler stays outside `prepare` (accelerate would step it once per process)
     net, optimizer = accelerator.prepare(net, optimizer)
     unwrapped = accelerator.unwrap_model(net)
+    # note: IST switches requires_grad per step; these names are what the run trains overall
+    trainable_names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
     trainable = [p for p in unwrapped.parameters() if p.requires_grad]
 
     history: dict[str, list] = {"loss": [], "lr": [], "tokens": [], "step_time_s": [], "grad_norm": []}
@@ -712,7 +714,7 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
             if cfg.save_every and done % cfg.save_every == 0 and done < plan.total_steps:
                 _save_checkpoint(out_dir, done, accelerator=accelerator, net=net, optimizer=optimizer,
                                  scheduler=scheduler, ist=ist, history=history | {"train_time_s": train_time},
-                                 fp=fp, keep=cfg.keep_checkpoints, use_ds=use_ds)
+                                 fp=fp, keep=cfg.keep_checkpoints, use_ds=use_ds, names=trainable_names)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(step_loss):.4f}")

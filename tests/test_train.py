@@ -281,6 +281,25 @@ class TestIST:
             on_path = [seen[i][3 * step] for i in range(3)]
             assert on_path == [i >= layer for i in range(3)], (step, layer, on_path)
 
+    def test_ist_resume_equals_uninterrupted(self, base_dir, data, tmp_path):
+        cfg = tiny_cfg(max_steps=6, grad_accum=1, ist_active_layers=1, ist_update_every=2, save_every=2)
+        full, part = tmp_path / "full", tmp_path / "part"
+        train(model=str(base_dir), train_data=data, placement=None, out_dir=full, cfg=cfg, method="ist")
+
+        def crash(step, m):
+            if step == 5:
+                raise RuntimeError("stop")
+
+        with pytest.raises(RuntimeError):
+            train(model=str(base_dir), train_data=data, placement=None, out_dir=part, cfg=cfg, method="ist",
+                  on_step=crash)
+        doc = train(model=str(base_dir), train_data=data, placement=None, out_dir=part, cfg=cfg, method="ist")
+        assert doc["resumed_from"] == 4
+        assert doc["ist"]["scores"] == json.loads((full / "train_metrics.json").read_text())["ist"]["scores"]
+        a, b = adapter_tensors(full), adapter_tensors(part)
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=RESUME_ATOL, rtol=0), k
+
     def test_ist_rejects_full(self, base_dir, data, tmp_path):
         with pytest.raises(ConfigError, match="IST"):
             train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=tmp_path / "r", method="ist",
