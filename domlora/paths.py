@@ -48,8 +48,8 @@ class Layout:
     def eval_json(self, cell: Cell | str) -> Path:
         return self.run_dir(cell) / "eval.json"
 
-    def metrics_json(self, cell: Cell | str) -> Path:
-        return self.run_dir(cell) / "metrics.json"
+    def scores_json(self, cell: Cell | str) -> Path:
+        return self.run_dir(cell) / "scores.json"
 
     def base_id(self, model: str, dataset: str) -> str:
         return f"{model}-{dataset}-base"

@@ -159,18 +159,15 @@ def train_stage(params, cell, *, layout, tracker=None, show_progress: bool = Fal
     out_dir = layout.run_dir(cell)
     placement = layout.placement(cell.model, cell.dataset, cell.method)
     try:
-        if m.grpo or m.sparse_b:
-            from . import sparse_b
+        if m.grpo:
+            metrics = _grpo_cell(params, cell, layout=layout, placement=placement, show_progress=show_progress)
+        elif m.sparse_b:
+            from .sparse_b import sparse_b_sft
 
-            kw = dict(m.sparse_b or {})
-            if m.grpo:
-                metrics = sparse_b.grpo(model=spec.id, train_data=layout.split(cell.dataset, "train"),
-                                        eval_data=layout.split(cell.dataset, "eval"), placement=placement,
-                                        out_dir=out_dir, seed=cell.seed, train_cfg=_train_config(params, cell), **kw)
-            else:
-                metrics = sparse_b.sparse_b_sft(model=spec.id, train_data=layout.split(cell.dataset, "train"),
-                                                placement=placement, out_dir=out_dir, seed=cell.seed,
-                                                train_cfg=_train_config(params, cell), **kw)
+            kw = dict(m.sparse_b)
+            metrics = sparse_b_sft(model=spec.id, train_data=layout.split(cell.dataset, "train"), placement=placement,
+                                   out_dir=out_dir, seed=cell.seed, train_cfg=_train_config(params, cell),
+                                   eval_data=None, show_progress=show_progress, **kw)
         else:
             from .train import train
 
@@ -185,6 +182,25 @@ def train_stage(params, cell, *, layout, tracker=None, show_progress: bool = Fal
     return metrics
 
 
+def _grpo_cell(params, cell, *, layout, placement, show_progress: bool) -> dict:
+    """GRPO (TRL) with a verifiable reward; train_metrics.json mirrors its metrics for the grid."""
+    from .grpo import GRPOSettings, grpo
+
+    m = params.methods[cell.method]
+    kw = dict(m.sparse_b or {})
+    settings = GRPOSettings(**kw.pop("settings", {}))
+    metrics = grpo(model=params.models[cell.model].id, train_data=layout.split(cell.dataset, "train"),
+                   eval_data=layout.split(cell.dataset, "eval"), placement=placement, out_dir=layout.run_dir(cell),
+                   k=kw.pop("k", None), seed=cell.seed, settings=settings, show_progress=show_progress, **kw)
+    curve = metrics.get("reward_curve") or []
+    write_json(layout.train_metrics(cell), {
+        "status": metrics.get("status", "success"), "regime": "grpo", "method": metrics.get("method"),
+        "trainable_params": metrics.get("trainable_entries"), "train_time_s": metrics.get("train_seconds"),
+        "wall_time_s": metrics.get("total_seconds"), "reward": [c.get("reward") for c in curve],
+        "eval_accuracy": metrics.get("eval_accuracy"), "score_fraction": metrics.get("score_fraction")})
+    return metrics
+
+
 def write_loss_csv(metrics_path, csv_path) -> None:
     from .io import write_text
     from .tracking import _loss_points
@@ -196,7 +212,7 @@ def write_loss_csv(metrics_path, csv_path) -> None:
 
 def evaluate_stage(params, cell_or_base, *, layout, model: str | None = None, dataset: str | None = None,
                    tracker=None, show_progress: bool = False) -> dict:
-    """evaluate: runs/<cell>/eval.json + metrics.json (a cell), or runs/<model>-<dataset>-base/ (no adapter)."""
+    """evaluate: runs/<cell>/eval.json + scores.json (a cell), or runs/<model>-<dataset>-base/ (no adapter)."""
     from .evaluate import evaluate
 
     if cell_or_base == "base":
@@ -210,7 +226,7 @@ def evaluate_stage(params, cell_or_base, *, layout, model: str | None = None, da
                    batch_size=e.batch_size, max_gen_toks=e.max_gen_toks, allow_code_exec=e.allow_code_exec,
                    show_progress=show_progress)
     flat = doc.get("metrics", {})
-    write_json(layout.metrics_json(run_id), flat)
+    write_json(layout.scores_json(run_id), flat)
     if tracker is not None and cell_or_base != "base":
         tracker.log_cell(cell=cell_or_base, params=params, layout=layout, stage="evaluate")
     return doc

@@ -77,9 +77,9 @@ class Collected:
         self.params, self.layout = params, layout
         self.cells = params.cells()
         self.train = {c.id: _read(layout.train_metrics(c)) for c in self.cells}
-        self.metrics = {c.id: _read(layout.metrics_json(c)) for c in self.cells}
+        self.metrics = {c.id: _read(layout.scores_json(c)) for c in self.cells}
         self.evals = {c.id: _read(layout.eval_json(c)) for c in self.cells}
-        self.base = {(m, d): _read(layout.metrics_json(layout.base_id(m, d)))
+        self.base = {(m, d): _read(layout.scores_json(layout.base_id(m, d)))
                      for m in params.grid.models for d in params.grid.datasets}
         self.placements = {c.id: _read(layout.placement(c.model, c.dataset, c.method)) for c in self.cells}
         self.probes = {(m, d): _read(layout.page_json(m, d))

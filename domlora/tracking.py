@@ -166,7 +166,7 @@ class MlflowTracker:
                 if isinstance(value, (int, float)):
                     metrics.append(Metric(f"train/{key}", float(value), ts, 0))
             self.client.set_tag(rid, "domlora.train_status", str(tm.get("status", "unknown")))
-        ev_path = layout.metrics_json(cell)
+        ev_path = layout.scores_json(cell)
         if ev_path.is_file():
             for k, v in json.loads(ev_path.read_text()).items():
                 if isinstance(v, (int, float)):

@@ -17,7 +17,7 @@ dvc repro
 echo "e2e: dvc repro of the ci profile took $(( $(date +%s) - t0 )) s"
 for f in probes/smol/arith/page.json probes/smol/humaneval/page.json placements/smol/arith/domlora.json \
          runs/smol-arith-domlora-0/adapter/adapter_config.json runs/smol-arith-lora-0/train_metrics.json \
-         runs/smol-arith-domlora-0/eval.json runs/smol-arith-base/metrics.json reports/README.md reports/tables.md; do
+         runs/smol-arith-domlora-0/eval.json runs/smol-arith-base/scores.json reports/README.md reports/tables.md; do
   [ -s "$f" ] || { echo "e2e: missing $f"; exit 1; }
 done
 python - <<'PY'

@@ -46,13 +46,13 @@ def test_templated_outs_match_layout(dvc_stages):
         assert str(lay.adapter(c)) in _outs(dvc_stages[f"train@{c.id}"])
         assert str(lay.train_metrics(c)) in _outs(dvc_stages[f"train@{c.id}"])
         assert str(lay.loss_csv(c)) in _outs(dvc_stages[f"train@{c.id}"])
-        assert {str(lay.eval_json(c)), str(lay.metrics_json(c))} <= _outs(dvc_stages[f"evaluate@{c.id}"])
+        assert {str(lay.eval_json(c)), str(lay.scores_json(c))} <= _outs(dvc_stages[f"evaluate@{c.id}"])
         assert str(lay.placement(c.model, c.dataset, c.method)) in _outs(dvc_stages[f"select@{c.model}-{c.dataset}-{c.method}"])
     for m in p.grid.models:
         for d in p.grid.probe_datasets:
             assert str(lay.page_json(m, d)) in _outs(dvc_stages[f"probe@{m}-{d}"])
         for d in p.grid.datasets:
-            assert str(lay.metrics_json(lay.base_id(m, d))) in _outs(dvc_stages[f"evaluate_base@{m}-{d}"])
+            assert str(lay.scores_json(lay.base_id(m, d))) in _outs(dvc_stages[f"evaluate_base@{m}-{d}"])
 
 
 def test_flow_and_dvc_stage_names_agree():

@@ -45,12 +45,12 @@ def grid(tmp_path):
     lay.run_dir(lora).mkdir(parents=True)
     lay.train_metrics(lora).write_text(json.dumps({"status": "success", "trainable_params": 4_883_456,
                                                     "loss": [2.0, 1.0], "step_time_s": [1.0, 3.0], "wall_time_s": 9.0}))
-    lay.metrics_json(lora).write_text(json.dumps({"arith/exact_match": 0.25, "arith/exact_match_stderr": 0.1}))
+    lay.scores_json(lora).write_text(json.dumps({"arith/exact_match": 0.25, "arith/exact_match_stderr": 0.1}))
     lay.run_dir(dom).mkdir(parents=True)
     lay.train_metrics(dom).write_text(json.dumps({"status": "failed", "error": "loss became NaN at step 3"}))
     base = lay.run_dir(lay.base_id("smol", "arith"))
     base.mkdir(parents=True)
-    (base / "metrics.json").write_text(json.dumps({"arith/exact_match": 0.1}))
+    (base / "scores.json").write_text(json.dumps({"arith/exact_match": 0.1}))
     return params, lay
 
 

@@ -28,7 +28,7 @@ def _fake_cell(layout: Layout, params, cell: Cell, *, loss=(2.0, 1.5, 1.0)):
     (d / "train_metrics.json").write_text(json.dumps({
         "status": "success", "trainable_params": 1234, "total_params": 99999, "wall_time_s": 1.5,
         "loss_curve": [{"step": i + 1, "loss": v} for i, v in enumerate(loss)]}))
-    (d / "metrics.json").write_text(json.dumps({"arith/exact_match": 0.25, "arith/exact_match_stderr": 0.1}))
+    (d / "scores.json").write_text(json.dumps({"arith/exact_match": 0.25, "arith/exact_match_stderr": 0.1}))
     pl = layout.placement(cell.model, cell.dataset, cell.method)
     pl.parent.mkdir(parents=True, exist_ok=True)
     pl.write_text(json.dumps({"strategy": "dom", "modules": ["model.layers.11.mlp.down_proj"]}))
