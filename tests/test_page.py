@@ -262,3 +262,33 @@ class TestSummary:
         assert doc["argmax"] == max(mods, key=lambda n: mods[n]["PAGE"])
         assert doc["argmax_differs"] == (doc["argmax"] != doc["dominant"])
         assert doc["dominant_share_total"] == mods[doc["dominant"]]["share_total"]
+
+
+class TestInputGroups:
+    def test_modules_reading_one_input_share_a_group(self, model64):
+        from domlora.probes.page import _input_groups
+
+        cands = find_candidates(model64)
+        group = _input_groups(model64, dict(model64.named_modules()), cands, [1, 2, 3, 4], torch.device("cpu"))
+        by_type = {}
+        for c, g in zip(cands, group):
+            by_type.setdefault(c.layer, {})[c.type] = g
+        for layer in by_type.values():
+            assert layer["q_proj"] == layer["k_proj"] == layer["v_proj"]
+            assert layer["gate_proj"] == layer["up_proj"]
+            assert len({layer["q_proj"], layer["o_proj"], layer["gate_proj"], layer["down_proj"]}) == 4
+        assert len(set(group)) == 4 * len(by_type)
+
+    def test_shared_module_called_twice_is_refused(self, tiny_tokenizer, probe_set):
+        model = make_tiny_llama(len(tiny_tokenizer))
+        model.model.layers[1].mlp = model.model.layers[0].mlp  # one module, two calls per forward
+        with pytest.raises(ConfigError, match="more than once per forward pass"):
+            page_probe(model, probe_set)
+
+    def test_group_cost_rule(self):
+        from domlora.probes.page import _cheaper
+
+        # SmolLM2 shapes at T = 256: alone k_proj (576 -> 192) is cheaper direct, in its q/k/v group ghost
+        assert _cheaper(256, 576, 192) == "direct"
+        assert _cheaper(256, 576, 576 + 192 + 192) == "ghost"
+        assert _cheaper(4096, 576, 1536) == "direct"

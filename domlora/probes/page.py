@@ -108,6 +108,79 @@ def excluded_positions(exclude, idx: Sequence[int], batch: dict):
     return out
 
 
+def _cheaper(T: int, d_in: int, d_out: int) -> str:
+    """`ghost` when T^2 (d_in + d_out) < T d_in d_out, the direct product otherwise.
+
+    d_out is the summed width of every module reading the same input: their ghost norms share
+    one X X^T, so e.g. q/k/v or gate/up pay for it once.
+    """
+    return "ghost" if T * (d_in + d_out) < d_in * d_out else "direct"
+
+
+def _reduce_input(X, keep, *, method: str, d_in: int, d_out_group: int) -> dict:
+    """Mask one module input (padding / excluded rows -> 0) and keep what the norms need.
+
+    ghost keeps only the (B, T, T) Gram X X^T, so X itself can be freed after the forward pass.
+    """
+    import torch
+
+    acc = torch.float64 if X.dtype == torch.float64 else torch.float32
+    m = method if method != "auto" else _cheaper(X.shape[1], d_in, d_out_group)
+    Xm = X.to(acc) * keep.to(acc)
+    if m == "ghost":
+        return {"method": m, "XX": torch.bmm(Xm, Xm.transpose(1, 2))}
+    return {"method": m, "X": Xm}
+
+
+def _sq_norms_from(entry: dict, D):
+    """Per-sample ||D_i^T X_i||_F^2 from a `_reduce_input` entry and the output gradients D (B, T, d_out)."""
+    import torch
+
+    XX = entry.get("XX")
+    D = D.to(XX.dtype if XX is not None else entry["X"].dtype)
+    if XX is not None:
+        # sum_ts (X X^T)_ts (D D^T)_ts, multiplied in place into the fresh D D^T
+        return torch.bmm(D, D.transpose(1, 2)).mul_(XX).sum(dim=(1, 2))
+    X = entry["X"]
+    return torch.stack([torch.linalg.matrix_norm(D[i].T @ X[i]) ** 2 for i in range(D.shape[0])])
+
+
+def _input_groups(model, modules: dict, cands: Sequence[Candidate], input_ids, device) -> list[int]:
+    """Group id per candidate: modules that read the very same input tensor share one (one dry forward).
+
+    Raises:
+        ConfigError: a module runs more than once per forward pass (shared weights), where the
+            per-call norms would not add up to the per-sample norm.
+    """
+    import torch
+
+    group = [-1 - j for j in range(len(cands))]  # modules that never run keep a group of their own
+    keys: dict = {}
+    calls = [0] * len(cands)
+    held = []  # keep every input alive, so no address is reused within the pass
+
+    def hook(j: int):
+        def fn(_mod, inputs, _out):
+            x = inputs[0]
+            held.append(x)
+            calls[j] += 1
+            group[j] = keys.setdefault((x.data_ptr(), tuple(x.shape), tuple(x.stride())), len(keys))
+        return fn
+
+    handles = [modules[c.name].register_forward_hook(hook(j)) for j, c in enumerate(cands)]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([list(input_ids[:4])], device=device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    twice = [c.name for c, k in zip(cands, calls) if k > 1]
+    if twice:
+        raise ConfigError(f"modules run more than once per forward pass (shared weights): {twice[:3]}; PAGE's "
+                          "per-sample norms need one call per module; fix: pass `candidates` without them")
+    return group
+
+
 def _input_embedding_requires_grad(model):
     emb = model.get_input_embeddings()
     return emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
@@ -151,29 +224,39 @@ def page_probe(model, encoded: Sequence[Encoded], *, alpha: float = 16.0, rank: 
     pad_id = getattr(model.config, "pad_token_id", None) or 0
 
     n = len(encoded)
-    per_sample = torch.zeros((n, len(cands)), dtype=torch.float64)
+    # per-sample norms accumulate where the model runs (no device sync per module); float64 but on MPS
+    acc_device = device if device.type == "cuda" else torch.device("cpu")
+    per_sample = torch.zeros((n, len(cands)), dtype=torch.float64, device=acc_device)
     used_method: dict[str, str] = {}
     state: dict = {}
     handles = []
 
-    def make_hooks(j: int, cand: Candidate):
+    def make_hooks(j: int, cand: Candidate, members: list[int]):
+        d_out_group = sum(cands[k].d_out for k in members)
+
         def fwd(_mod, inputs, output):
-            X = inputs[0].detach()
             if not output.requires_grad:
                 return
+            # the first module of a group that reads one input (q/k/v, gate/up) reduces X for all of them
+            entry = state["groups"].get(group[j])
+            if entry is None:
+                entry = _reduce_input(inputs[0].detach(), state["mask"], method=method, d_in=cand.d_in,
+                                      d_out_group=d_out_group)
+                entry["left"] = len(members)
+                state["groups"][group[j]] = entry
+            used_method[cand.name] = entry["method"]
+            idx = state["idx"]
+
             def on_grad(D):
-                Xm = X * state["mask"]  # padding rows contribute zero
-                T, d_in, d_out = X.shape[1], cand.d_in, cand.d_out
-                m = method if method != "auto" else ("ghost" if T * (d_in + d_out) < d_in * d_out else "direct")
-                used_method[cand.name] = m
-                norms = per_sample_sq_norms(Xm, D.detach(), method=m)
-                per_sample[state["idx"], j] += norms.double().cpu()
+                norms = _sq_norms_from(entry, D.detach())
+                per_sample[idx, j] += norms.to(per_sample.device, torch.float64)
+                entry["left"] -= 1
+                if entry["left"] <= 0:  # the last reader of this input: free X / X X^T now
+                    entry.pop("X", None)
+                    entry.pop("XX", None)
             output.register_hook(on_grad)
         return fwd
 
-    for j, c in enumerate(cands):
-        handles.append(modules[c.name].register_forward_hook(make_hooks(j, c)))
-    handles.append(_input_embedding_requires_grad(model))
     # freeze every parameter while probing (a user's model may be trainable), restore afterwards
     trainable = [p for p in model.parameters() if p.requires_grad]
     had_grad = {id(p) for p in model.parameters() if p.grad is not None}
@@ -183,14 +266,22 @@ def page_probe(model, encoded: Sequence[Encoded], *, alpha: float = 16.0, rank: 
     model.eval()
     t0 = time.perf_counter()
     try:
+        group = _input_groups(model, modules, cands, encoded[0].input_ids, device)
+        members: dict[int, list[int]] = {}
+        for j, g in enumerate(group):
+            members.setdefault(g, []).append(j)
+        for j, c in enumerate(cands):
+            handles.append(modules[c.name].register_forward_hook(make_hooks(j, c, members[group[j]])))
+        handles.append(_input_embedding_requires_grad(model))
         batches = list(range(0, n, batch_size))
         it = iter_batches(encoded, batch_size=batch_size, pad_id=pad_id, device=device)
         for idx, batch in tqdm(it, total=len(batches), desc="PAGE probe", disable=not show_progress, unit="batch"):
-            state["idx"] = torch.tensor(idx)
+            state["idx"] = torch.tensor(idx, device=acc_device)
+            state["groups"] = {}
             keep = batch["attention_mask"]
             if exclude_positions is not None:
                 keep = keep * ~excluded_positions(exclude_positions, idx, batch)
-            state["mask"] = keep.unsqueeze(-1).to(next(model.parameters()).dtype)
+            state["mask"] = keep.unsqueeze(-1)
             with torch.enable_grad():
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
                 losses = per_sample_loss(out.logits, batch)
@@ -198,6 +289,7 @@ def page_probe(model, encoded: Sequence[Encoded], *, alpha: float = 16.0, rank: 
                     raise ConfigError("the probe loss is not finite; fix: check the model dtype (use float32 on CPU)")
                 losses.sum().backward()
             del out, losses
+            state["groups"] = {}
     finally:
         for h in handles:
             h.remove()
@@ -208,6 +300,7 @@ def page_probe(model, encoded: Sequence[Encoded], *, alpha: float = 16.0, rank: 
     leaked = [name for name, p in model.named_parameters() if p.grad is not None and id(p) not in had_grad]
     if leaked:  # pragma: no cover - guards the no-weight-gradient contract
         raise RuntimeError(f"PAGE probe allocated weight gradients: {leaked[:3]}")
+    per_sample = per_sample.cpu()
     S = per_sample.mean(0)
     return PageResult(candidates=cands, S={c.name: float(S[j]) for j, c in enumerate(cands)},
                       per_sample=per_sample.tolist(), alpha=float(alpha), rank=int(rank), n_samples=n,
