@@ -6,7 +6,7 @@ the first (sink) token, the effective rank of its per-sample gradients, predicto
 time (measured in the same run), and the bootstrap stability of `dom` and of the argmax; then
 task stability across the probe sets, and optionally PAGE across full fine-tuning checkpoints.
 
-Run as: nice -n 10 .venv/bin/python bench/why.py                     # ~15-30 min on 2 busy cores
+Run as: nice -n 10 .venv/bin/python bench/why.py                     # ~1 h on 2 busy shared cores
         nice -n 10 .venv/bin/python bench/why.py --samples 8 --tasks arith   # a quick look
         nice -n 10 .venv/bin/python bench/why.py --checkpoints --ft-steps 12 # + Figure 2 on a short run
 """
@@ -83,7 +83,7 @@ def run_task(model, tok, task: str, probe_file: Path, args, out: Path) -> dict:
     from domlora.probes.massive import massive_predict, massive_summary, predict_from_report
     from domlora.probes.page import page_probe
     from domlora.samples import encode_samples, read_samples
-    from domlora.stability import bootstrap_choice
+    from domlora.stability import bootstrap_choice, spearman
     from domlora.summary import page_summary
 
     enc, _ = encode_samples(tok, read_samples(probe_file, limit=args.samples), max_length=args.max_length)
@@ -108,6 +108,12 @@ def run_task(model, tok, task: str, probe_file: Path, args, out: Path) -> dict:
     (task_dir / "page.json").write_text(json.dumps(page, indent=1))
     (task_dir / "massive.json").write_text(json.dumps(mdoc, indent=1))
     (task_dir / "decompose.json").write_text(json.dumps(ddoc, indent=1))
+    (task_dir / "activations.json").write_text(json.dumps(report.to_dict(), indent=1))
+    # does the down_proj PAGE curve follow the down_proj input peaks? (rank correlation over layers)
+    curve = {m["layer"]: m["PAGE"] for m in page["modules"].values() if m["type"] == "down_proj"}
+    layers = sorted(curve)
+    rho_in = spearman([curve[k] for k in layers], [report.down_proj_at(k).input_median_max for k in layers])
+    rho_sink = spearman([curve[k] for k in layers], [report.down_proj_at(k).first_token_energy for k in layers])
     onset = report.onset_layer
     onset_stats = next((s for s in report.layers if s.layer == onset), None)
     sw = report.down_proj_at(pred.layer).super_weight
@@ -130,6 +136,7 @@ def run_task(model, tok, task: str, probe_file: Path, args, out: Path) -> dict:
         "argmax_sink_share": table[argmax]["sink_share"], "argmax_top_sv_share": table[argmax]["top_sv_share"],
         "median_down_proj_sink_share": _median([m["sink_share"] for n, m in table.items()
                                                 if m["type"] == "down_proj" and n != dom]),
+        "rho_page_input_max": rho_in, "rho_page_first_token_energy": rho_sink,
         "dom_without_sink": ddoc["without_sink"]["dominant"], "argmax_without_sink": ddoc["without_sink"]["argmax"],
         "t_massive": t_massive, "t_massive_few": t_few, "t_page": t_page, "t_decompose": t_dec,
         "cpu_massive": c_massive, "cpu_massive_few": c_few, "cpu_page": c_page, "cpu_decompose": c_dec,
@@ -188,6 +195,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep the ~0.5 GB step folders")
     ap.add_argument("--params", default="params.yaml", help="where the embedded profile's split sizes come from")
     ap.add_argument("--out", default="scratch/why", help="output folder (plots, JSON)")
+    ap.add_argument("--reuse", action="store_true", help="reuse tasks already measured in --out (their row.json); "
+                    "lets tasks run as separate processes and one last call print every table")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -207,8 +216,13 @@ def main(argv=None) -> int:
           f"max_length={args.max_length}\n")
     rows = []
     for task in tasks:
+        saved = out / task / "row.json"
+        if args.reuse and saved.is_file():
+            rows.append(json.loads(saved.read_text()))
+            continue
         d = _prepare(task, out, seed, sizes)
         rows.append(run_task(lm.model, lm.tokenizer, task, d / "probe.jsonl", args, out))
+        saved.write_text(json.dumps(rows[-1], default=str))
         gc.collect()
 
     if rows:
@@ -269,6 +283,10 @@ def _print_tasks(rows: list[dict], args) -> None:
                  ["task", "dom", "S share via sink", "S share via rest", "input energy on sink",
                   "other down_proj sink share (median)", "dom top-sv share", "dom eff. rank", "dom w/o sink",
                   "argmax", "argmax sink share", "argmax top-sv share", "argmax w/o sink"]))
+    print("\nSpearman over layers of down_proj PAGE vs that down_proj's max |input| (median over samples) and vs "
+          "its input energy share on token 0:")
+    print(_table([[r["task"], r["rho_page_input_max"], r["rho_page_first_token_energy"]] for r in rows],
+                 ["task", "rho(PAGE, max |x|)", "rho(PAGE, token-0 energy)"]))
     print(f"\n## Bootstrap over probe samples ({args.n_boot} resamples)\n")
     print(_table([[r["task"], _short(r["dom"]), r["boot_dom"], f"[{r['boot_dom_share_ci'][0]:.3f}, "
                    f"{r['boot_dom_share_ci'][1]:.3f}]", _short(r["argmax"]), r["boot_argmax"],
