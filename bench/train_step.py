@@ -5,7 +5,7 @@ training loop (`domlora.train.train`); configurations are interleaved over `--ro
 the noise of a shared machine, and the table reports medians and ratios to vanilla LoRA.
 
 Run as: nice -n 10 .venv/bin/python bench/train_step.py [--steps 4] [--rounds 2] [--batch-size 4]
-        [--max-length 256] [--rank 64] [--threads 2] [--no-gradient-checkpointing] [--json out.json]
+        [--max-length 256] [--rank 64] [--threads 1] [--no-gradient-checkpointing] [--json out.json]
 """
 from __future__ import annotations
 
@@ -125,7 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per run (1: on a shared, loaded machine two threads contend badly)")
     p.add_argument("--no-gradient-checkpointing", dest="gc", action="store_false")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma list of: " + ", ".join(CONFIGS))
     p.add_argument("--json", default=None, help="also write the results here")

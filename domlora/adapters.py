@@ -300,12 +300,18 @@ def save_adapter(model, out_dir: str | os.PathLike, *, variant: str, meta: dict 
     with atomic_dir(out_dir) as tmp:
         if variant == "full":
             mods = dict(base.named_modules())
-            tensors = {}
+            tensors, seen, tied = {}, {}, {}
             for n in doc["modules"]:
                 for pname, p in mods[n].named_parameters(recurse=False):
-                    tensors[f"{n}.{pname}"] = p.detach().cpu().contiguous()
+                    key = f"{n}.{pname}"
+                    if id(p) in seen:  # tied weights (embeddings / LM head): store once
+                        tied[key] = seen[id(p)]
+                        continue
+                    seen[id(p)] = key
+                    tensors[key] = p.detach().cpu().contiguous()
             save_file(tensors, str(tmp / FULL_WEIGHTS))
             doc["tensors"] = {k: list(v.shape) for k, v in tensors.items()}
+            doc["tied"] = tied
         elif variant == "norm":
             from .norm import reduce_model, save_reduced
 
@@ -357,18 +363,18 @@ def _check_shapes(model, tensors: dict[str, tuple], adapter_dir, meta: dict) -> 
         if w is None:  # only a container (`model.layers`) matched: the adapted module is missing
             raise ModelError(f"adapter {adapter_dir} names {key!r}, which this base model does not have: it was "
                              f"trained for another base model ({trained_on}); fix: load it on that model")
-        d_out, d_in = (w.shape[1], w.shape[0]) if type(mod).__name__ == "Conv1D" else (w.shape[0], w.shape[1])
         leaf = parts[cut] if cut < len(parts) else ""
-        ok = True
         if leaf in ("weight", "bias") and cut == len(parts) - 1:
-            ok = tuple(shape) == tuple(getattr(mod, leaf).shape)
-        elif leaf == "lora_A" and len(shape) == 2:
-            ok = shape[1] == d_in
-        elif leaf == "lora_B" and len(shape) == 2:
-            ok = shape[0] == d_out
+            have = tuple(getattr(mod, leaf).shape)
+            ok = tuple(shape) == have
+        else:
+            d_out, d_in = (w.shape[1], w.shape[0]) if type(mod).__name__ == "Conv1D" else (w.shape[0], w.shape[-1])
+            have = f"{d_in} -> {d_out}"
+            ok = not ((leaf == "lora_A" and len(shape) == 2 and shape[1] != d_in)
+                      or (leaf == "lora_B" and len(shape) == 2 and shape[0] != d_out))
         if not ok:
             raise ModelError(f"adapter {adapter_dir} does not fit this base model: {key} has shape {list(shape)} "
-                             f"but {mod_name} is {d_in} -> {d_out}; it was trained for another base model "
+                             f"but {mod_name} is {have}; it was trained for another base model "
                              f"({trained_on}); fix: load it on that model")
 
 
@@ -396,7 +402,7 @@ def apply_adapter(model, adapter_dir: str | os.PathLike, *, merge: bool = False)
             raise ModelError(f"adapter folder {d} is incomplete: {FULL_WEIGHTS} is missing; fix: retrain")
         _check_shapes(model, _tensor_shapes(wfile), d, meta)
         tensors = load_file(str(wfile))
-        params = dict(_base(model).named_parameters())
+        params = dict(_base(model).named_parameters(remove_duplicate=False))  # tied weights under both names
         import torch
 
         with torch.no_grad():

@@ -171,6 +171,25 @@ class TestSaveLoad:
         assert not torch.allclose(have, base, atol=1e-3)  # the adapter really is applied
         assert not any(p.requires_grad for p in got.model.parameters())
 
+    def test_full_with_tied_embeddings(self, tiny_tokenizer, tmp_path):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        model = LlamaForCausalLM(cfg)
+        model.save_pretrained(tmp_path / "base")
+        tiny_tokenizer.save_pretrained(tmp_path / "base")
+        m = attach(model, ["model.layers.0.mlp.down_proj"], variant="full", rank=4, alpha=8)
+        m.requires_grad_(True)  # everything, as full fine-tuning does
+        with torch.no_grad():
+            m.lm_head.weight.add_(1.0)
+        doc = save_adapter(m, tmp_path / "a", variant="full")
+        assert doc["tied"] == {"model.embed_tokens.weight": "lm_head.weight"} or \
+            doc["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+        got = load_for_eval(str(tmp_path / "base"), tmp_path / "a", device="cpu").model
+        assert torch.equal(got.lm_head.weight, m.lm_head.weight)
+        assert torch.equal(got.model.embed_tokens.weight, m.lm_head.weight)
+
     def test_peft_loads_plain_folder(self, base_dir, tmp_path):
         from peft import PeftModel
 

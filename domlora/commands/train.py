@@ -32,10 +32,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed config (configs/deepspeed_zero2.json)")
     p.add_argument("--no-gradient-checkpointing", action="store_true", help="keep activations (faster, more memory)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy shared "
+                   "machine: two threads contend badly there)")
 
 
 def run(a: argparse.Namespace) -> int:
+    from ..errors import ConfigError
     from ..train import TrainConfig, embedded_config, train
+
+    if a.threads is not None:
+        if a.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {a.threads}")
+        import torch
+
+        torch.set_num_threads(a.threads)
 
     over = {k: v for k, v in {
         "variant": a.variant, "rank": a.rank, "alpha": a.alpha, "lr": a.lr, "max_steps": a.max_steps,
