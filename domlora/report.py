@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import Cell, Params
-from .io import write_json, write_text
+from .io import save_figure, write_json, write_text
 from .paths import Layout
 
 logger = logging.getLogger(__name__)
@@ -282,9 +282,7 @@ def figures(col: Collected, out: Path) -> list[Path]:
     if ax.lines:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "page_by_layer.png", dpi=110)
-    plt.close(fig)
-    made.append(out / "page_by_layer.png")
+    made.append(save_figure(fig, out / "page_by_layer.png"))
     fig, ax = plt.subplots(figsize=(7, 3.5))
     from .tracking import _loss_points
 
@@ -298,9 +296,7 @@ def figures(col: Collected, out: Path) -> list[Path]:
     if ax.lines:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=110)
-    plt.close(fig)
-    made.append(out / "loss_curves.png")
+    made.append(save_figure(fig, out / "loss_curves.png"))
     return made
 
 
