@@ -216,6 +216,24 @@ class TestSqNorms:
         for method in ("direct", "ghost", "auto"):
             assert torch.allclose(per_sample_sq_norms(X, D, method=method), ref, rtol=1e-12)
 
+    @pytest.mark.parametrize("T", [5, 64, 130, 257, 300])
+    def test_block_triangular_ghost_with_mask(self, T):
+        from domlora.probes.page import _reduce_input, _sq_norms_from
+
+        B, d_in, d_out = 3, 20, 12
+        X = torch.randn(B, T, d_in, dtype=torch.float64)
+        D = torch.randn(B, T, d_out, dtype=torch.float64)
+        keep = torch.ones(B, T, 1, dtype=torch.long)
+        keep[1, T // 3:] = 0  # padding
+        keep[2, 0] = 0  # an excluded first position
+        ref = torch.stack([(D[i].T @ (X[i] * keep[i])).pow(2).sum() for i in range(B)])
+        for method in ("ghost", "direct"):
+            entry = _reduce_input(X, keep, method=method, d_in=d_in, d_out_group=d_out)
+            assert entry["method"] == method
+            assert torch.allclose(_sq_norms_from(entry, D), ref, rtol=1e-12)
+        if T >= 128:
+            assert len(_reduce_input(X, keep, method="ghost", d_in=d_in, d_out_group=d_out)["blocks"]) > 1
+
     def test_half_inputs_accumulate_in_float32(self):
         X = torch.randn(2, 4, 8).to(torch.bfloat16)
         D = torch.randn(2, 4, 8).to(torch.bfloat16)

@@ -117,31 +117,63 @@ def _cheaper(T: int, d_in: int, d_out: int) -> str:
     return "ghost" if T * (d_in + d_out) < d_in * d_out else "direct"
 
 
-def _reduce_input(X, keep, *, method: str, d_in: int, d_out_group: int) -> dict:
-    """Mask one module input (padding / excluded rows -> 0) and keep what the norms need.
+GRAM_BLOCK = 64
+"""rows per block of the block-triangular Gram products (a symmetric Gram needs only its lower half)"""
 
-    ghost keeps only the (B, T, T) Gram X X^T, so X itself can be freed after the forward pass.
+
+def _row_blocks(T: int) -> list[tuple[int, int]]:
+    k = max(1, min(4, T // GRAM_BLOCK))
+    b = -(-T // k)
+    return [(i, min(i + b, T)) for i in range(0, T, b)]
+
+
+def _gram_rows(M, blocks):
+    """Block rows of the lower triangle of M M^T: [M_i M_{<=i}^T] for each row block i."""
+    import torch
+
+    return [torch.bmm(M[:, i:j], M[:, :j].transpose(1, 2)) for i, j in blocks]
+
+
+def _reduce_input(X, keep, *, method: str, d_in: int, d_out_group: int) -> dict:
+    """Keep what the per-sample norms need from one module input X (B, T, d_in).
+
+    ghost keeps only the lower block rows of X X^T (masked: padding / excluded rows -> 0;
+    diagonal blocks halved, since each off-diagonal block stands for itself and its mirror),
+    so X itself can be freed after the forward pass; direct keeps the masked X.
     """
     import torch
 
     acc = torch.float64 if X.dtype == torch.float64 else torch.float32
-    m = method if method != "auto" else _cheaper(X.shape[1], d_in, d_out_group)
-    Xm = X.to(acc) * keep.to(acc)
-    if m == "ghost":
-        return {"method": m, "XX": torch.bmm(Xm, Xm.transpose(1, 2))}
-    return {"method": m, "X": Xm}
+    T = X.shape[1]
+    m = method if method != "auto" else _cheaper(T, d_in, d_out_group)
+    X = X.to(acc)
+    keep = keep.to(acc).reshape(X.shape[0], T)
+    if m == "direct":
+        return {"method": m, "X": X * keep.unsqueeze(-1)}
+    blocks = _row_blocks(T)
+    rows = _gram_rows(X, blocks)
+    masked = not bool(keep.all())
+    for r, (i, j) in zip(rows, blocks):
+        if masked:
+            r.mul_(keep[:, i:j, None] * keep[:, None, :j])
+        r[:, :, i:j].mul_(0.5)
+    return {"method": m, "XX": rows, "blocks": blocks}
 
 
 def _sq_norms_from(entry: dict, D):
     """Per-sample ||D_i^T X_i||_F^2 from a `_reduce_input` entry and the output gradients D (B, T, d_out)."""
     import torch
 
-    XX = entry.get("XX")
-    D = D.to(XX.dtype if XX is not None else entry["X"].dtype)
-    if XX is not None:
-        # sum_ts (X X^T)_ts (D D^T)_ts, multiplied in place into the fresh D D^T
-        return torch.bmm(D, D.transpose(1, 2)).mul_(XX).sum(dim=(1, 2))
+    if entry["method"] == "ghost":
+        # sum_ts (X X^T)_ts (D D^T)_ts over the lower block triangle, each block row multiplied in place
+        D = D.to(entry["XX"][0].dtype)
+        total = None
+        for xr, dr in zip(entry["XX"], _gram_rows(D, entry["blocks"])):
+            part = dr.mul_(xr).sum(dim=(1, 2))
+            total = part if total is None else total + part
+        return 2 * total
     X = entry["X"]
+    D = D.to(X.dtype)
     return torch.stack([torch.linalg.matrix_norm(D[i].T @ X[i]) ** 2 for i in range(D.shape[0])])
 
 
