@@ -489,10 +489,11 @@ def train_grpo(peft_model, tokenizer, rows: list[dict], *, settings: GRPOSetting
 
         def on_log(self, args, tstate, control, logs=None, **kw):
             if logs and "reward" in logs:
+                nan = float("nan")
                 state.reward_curve.append({"step": tstate.global_step, "reward": float(logs["reward"]),
-                                           "reward_std": float(logs.get("reward_std", float("nan"))),
-                                           "frac_reward_zero_std": float(logs.get("frac_reward_zero_std", float("nan"))),
-                                           "completion_length": float(logs.get("completions/mean_length", float("nan")))})
+                                           "reward_std": float(logs.get("reward_std", nan)),
+                                           "frac_reward_zero_std": float(logs.get("frac_reward_zero_std", nan)),
+                                           "completion_length": float(logs.get("completions/mean_length", nan))})
 
     trainer = GRPOTrainer(model=peft_model, reward_funcs=[reward.reward_func(log)], args=cfg, train_dataset=ds,
                           processing_class=tokenizer, callbacks=[_Hooks()])

@@ -12,9 +12,9 @@ The probe steps are S gradient evaluations on S different batches at the initial
 (no update in between), so scoring costs S forward/backward passes and changes nothing.
 
 A mask is a boolean tensor per adapted module, shaped like its B. Gradient hooks multiply
-B's gradient by the mask, so unselected entries get an exact zero gradient; with weight
-decay 0, Adam's moments for them stay zero and the entries never move (B starts at 0, so
-a trained sparse adapter is exactly zero outside its mask). Masks are saved beside the
+B's gradient by the mask, so unselected entries get an exact zero gradient; AdamW's moments
+for them stay zero and the entries never move (B starts at 0 and decoupled weight decay only
+scales it, so a trained sparse adapter is exactly zero outside its mask). Masks are saved beside the
 PEFT adapter (``sparse_b_masks.safetensors`` + ``sparse_b.json``) and re-installed on load.
 """
 from __future__ import annotations
@@ -43,16 +43,15 @@ PAPER_WRITERS = ("v_proj", "o_proj", "down_proj")
 Selection = Literal["random", "informed", "magnitude"]
 Budget = Literal["global", "per_module"]
 
-
 @dataclass(frozen=True)
 class SparseBSpec:
     """How many B entries to train and how to choose them."""
 
     k: int
     """trainable entries in total (over all adapted modules)"""
-    selection: str = "informed"
+    selection: Selection = "informed"
     """random | informed (sign-consistent gradient) | magnitude (gradient magnitude)"""
-    budget: str = "global"
+    budget: Budget = "global"
     """global: the k best entries anywhere; per_module: k split over modules in proportion to B's size"""
     probe_steps: int = 4
     """S gradient evaluations the informed / magnitude scores average over"""
@@ -451,7 +450,8 @@ def load_masks(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict]:
         idx = load_file(str(mf))
         meta = read_json(jf)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the same user-facing problem
-        raise ModelError(f"cannot read the sparse-B masks in {adapter_dir}: {exc}; fix: rerun the training stage") from None
+        raise ModelError(f"cannot read the sparse-B masks in {adapter_dir}: {exc}; "
+                         "fix: rerun the training stage") from None
     shapes = meta.get("shapes", {})
     masks = {}
     for n, ix in idx.items():
@@ -551,8 +551,9 @@ class GradRecorder:
     rank of the step x entry matrix of gradients (how many directions the steps span).
     """
 
-    def __init__(self, *, max_steps: int = 64, max_entries: int = 262_144, seed: int = 0):
+    def __init__(self, *, max_steps: int = 64, max_entries: int = 262_144, window: int = 8, seed: int = 0):
         self.max_steps = max_steps
+        self.window = window
         self.max_entries = max_entries
         self.seed = seed
         self._acc: dict[str, Any] = {}
@@ -619,12 +620,20 @@ class GradRecorder:
                "cos_prev_mean": statistics.fmean(cos) if cos else None,
                "abs_cos_prev_mean": statistics.fmean(abs(c) for c in cos) if cos else None}
         traj = [t for t in self._traj if float(t.norm()) > 0]
-        if len(traj) >= 2:
-            M = torch.stack(traj).double()
+
+        def span(rows):
+            M = torch.stack(rows).double()
             s = torch.linalg.svdvals(M / M.norm(dim=1, keepdim=True))
-            out["trajectory_effective_rank"] = effective_rank(s)
-            out["trajectory_top_sv_share"] = float(s[0] ** 2 / (s ** 2).sum())
+            return effective_rank(s), float(s[0] ** 2 / (s ** 2).sum())
+
+        if len(traj) >= 2:
+            out["trajectory_effective_rank"], out["trajectory_top_sv_share"] = span(traj)
             out["trajectory_steps"] = len(traj)
+        # the same over a fixed window, so runs of different lengths compare
+        if len(traj) >= self.window:
+            er, top = span(traj[: self.window])
+            out[f"trajectory_effective_rank_first{self.window}"] = er
+            out[f"trajectory_top_sv_share_first{self.window}"] = top
         return out
 
 
@@ -931,11 +940,12 @@ def render_report_section(results: list[dict]) -> str:
             sig = f"loss {_fmt(r.get('loss_first'), '.4f')} → {_fmt(r.get('loss_last'), '.4f')}"
         ev = r.get("eval") or {}
         k = r.get("k")
+        frac = "–" if k is None or not r.get("score_seconds") else _fmt(100 * r["score_fraction"], ".2f") + "%"
         out.append(f"| {r.get('regime')} | {r.get('method')} | {'all' if k is None else f'{k:,}'} | "
                    f"{r.get('budget') or '–'} | {r.get('seed', 0)} | {sig} | "
                    f"{_pm(ev.get('accuracy'), ev.get('stderr'))} | {_fmt(r.get('score_seconds'), '.2f')} | "
                    f"{_fmt(r.get('train_seconds'), '.1f')} | "
-                   f"{'–' if k is None or not r.get('score_seconds') else _fmt(100 * r['score_fraction'], '.2f') + '%'} |")
+                   f"{frac} |")
     landed = [r for r in rows if r.get("landing_by_type")]
     if landed:
         types = [t for t in PAPER_TYPES if any(t in r["landing_by_type"] for r in landed)]
@@ -955,15 +965,16 @@ def render_report_section(results: list[dict]) -> str:
                 "of the energy, the cosine between consecutive steps' gradients, and the effective rank of the "
                 "steps x entries matrix of normalised gradients (how many directions the steps span):", "",
                 "| regime | method | seed | steps | eff. rank / module | top-σ share | cos(step, step-1) | "
-                "trajectory eff. rank |",
-                "|---|---|---:|---:|---:|---:|---:|---:|"]
+                "trajectory eff. rank | same, first 8 steps |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in graded:
             g = r["grad"]
             traj = g.get("trajectory_effective_rank")
             out.append(f"| {r.get('regime')} | {r.get('method')} | {r.get('seed', 0)} | {g['steps']} | "
                        f"{_fmt(g.get('effective_rank_mean'), '.2f')} | {_fmt(g.get('top_sv_share_mean'), '.2f')} | "
                        f"{_fmt(g.get('cos_prev_mean'), '.3f')} | "
-                       f"{_fmt(traj, '.2f')} of {g.get('trajectory_steps', '–')} |")
+                       f"{_fmt(traj, '.2f')} of {g.get('trajectory_steps', '–')} | "
+                       f"{_fmt(g.get('trajectory_effective_rank_first8'), '.2f')} |")
     warns = [(r.get("method"), w) for r in rows for w in r.get("warnings", [])]
     if warns:
         out += ["", "Warnings:", ""] + [f"- {m}: {w}" for m, w in warns]

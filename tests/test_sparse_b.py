@@ -280,6 +280,12 @@ class TestDiagnostics:
         assert b["effective_rank_mean"] > 3.0
         assert abs(b["cos_prev_mean"]) < 0.3
         assert b["trajectory_effective_rank"] > 5.0
+        assert "trajectory_effective_rank_first8" not in a  # 6 steps < the default window of 8
+        w = sb.GradRecorder(window=4)
+        for _ in range(6):
+            w.add("m", torch.randn(32, 4, generator=gen))
+            w.end_step()
+        assert w.summary()["trajectory_effective_rank_first4"] > 3.0
 
     def test_recorder_accumulates_micro_batches(self):
         rec = sb.GradRecorder()
