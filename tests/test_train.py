@@ -78,6 +78,29 @@ class TestConfig:
         assert allowed in str(e.value)
 
 
+class TestStepPlan:
+    def test_epoch_covers_every_sample_once_then_reshuffles(self):
+        from domlora.train import StepPlan
+
+        plan = StepPlan.make(10, TrainConfig(batch_size=2, grad_accum=1, epochs=2), world=1)
+        assert plan.total_steps == 10
+        seen = [i for s in range(plan.total_steps) for i in plan.step_samples(s)]
+        assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+        assert seen[:10] != seen[10:]
+        assert seen == [i for s in range(10) for i in plan.step_samples(s)]  # a pure function of (seed, step)
+
+    def test_processes_split_each_step(self):
+        from domlora.train import StepPlan
+
+        plan = StepPlan.make(9, TrainConfig(batch_size=2, grad_accum=2, max_steps=3), world=2)
+        lengths = list(range(9))
+        for s in range(3):
+            parts = [plan.micro_batches(s, rank=r, world=2, batch_size=2, lengths=lengths) for r in (0, 1)]
+            assert all(len(p) == 2 and all(len(mb) == 2 for mb in p) for p in parts)  # accum x batch each
+            flat = sorted(i for p in parts for mb in p for i in mb)
+            assert flat == sorted(plan.step_samples(s))
+
+
 class TestTrain:
     def test_artefacts_and_metrics(self, base_dir, data, tmp_path):
         out = tmp_path / "run"
