@@ -2,7 +2,9 @@
 
 Each configuration runs in its own fresh process (so peak memory is its own) through the real
 training loop (`domlora.train.train`); configurations are interleaved over `--rounds` to spread
-the noise of a shared machine, and the table reports medians and ratios to vanilla LoRA.
+the noise of a shared machine, and the table reports medians and ratios to vanilla LoRA. Besides
+wall time, each step's CPU time (process time, all threads) is reported: on a busy shared
+machine it is the steadier measure of the work a step does.
 
 Run as: nice -n 10 .venv/bin/python bench/train_step.py [--steps 4] [--rounds 2] [--batch-size 4]
         [--max-length 256] [--rank 64] [--threads 1] [--no-gradient-checkpointing] [--json out.json]
@@ -38,7 +40,7 @@ CONFIGS = {
 class RssPeak:
     """Poll this process's resident set size in a thread; `peak` is the largest seen."""
 
-    def __init__(self, every_s: float = 0.002):
+    def __init__(self, every_s: float = 0.005):
         import psutil
 
         self.proc = psutil.Process()
@@ -86,18 +88,19 @@ def child(a) -> dict:
         enc, _ = encode_samples(loaded.tokenizer, read_samples(a.data), max_length=a.max_length)
         plan = StepPlan.make(len(enc), cfg, 1)
         lengths = [len(e.input_ids) for e in enc]
-        times = []
+        times, cpu = [], []
         rss = RssPeak()
         with torch.no_grad():
             for s in range(total):
                 (idx,) = plan.micro_batches(s, rank=0, world=1, batch_size=cfg.batch_size, lengths=lengths)
                 batch = collate([enc[i] for i in idx], pad_id=loaded.tokenizer.pad_token_id)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
         peak = rss.stop()
-        return {"name": a.child, "step_s": times[a.warmup:], "peak_rss_mb": peak / 2**20,
-                "base_rss_mb": base_rss / 2**20, "trainable_params": 0, "modules": 0}
+        return {"name": a.child, "step_s": times[a.warmup:], "step_cpu_s": cpu[a.warmup:],
+                "peak_rss_mb": peak / 2**20, "base_rss_mb": base_rss / 2**20, "trainable_params": 0, "modules": 0}
     cands = find_candidates(loaded.model)
     table = {c.name: {"type": c.type, "layer": c.layer} for c in cands}
     placement = select(PlacementSpec(strategy=spec["strategy"], types=tuple(spec.get("types", ())),
@@ -107,14 +110,21 @@ def child(a) -> dict:
         def hook(net):  # every parameter, not only the projections
             for p in net.parameters():
                 p.requires_grad_(True)
+    marks: list[float] = []  # process time at the end of each step
+
+    def on_step(step, m):
+        marks.append(time.process_time())
+        peaks.append(rss.peak)
+
     rss = RssPeak()
     with tempfile.TemporaryDirectory(dir=a.tmp) as out:
         doc = train(model=loaded, train_data=a.data, placement=placement, out_dir=out, cfg=cfg, model_hook=hook,
-                    on_step=lambda step, m: peaks.append(rss.peak))
+                    on_step=on_step)
     rss.stop()
-    return {"name": a.child, "step_s": doc["step_time_s"][a.warmup:], "peak_rss_mb": max(peaks) / 2**20,
-            "base_rss_mb": base_rss / 2**20, "trainable_params": doc["trainable_params"],
-            "modules": doc["n_modules"]}
+    cpu = [b - a_ for a_, b in zip(marks, marks[1:])]  # step i's CPU time = mark[i] - mark[i-1]
+    return {"name": a.child, "step_s": doc["step_time_s"][a.warmup:], "step_cpu_s": cpu[a.warmup - 1:],
+            "peak_rss_mb": max(peaks) / 2**20, "base_rss_mb": base_rss / 2**20,
+            "trainable_params": doc["trainable_params"], "modules": doc["n_modules"]}
 
 
 def main(argv=None) -> int:
@@ -163,28 +173,35 @@ def main(argv=None) -> int:
                 res = json.loads(proc.stdout.split("RESULT ", 1)[1])
                 results[name].append(res)
                 print(f"round {r + 1}/{a.rounds} {name:15s} step {statistics.median(res['step_s']):.3f} s  "
-                      f"peak {res['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+                      f"cpu {statistics.median(res['step_cpu_s']):.3f} s  peak {res['peak_rss_mb']:.0f} MB",
+                      file=sys.stderr, flush=True)
 
     rows = []
     for name in names:
         runs = results[name]
         step = statistics.median(t for r in runs for t in r["step_s"])
+        cpu = statistics.median(t for r in runs for t in r["step_cpu_s"])
         peak = statistics.median(r["peak_rss_mb"] for r in runs)
         extra = statistics.median(r["peak_rss_mb"] - r["base_rss_mb"] for r in runs)
         rows.append({"config": name, "what": CONFIGS[name][0], "modules": runs[0]["modules"],
-                     "trainable_params": runs[0]["trainable_params"], "step_s": step, "peak_rss_mb": peak,
+                     "trainable_params": runs[0]["trainable_params"], "step_s": step, "step_cpu_s": cpu,
+                     "peak_rss_mb": peak,
                      "peak_over_model_mb": extra})
     ref = next((r for r in rows if r["config"] == "lora_all"), None)
     print(f"\nembedded SmolLM2-135M, batch {a.batch_size} x max_length {a.max_length}, rank {a.rank}, "
           f"gradient checkpointing {'on' if a.gc else 'off'}, {a.threads} threads, "
           f"{a.rounds} rounds x {a.steps} steps (median)\n")
-    print("| config | what | modules | trainable | step (s) | x LoRA | peak RSS (MB) | over model (MB) | x LoRA |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| config | what | modules | trainable | step wall (s) | x LoRA | step CPU (s) | x LoRA "
+          "| peak RSS (MB) | over model (MB) | x LoRA |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def ratio(r, key):
+        return f"{r[key] / ref[key]:.2f}" if ref else "-"
+
     for r in rows:
-        ts = f"{r['step_s'] / ref['step_s']:.2f}" if ref else "-"
-        ms = f"{r['peak_over_model_mb'] / ref['peak_over_model_mb']:.2f}" if ref else "-"
-        print(f"| {r['config']} | {r['what']} | {r['modules']} | {r['trainable_params']:,} | {r['step_s']:.3f} | "
-              f"{ts} | {r['peak_rss_mb']:.0f} | {r['peak_over_model_mb']:.0f} | {ms} |")
+        print(f"| {r['config']} | {r['what']} | {r['modules']} | {r['trainable_params']:,} | {r['step_s']:.2f} | "
+              f"{ratio(r, 'step_s')} | {r['step_cpu_s']:.2f} | {ratio(r, 'step_cpu_s')} | {r['peak_rss_mb']:.0f} | "
+              f"{r['peak_over_model_mb']:.0f} | {ratio(r, 'peak_over_model_mb')} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows, "runs": results}, indent=2) + "\n")
     return 0
