@@ -224,3 +224,43 @@ def per_sample_loss(logits, batch: dict):
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     ce = ce.view(targets.shape) * mask
     return ce.sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def target_positions(batch: dict):
+    """Sorted positions t whose logits predict a target token (t + 1) in at least one sample of the batch."""
+    need = batch["loss_mask"][:, 1:].bool() & batch["attention_mask"][:, 1:].bool()
+    return need.any(0).nonzero().squeeze(-1)
+
+
+def _takes_logits_to_keep(model) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
+        return False
+
+
+def model_losses(model, batch: dict):
+    """Per-sample mean target cross-entropy (as `per_sample_loss`), with logits only where a target is predicted.
+
+    The vocabulary projection and the cross-entropy run on the target positions alone (via the
+    model's `logits_to_keep` where it has one), which saves the (B, T, vocab) logits of the prompt.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    pos = target_positions(batch)
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if _takes_logits_to_keep(model):
+        logits = model(**kwargs, logits_to_keep=pos).logits
+    else:
+        logits = model(**kwargs).logits[:, pos]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    nxt = pos + 1
+    targets = batch["input_ids"][:, nxt]
+    mask = (batch["loss_mask"][:, nxt] * batch["attention_mask"][:, nxt]).to(logits.dtype)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    ce = ce.view(targets.shape) * mask
+    return ce.sum(1) / mask.sum(1).clamp_min(1.0)

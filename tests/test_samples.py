@@ -179,3 +179,49 @@ class TestBatches:
             ref = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
             assert math.isclose(float(batched[i]), float(ref), rel_tol=1e-9)
         assert batched.dtype == torch.float64  # no silent down-cast of float64 logits
+
+
+class TestModelLosses:
+    def test_equals_full_logits_loss(self, tiny_tokenizer):
+        from domlora.samples import model_losses, target_positions
+
+        encoded, _ = encode_samples(tiny_tokenizer, chat_samples(5), max_length=500)
+        model = make_tiny_llama(len(tiny_tokenizer), dtype=torch.float64)
+        batch = collate(encoded, pad_id=0)
+        full = per_sample_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                               batch)
+        assert torch.allclose(model_losses(model, batch), full, rtol=1e-12)
+        pos = target_positions(batch)
+        assert 0 < len(pos) < batch["input_ids"].shape[1] - 1  # prompts need no logits
+        first_target = min(e.loss_mask.index(1) for e in encoded)
+        assert int(pos[0]) == first_target - 1
+
+    def test_model_without_logits_to_keep(self, tiny_tokenizer):
+        from domlora.samples import model_losses
+
+        encoded, _ = encode_samples(tiny_tokenizer, chat_samples(3), max_length=500)
+        model = make_tiny_llama(len(tiny_tokenizer), dtype=torch.float64)
+        batch = collate(encoded, pad_id=0)
+
+        class Plain(torch.nn.Module):  # a forward that knows nothing of logits_to_keep
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids, attention_mask=None, use_cache=False):
+                return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+        assert torch.allclose(model_losses(Plain(model), batch), model_losses(model, batch), rtol=1e-12)
+
+    def test_gradients_match(self, tiny_tokenizer):
+        from domlora.samples import model_losses
+
+        encoded, _ = encode_samples(tiny_tokenizer, chat_samples(3), max_length=500)
+        model = make_tiny_llama(len(tiny_tokenizer), dtype=torch.float64)
+        w = model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)
+        batch = collate(encoded, pad_id=0)
+        model_losses(model, batch).sum().backward()
+        g1, w.grad = w.grad.clone(), None
+        per_sample_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                        batch).sum().backward()
+        assert torch.allclose(g1, w.grad, rtol=1e-10)

@@ -6,10 +6,12 @@ its outputs. `S_m = mean_i ||G_i||_F^2`, and for a fresh LoRA (B = 0, A Kaiming-
 as PEFT initialises it) `PAGE_m = alpha^2 S_m / (3 r d_in)`.
 
 No weight gradient is ever allocated: weights stay frozen, the input embeddings are made
-to require grad so backward runs through activations only, and per module a forward hook
-keeps X while a tensor hook on the output receives D and reduces the pair at once to the
-per-sample norms, by the cheaper of the direct product or the ghost-norm identity
-`||D^T X||_F^2 = sum_{t,s} (X X^T)_{ts} (D D^T)_{ts}`.
+to require grad so backward runs through activations only. Per module a forward hook reduces
+its input X and a tensor hook on its output receives D, turning the pair into per-sample
+norms by the cheaper of the direct product and the ghost-norm identity
+`||D^T X||_F^2 = sum_{t,s} (X X^T)_{ts} (D D^T)_{ts}`. For the ghost norm the forward hook
+keeps only the (masked, lower block-triangular) Gram X X^T, shared by the modules that read
+the same input (q/k/v, gate/up), so X is not held until the backward pass.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..modules import Candidate, find_candidates
-from ..samples import EncodeReport, Encoded, iter_batches, per_sample_loss
+from ..samples import EncodeReport, Encoded, iter_batches, model_losses
 
 logger = logging.getLogger(__name__)
 
@@ -315,12 +317,11 @@ def page_probe(model, encoded: Sequence[Encoded], *, alpha: float = 16.0, rank: 
                 keep = keep * ~excluded_positions(exclude_positions, idx, batch)
             state["mask"] = keep.unsqueeze(-1)
             with torch.enable_grad():
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-                losses = per_sample_loss(out.logits, batch)
+                losses = model_losses(model, batch)  # logits only where a target is predicted
                 if not torch.isfinite(losses).all():
                     raise ConfigError("the probe loss is not finite; fix: check the model dtype (use float32 on CPU)")
                 losses.sum().backward()
-            del out, losses
+            del losses
             state["groups"] = {}
     finally:
         for h in handles:
