@@ -70,8 +70,12 @@ def _read_scores(path: Path, what: str) -> dict:
 
 def select_placement(*, probe_path: str | os.PathLike, strategy: str, out: str | os.PathLike,
                      nfn_path: str | os.PathLike | None = None, k: int = 3, types: tuple[str, ...] = (),
-                     layers: tuple[int, ...] = (), seed: int = 0) -> dict:
-    """Select stage: write a placement JSON (module names + evidence) from probe outputs."""
+                     layers: tuple[int, ...] = (), seed: int = 0,
+                     activations_path: str | os.PathLike | None = None) -> dict:
+    """Select stage: write a placement JSON (module names + evidence) from probe outputs.
+
+    `nfn.json` (plop) and `massive.json` (massive) are read from beside the probe file unless given.
+    """
     from .placement import PlacementSpec, select
 
     spec = PlacementSpec(strategy=strategy, k=k, types=tuple(types), layers=tuple(layers), seed=seed)
@@ -83,7 +87,12 @@ def select_placement(*, probe_path: str | os.PathLike, strategy: str, out: str |
         raise ConfigError(f"NFN file {nfn_path} does not exist; fix: pass the nfn.json written by `domlora probe`")
     nfn_file = Path(nfn_path) if nfn_path else probe_path.with_name("nfn.json")
     nfn = _read_scores(nfn_file, "NFN") if nfn_file.is_file() else None
-    placement = select(spec, probe=page, nfn=nfn)
+    if activations_path and not Path(activations_path).is_file():
+        raise ConfigError(f"activations file {activations_path} does not exist; fix: pass the massive.json written "
+                          "by `domlora diagnose`")
+    act_file = Path(activations_path) if activations_path else probe_path.with_name("massive.json")
+    activations = _read_scores(act_file, "activations") if act_file.is_file() else None
+    placement = select(spec, probe=page, nfn=nfn, activations=activations)
     doc = placement.to_dict() | {"probe": str(probe_path)}
     write_json(out, doc)
     return doc

@@ -240,3 +240,27 @@ class TestSelectBadInput:
         code, _, err = self.select(capsys, tmp_path, probed[0] / "page.json", "--strategy", "plop",
                                    "--nfn", tmp_path / "nope.json")
         assert_failed(code, err, tmp_path, "NFN file", "does not exist")
+
+    def test_massive_without_activations(self, capsys, tmp_path, probed):
+        code, _, err = self.select(capsys, tmp_path, probed[0] / "page.json", "--strategy", "massive")
+        assert_failed(code, err, tmp_path, "domlora diagnose")
+
+    def test_missing_activations_file(self, capsys, tmp_path, probed):
+        code, _, err = self.select(capsys, tmp_path, probed[0] / "page.json", "--strategy", "massive",
+                                   "--activations", tmp_path / "nope.json")
+        assert_failed(code, err, tmp_path, "activations file", "does not exist")
+
+
+def test_select_massive_reads_the_activations_document(probed, tmp_path, capsys):
+    from domlora.probes.massive import DOC_KIND
+
+    out, _ = probed
+    page = read_json(out / "page.json")
+    doc = {"kind": DOC_KIND, "predicted": "model.layers.1.mlp.down_proj", "model": page["model"], "rule": "test"}
+    (tmp_path / "massive.json").write_text(json.dumps(doc))
+    code, _, err = run(capsys, "select", "--probe", out / "page.json", "--strategy", "massive",
+                       "--activations", tmp_path / "massive.json", "--out", tmp_path / "p.json")
+    assert code == 0, err
+    placed = read_json(tmp_path / "p.json")
+    assert placed["modules"] == ["model.layers.1.mlp.down_proj"]
+    assert placed["evidence"]["page_dominant"] == page["dominant"]

@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", required=True, help=f"one of: {', '.join(sorted(STRATEGIES))}")
     p.add_argument("--out", required=True, help="placement JSON to write")
     p.add_argument("--nfn", default=None, help="nfn.json for plop / plop_inverse (default: beside --probe)")
+    p.add_argument("--activations", default=None,
+                   help="massive.json from `domlora diagnose`, for `massive` (default: beside --probe)")
     p.add_argument("--k", type=int, default=3, help="modules (page_topk, random) or types (plop)")
     p.add_argument("--types", default="", help="comma list of types or groups (ffn_all, attn_all)")
     p.add_argument("--layers", default="", help="comma list of layer indices (explicit; -1 = last)")
@@ -34,6 +36,7 @@ def run(a: argparse.Namespace) -> int:
     from ..pipeline import select_placement
 
     doc = select_placement(probe_path=a.probe, strategy=a.strategy, out=a.out, nfn_path=a.nfn, k=a.k,
-                           types=tuple(t for t in a.types.split(",") if t), layers=_ints(a.layers), seed=a.seed)
+                           types=tuple(t for t in a.types.split(",") if t), layers=_ints(a.layers), seed=a.seed,
+                           activations_path=a.activations)
     print(json.dumps({"strategy": doc["strategy"], "n_modules": doc["n_modules"], "modules": doc["modules"][:8]}))
     return 0
