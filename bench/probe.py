@@ -7,7 +7,7 @@ N samples of up to --max-length tokens on the embedded model, it measures wall t
   (c) one forward+backward of the mean loss with every weight requiring grad (a training step's work),
   (d) the floor: forward + activation-only backward (frozen weights, input embeddings require grad),
   (e) one forward pass (no autograd),
-(c)-(e) over the same samples at the same batch size; then (a) at batch 1 / default / 8 on the code set.
+(c)-(e) over the same samples at the same batch size; then (a) at the batch sizes of --sweep on the code set.
 All five compute the loss the same way (`domlora.samples.model_losses`: logits only at the positions
 that predict a target token).
 
@@ -245,8 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="embedded", help="`embedded`, a hub id or a folder")
     ap.add_argument("--samples", type=int, default=32, help="probe samples per set")
     ap.add_argument("--max-length", type=int, default=256, help="tokens per sample at most")
-    ap.add_argument("--batch-size", type=int, default=4, help="batch size of (a), (c), (d), (e): the shipped default")
-    ap.add_argument("--sweep", default="1,8", help="other batch sizes for (a) on the code set")
+    ap.add_argument("--batch-size", type=int, default=1, help="batch size of (a), (c), (d), (e): the shipped default")
+    ap.add_argument("--sweep", default="4,8", help="other batch sizes for (a) on the code set")
     ap.add_argument("--no-sweep", action="store_true", help="skip the batch-size sweep")
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (time = the smallest)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in every worker")

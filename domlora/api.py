@@ -27,7 +27,7 @@ def _as_samples(data, *, limit: int) -> list[dict]:
 
 
 def probe_page(model, tokenizer, data: str | os.PathLike | Sequence[dict], *, samples: int = 32,
-               max_length: int = 512, alpha: float = 16.0, rank: int = 8, batch_size: int = 4,
+               max_length: int = 512, alpha: float = 16.0, rank: int = 8, batch_size: int = 1,
                show_progress: bool = False, model_name: str | None = None) -> dict:
     """Run the PAGE probe and return the `page.json` document.
 
@@ -51,7 +51,7 @@ def place(model, tokenizer, data, *, strategy: str = "dom", k: int = 3, **probe_
 
 def dominant_lora_config(model, tokenizer, data, *, r: int = 64, lora_alpha: float = 128,
                          strategy: str = "dom", k: int = 3, samples: int = 32, max_length: int = 512,
-                         batch_size: int = 4, show_progress: bool = False, **lora_kwargs):
+                         batch_size: int = 1, show_progress: bool = False, **lora_kwargs):
     """A `peft.LoraConfig` whose `target_modules` is the dominant module of `model` on `data`.
 
     Extra keyword arguments go to `LoraConfig` (e.g. `lora_dropout`, `use_dora=True`).

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 
 def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, samples: int = 32,
-          max_length: int = 256, alpha: float = 16.0, rank: int = 8, batch_size: int = 4, dtype: str = "auto",
+          max_length: int = 256, alpha: float = 16.0, rank: int = 8, batch_size: int = 1, dtype: str = "auto",
           device: str | None = None, nfn: bool = True, trust_remote_code: bool = False,
           cache_dir: str | None = None, show_progress: bool = False, model_name: str | None = None) -> dict:
     """Probe stage: write `page.json`, `page.png` and (with `nfn`) `nfn.json` into `out_dir`."""

@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=256, help="truncate samples to this many tokens")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha PAGE is computed for")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank PAGE is computed for")
-    p.add_argument("--batch-size", type=int, default=4, help="samples per forward/backward (memory vs speed)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="samples per forward/backward: more use more memory, the scores do not change")
     p.add_argument("--dtype", default="auto", help="float32 (CPU default), bfloat16 (GPU default), float64, float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--no-nfn", action="store_true", help="skip the NFN (PLoP) scores")

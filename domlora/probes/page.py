@@ -221,7 +221,7 @@ def _input_embedding_requires_grad(model):
 
 
 def page_probe(model, encoded: Sequence[Encoded], *, alpha: float = 16.0, rank: int = 8,
-               batch_size: int = 4, candidates: Sequence[Candidate] | None = None,
+               batch_size: int = 1, candidates: Sequence[Candidate] | None = None,
                method: str = "auto", show_progress: bool = False,
                exclude_positions: Sequence[int] | Callable | None = None) -> PageResult:
     """Score every candidate module by PAGE on the pretrained model (step 0).
@@ -230,7 +230,9 @@ def page_probe(model, encoded: Sequence[Encoded], *, alpha: float = 16.0, rank: 
         model: a causal LM; its parameters are left frozen and untouched.
         encoded: tokenised probe samples (see `samples.encode_samples`).
         alpha, rank: the LoRA shape PAGE is computed for (only a scale per d_in).
-        batch_size: samples per forward/backward; results do not depend on it.
+        batch_size: samples per forward/backward; results do not depend on it. 1 (the default)
+            keeps memory lowest; larger batches only pay off where the model is too small to
+            fill the device (on a CPU, 1 was as fast as 2, 4 or 8, see bench/probe.py).
         candidates: modules to score (default: all of `find_candidates(model)`).
         method: `auto`, `direct` or `ghost` for every module.
         exclude_positions: token positions whose module inputs are left out of every G_i
