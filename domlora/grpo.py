@@ -316,29 +316,36 @@ def sequence_logprob(model, prompt_ids, prompt_mask, completion_ids, *, pad_id: 
 
 def policy_probe_loss(model, tokenizer, rows: Sequence[dict], *, reward: ArithReward, num_generations: int,
                       prompts_per_step: int, max_new_tokens: int, temperature: float, seed: int,
-                      log: RewardLog | None = None) -> Callable[[int], Any]:
+                      max_tries: int = 1, log: RewardLog | None = None) -> Callable[[int], Any]:
     """`loss_fn(step)` whose gradient is the on-policy GRPO gradient on that step's prompts.
 
     Each step samples `num_generations` completions for `prompts_per_step` prompts, scores them,
     normalises rewards within each group and returns ``-mean(advantage * mean token log p)``.
-    A group whose rewards are all equal contributes nothing (as in GRPO).
+    A group whose rewards are all equal contributes nothing (as in GRPO); with `max_tries` > 1 a
+    step whose groups all have constant rewards is redrawn on the next prompts, up to that many
+    times, so that each probe step carries some signal.
     """
     import random
 
     import torch
 
+    if max_tries < 1:
+        raise ConfigError(f"max_tries must be >= 1, got {max_tries}")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cursor = {"next": 0}
 
-    def loss_fn(step: int):
-        idx = [order[(step * prompts_per_step + j) % len(order)] for j in range(prompts_per_step)]
+    def draw(step: int, attempt: int):
+        start = cursor["next"]
+        cursor["next"] += prompts_per_step
+        idx = [order[(start + j) % len(order)] for j in range(prompts_per_step)]
         chunk = [rows[i] for i in idx]
         was_training = model.training
         model.eval()
         enc, new, texts = generate(model, tokenizer, [r["prompt"] for r in chunk], max_new_tokens=max_new_tokens,
                                    do_sample=True, temperature=temperature, num_return_sequences=num_generations,
-                                   seed=seed * 100_003 + step)
+                                   seed=seed * 100_003 + step + 7919 * attempt)
         model.train(was_training)
         answers = [r["answer"] for r in chunk for _ in range(num_generations)]
         scored = [reward.score(t, a) for t, a in zip(texts, answers, strict=True)]
@@ -346,6 +353,13 @@ def policy_probe_loss(model, tokenizer, rows: Sequence[dict], *, reward: ArithRe
         if log is not None:
             log.record([str(i) for i in idx for _ in range(num_generations)], r.flatten().tolist(),
                        [s[1] for s in scored], [s[2] for s in scored])
+        return enc, new, r
+
+    def loss_fn(step: int):
+        for attempt in range(max_tries):
+            enc, new, r = draw(step, attempt)
+            if bool((r.max(1).values > r.min(1).values).any()):
+                break
         adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
         pids = enc["input_ids"].repeat_interleave(num_generations, dim=0)
         pmask = enc["attention_mask"].repeat_interleave(num_generations, dim=0)
@@ -379,6 +393,8 @@ class GRPOSettings:
     probe_steps: int = 4
     """probe rollouts for the informed / magnitude selection"""
     probe_prompts_per_step: int = 1
+    probe_max_tries: int = 4
+    """redraw a probe step on new prompts (up to this many times) while all its groups have constant rewards"""
     budget: str = "global"
     """global | per_module (see domlora.sparse_b)"""
     n_train: int | None = None
@@ -396,6 +412,7 @@ class GRPOSettings:
         checks = {"steps": self.steps, "prompts_per_step": self.prompts_per_step,
                   "max_completion_length": self.max_completion_length, "rank": self.rank,
                   "probe_steps": self.probe_steps, "probe_prompts_per_step": self.probe_prompts_per_step,
+                  "probe_max_tries": self.probe_max_tries,
                   "eval_max_new_tokens": self.eval_max_new_tokens, "eval_batch_size": self.eval_batch_size}
         for k, v in checks.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -600,6 +617,9 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
               "init_adapter": None if init_adapter is None else str(init_adapter),
               "init_adapter_digest": None if init_adapter is None else _adapter_digest(init_adapter),
               "settings": settings.to_dict()}
+    if spec is None or spec.selection == "random":
+        # no probe rollouts in this run: the probe's redraw limit does not change what is trained
+        config["settings"].pop("probe_max_tries")
     digest = config_digest(config)
     out_dir = Path(out_dir)
     if not force:
@@ -643,7 +663,8 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
             loss_fn = policy_probe_loss(pm, tok, rows, reward=reward, num_generations=settings.num_generations,
                                         prompts_per_step=settings.probe_prompts_per_step,
                                         max_new_tokens=settings.max_completion_length,
-                                        temperature=settings.temperature, seed=seed, log=probe_log)
+                                        temperature=settings.temperature, seed=seed,
+                                        max_tries=settings.probe_max_tries, log=probe_log)
         masks, scoring = make_masks(pm, spec, loss_fn, show_progress=show_progress)
         ps = probe_log.summary()
         scoring["probe_rewards"] = ps

@@ -143,6 +143,34 @@ class TestPolicyProbe:
         assert sum(float(v.abs().sum()) for v in scores.mean_abs.values()) == 0
 
 
+class _LateReward:
+    """Constant rewards for the first `flat` scored completions, then varying ones."""
+
+    def __init__(self, flat: int):
+        self.flat, self.n = flat, 0
+
+    def score(self, text, answer):
+        self.n += 1
+        return (0.0 if self.n <= self.flat else float(len(text) % 3)), True, False
+
+
+class TestProbeRedraw:
+    def test_constant_groups_are_redrawn(self, tiny_tokenizer):
+        pm = sb.attach_lora(make_tiny_llama(len(tiny_tokenizer)), MODULES, rank=4, alpha=8.0, seed=0)
+        rows = [{"prompt": [{"role": "user", "content": f"What is {i} plus 2?"}], "answer": str(i + 2)}
+                for i in range(4)]
+        kw = dict(num_generations=4, prompts_per_step=1, max_new_tokens=6, temperature=1.0, seed=0)
+        once = g.RewardLog()
+        fn = g.policy_probe_loss(pm, tiny_tokenizer, rows, reward=_LateReward(flat=4), max_tries=1, log=once, **kw)
+        assert sum(float(v.abs().sum()) for v in sb.score_entries(pm, fn, steps=1).mean_abs.values()) == 0
+        log1 = g.RewardLog()
+        fn = g.policy_probe_loss(pm, tiny_tokenizer, rows, reward=_LateReward(flat=4), max_tries=3, log=log1, **kw)
+        assert sum(float(v.abs().sum()) for v in sb.score_entries(pm, fn, steps=1).mean_abs.values()) > 0
+        assert once.summary()["calls"] == 1 and log1.summary()["calls"] == 2  # one redraw was enough
+        with pytest.raises(ConfigError):
+            g.policy_probe_loss(pm, tiny_tokenizer, rows, reward=g.ArithReward(), max_tries=0, **kw)
+
+
 def _loaded(tok):
     from domlora.models import LoadedModel
 
