@@ -721,6 +721,19 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def file_digest(path: str | os.PathLike | None) -> str | None:
+    """Content hash of a data file (a finished run is reused only on the same bytes)."""
+    import hashlib
+
+    if path is None or not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def finished(out_dir: str | os.PathLike, digest: str) -> dict | None:
     """The metrics of a finished run with the same configuration in `out_dir`, else None."""
     p = Path(out_dir) / "metrics.json"
@@ -800,7 +813,7 @@ def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: st
               "budget": None if k is None else budget, "probe_steps": probe_steps,
               "probe_batch_size": probe_batch_size, "seed": seed, "modules": place_key,
               "train_data": str(train_data), "eval_data": None if eval_data is None else str(eval_data),
-              "n_eval": n_eval, "eval_max_new_tokens": eval_max_new_tokens,
+              "data_digests": [file_digest(train_data), file_digest(eval_data)], "n_eval": n_eval, "eval_max_new_tokens": eval_max_new_tokens,
               "model": model if isinstance(model, str) else getattr(model, "spec", None),
               "train_cfg": {k_: v for k_, v in asdict(cfg).items() if k_ not in ("save_every", "keep_checkpoints")}}
     digest = config_digest(config)

@@ -339,7 +339,7 @@ class TestSFTStage:
                 "max_length": 64, "gradient_checkpointing": False, "save_every": 0, "warmup_ratio": 0.0}
         return TrainConfig(**(base | kw))
 
-    def test_end_to_end_and_rerun(self, tiny_tokenizer, chat_jsonl, tmp_path):
+    def test_end_to_end_and_rerun(self, tiny_tokenizer, chat_jsonl, tmp_path, monkeypatch):
         out = tmp_path / "run"
         ev = _eval_rows(tmp_path / "eval.jsonl")
         m = sb.sparse_b_sft(model=_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES, out_dir=out,
@@ -363,6 +363,19 @@ class TestSFTStage:
                                 out_dir=out, k=24, selection="informed", seed=0, train_cfg=self._cfg(),
                                 probe_steps=2, probe_batch_size=2, eval_data=ev, eval_max_new_tokens=4)
         assert again == json.loads((out / "metrics.json").read_text())
+        # other data at the same path is another configuration: it trains again
+        import domlora.train as train_mod
+
+        def retrain(**kw):
+            raise RuntimeError("trains again")
+
+        monkeypatch.setattr(train_mod, "train", retrain)
+        with open(chat_jsonl, "a") as fh:
+            fh.write(json.dumps(chat_samples(9)[-1]) + "\n")
+        with pytest.raises(RuntimeError, match="trains again"):
+            sb.sparse_b_sft(model=_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES, out_dir=out,
+                            k=24, selection="informed", seed=0, train_cfg=self._cfg(), probe_steps=2,
+                            probe_batch_size=2, eval_data=ev, eval_max_new_tokens=4)
 
     def test_full_lora_reference(self, tiny_tokenizer, chat_jsonl, tmp_path):
         m = sb.sparse_b_sft(model=_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES[:1],
