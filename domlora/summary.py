@@ -99,7 +99,14 @@ def plot_page_heatmap(doc: dict, path: str | Path, *, title: str | None = None) 
                 ax.plot(c, r, marker="*", color="white", ms=10, mec="black")
     fig.colorbar(im, ax=ax, label="PAGE (log)")
     dom = doc.get("dominant")
-    ttl = title or f"PAGE of {doc.get('model')} (N={doc.get('n_samples')}); dom = {dom}"
+    model = str(doc.get("model"))
+    model = model if len(model) <= 48 else "..." + model[-45:]
+
+    def short(name):
+        return f"L{mods[name]['layer']} {mods[name]['type']}" if name in mods else str(name)
+
+    ttl = title or (f"PAGE of {model} (N={doc.get('n_samples')})\n"
+                    f"box: dom = {short(dom)}; star: argmax = {short(doc.get('argmax'))}")
     ax.set_title(ttl, fontsize=9)
     fig.tight_layout()
     path = Path(path)
