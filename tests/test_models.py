@@ -196,6 +196,8 @@ def test_embedded_loads_with_30_layers(offline):
 @pytest.mark.slow
 def test_embedded_conversion_is_cached(offline, tmp_path, monkeypatch):
     """First use converts the GGUF into the cache; later uses reuse it without rewriting anything."""
+    import shutil
+
     import transformers
 
     target = embedded_checkpoint(tmp_path)  # converts (~15 s on an idle 2-core CPU)
@@ -225,3 +227,4 @@ def test_embedded_conversion_is_cached(offline, tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.allclose(lm.model(input_ids=ids).logits, ref.model(input_ids=ids).logits)
     assert os.path.basename(ref.path) == target.name
+    shutil.rmtree(target)  # 0.5 GB: do not leave it in pytest's kept tmp folders
