@@ -368,6 +368,12 @@ def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections
     md, rows = efficiency_table(col)
     sections.append(md)
     all_rows["table10"] = rows
+    sparse = [c for c in col.cells if params.methods[c.method].sparse_b or params.methods[c.method].grpo]
+    if sparse:
+        from .sparse_b import render_report_section
+
+        docs = [d for d in (_read(layout.run_dir(c) / "metrics.json") for c in sparse) if d]
+        sections.append(render_report_section(docs))
     dom_md, dom_rows = dominant_table(col)
     all_rows["dominant"] = dom_rows
     if params.profile == "paper":
