@@ -212,9 +212,19 @@ def model_from_config(config: str | os.PathLike | dict, *, device: str = "cpu", 
 
 
 def config_hash(model) -> str:
-    """A short hash of the architecture (the model's config minus names and dtype)."""
-    cfg = model.config.to_dict()
+    """A short hash of the architecture (the model's config minus names and dtype).
+
+    Takes a model or a `PretrainedConfig`."""
+    cfg = (model.config if hasattr(model, "config") else model).to_dict()
     for key in ("_name_or_path", "torch_dtype", "dtype", "transformers_version", "quantization_config",
                 "architectures", "_attn_implementation_autoset"):
         cfg.pop(key, None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def config_hash_of(spec: str, *, cache_dir: str | os.PathLike | None = None, trust_remote_code: bool = False) -> str:
+    """`config_hash` of a model by name, reading only its config (no weights)."""
+    from transformers import AutoConfig
+
+    return config_hash(AutoConfig.from_pretrained(resolve_model_path(spec, cache_dir=cache_dir),
+                                                  trust_remote_code=trust_remote_code))
