@@ -6,7 +6,7 @@
    leaves intact).
 2. Scores: the whole embedded suite at domlora's CPU batch size: value +- standard error, n.
 
-Run as: nice -n 10 .venv/bin/python bench/eval.py            (~10 min on 2 shared cores)
+Run as: nice -n 10 .venv/bin/python bench/eval.py            (~15 min on 2 shared cores)
         nice -n 10 .venv/bin/python bench/eval.py --per-task 4 --no-scores   (a quick look)
 """
 from __future__ import annotations
@@ -37,11 +37,11 @@ def _cpu_s() -> float:
     return self_.ru_utime + self_.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run(model: str, data_dir: Path, out: Path, *, batch_size, limit=None) -> tuple[dict, float, float]:
+def run(model: str, data_dir: Path, out: Path, *, batch_size, limit=None, threads=None) -> tuple[dict, float, float]:
     """One evaluate() call; returns (eval.json doc, wall seconds, CPU seconds of this process + children)."""
     t0, c0 = time.perf_counter(), _cpu_s()
     doc = evaluate(model=model, adapter=None, tasks="embedded", out=out, data_dir=data_dir, limit=limit,
-                   batch_size=batch_size, allow_code_exec=True)
+                   batch_size=batch_size, allow_code_exec=True, num_threads=threads)
     return doc, time.perf_counter() - t0, _cpu_s() - c0
 
 
@@ -50,6 +50,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--per-task", type=int, default=8, help="examples per task in the throughput runs")
     ap.add_argument("--batch-sizes", default=f"{CPU_BATCH_SIZE}", help="batch sizes compared with 1, comma list")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: the 2 cores are shared, and more threads wait on each other)")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats of the throughput runs")
     ap.add_argument("--no-scores", action="store_true", help="skip the full-suite score run")
     ap.add_argument("--json", default=None, help="also write the measurements here")
@@ -61,23 +63,24 @@ def main(argv=None) -> None:
         tmp = Path(tmp)
         prepare(tmp / "data")
         sizes = [1] + [int(b) for b in a.batch_sizes.split(",") if b.strip() and int(b) != 1]
-        run(a.model, tmp / "data", tmp / "warmup.json", batch_size=1, limit=1)  # first-call costs out of the way
+        run(a.model, tmp / "data", tmp / "warmup.json", batch_size=1, limit=1, threads=a.threads)  # first-call costs out of the way
         rows = {bs: {"n": 0, "wall_s": 0.0, "cpu_s": 0.0, "per_task_s": dict.fromkeys(tasks, 0.0)} for bs in sizes}
         scores = {}
         for rep in range(a.repeats):  # interleaved, so a change in machine load hits every batch size alike
             for bs in (sizes if rep % 2 == 0 else sizes[::-1]):
                 doc, wall, cpu = run(a.model, tmp / "data", tmp / f"tp_bs{bs}_{rep}.json", batch_size=bs,
-                                     limit=a.per_task)
+                                     limit=a.per_task, threads=a.threads)
                 r = rows[bs]
                 r["n"] += sum(t["n"] for t in doc["tasks"].values())
                 r["wall_s"] += sum(t["wall_s"] for t in doc["tasks"].values())
                 r["cpu_s"] += cpu
                 for t in tasks:
                     r["per_task_s"][t] += doc["tasks"][t]["wall_s"]
-                scores[bs] = {t: doc["tasks"][t]["metrics"][doc["tasks"][t]["headline"]]["value"] for t in tasks}
+                scores[bs] = {f"{t}/{m}": round(v["value"], 4) for t in tasks
+                              for m, v in doc["tasks"][t]["metrics"].items()}
         report["throughput"] = rows
         print(f"\nThroughput, embedded suite, first {a.per_task} examples per task ({', '.join(tasks)}), greedy, "
-              f"model={a.model}, {a.repeats} interleaved repeat(s)")
+              f"model={a.model}, {a.threads} torch thread(s), {a.repeats} interleaved repeat(s)")
         print("| lm-eval batch size | examples | wall s | examples/s | speed-up | examples/CPU-s | speed-up (CPU) | "
               + " | ".join(f"{t} ex/s" for t in tasks) + " |")
         print("|---" * (7 + len(tasks)) + "|")
@@ -88,9 +91,9 @@ def main(argv=None) -> None:
             print(f"| {bs} | {r['n']} | {r['wall_s']:.1f} | {eps:.3f} | {eps / base:.2f}x | {epc:.3f} | "
                   f"{epc / base_cpu:.2f}x | {per} |")
         same = all(scores[bs] == scores[1] for bs in scores)
-        print(f"headline scores identical across batch sizes: {same} ({scores})")
+        print(f"every metric identical across batch sizes: {same} ({scores[1]})")
         if not a.no_scores:
-            doc, wall, _ = run(a.model, tmp / "data", tmp / "scores.json", batch_size="auto")
+            doc, wall, _ = run(a.model, tmp / "data", tmp / "scores.json", batch_size="auto", threads=a.threads)
             report["scores"] = {t: doc["tasks"][t] for t in tasks}
             print(f"\nBase model ({a.model}) on the embedded suite (full eval splits), batch size "
                   f"{doc['settings']['batch_size_used']}, {wall:.0f} s")

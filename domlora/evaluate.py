@@ -16,6 +16,7 @@ Run as: domlora evaluate --model embedded --adapter runs/X/adapter --tasks embed
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -37,7 +38,7 @@ from .judge import JudgeConfig, JudgeError, why_unconfigured
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-CPU_BATCH_SIZE = 8
+CPU_BATCH_SIZE = 32
 """what `batch_size="auto"` means on CPU (lm-eval's auto-detection probes with full-length
 batches, far too slow on CPU); chosen by bench/eval.py on the 2-core reference machine"""
 MAX_LENGTH = 4096
@@ -350,10 +351,79 @@ def load_model_for_eval(model: str, adapter: Path | None, *, dtype: str = "auto"
     return loaded
 
 
+_GREEDY_KEYS = {"attention_mask", "do_sample", "temperature", "top_p", "top_k"}
+
+
+def greedy_generate(model, input_ids, attention_mask, *, max_new_tokens: int, stop: Sequence[str] = (),
+                    tokenizer=None, eos_token_ids: Sequence[int] = (), pad_token_id: int = 0):
+    """Greedy decoding that drops each row from the batch as soon as it is finished.
+
+    `model.generate` keeps computing finished rows until the longest one ends; on a CPU a decode
+    step costs roughly a fixed part plus a part per row, so with answers of uneven length most of
+    a batch's work goes to rows that are already done. Here a row leaves the batch (and the KV
+    cache) when it emits an EOS id or a `stop` string appears in its last tokens (lm-eval's rule).
+    The tokens are what `generate(do_sample=False)` gives; the output has generate's layout:
+    [batch, prompt + max_new_tokens], padded with `pad_token_id` after each row's end.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    b, t = input_ids.shape
+    out = torch.full((b, t + max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
+    out[:, :t] = input_ids
+    mask = attention_mask.to(input_ids.device).long()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=input_ids.device)
+    lookback = {s: len(tokenizer.encode(s, add_special_tokens=False)) + 2 for s in stop if s} if tokenizer else {}
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        active = torch.arange(b, device=input_ids.device)
+        next_pos = pos[:, -1] + 1
+        for step in range(max_new_tokens):
+            tok = logits.argmax(-1)
+            out[active, t + step] = tok
+            done = torch.isin(tok, eos) if eos.numel() else torch.zeros_like(tok, dtype=torch.bool)
+            if lookback:
+                for j, row in enumerate(active.tolist()):
+                    if done[j]:
+                        continue
+                    gen = out[row, t:t + step + 1].tolist()
+                    if any(s in tokenizer.decode(gen[-k:]) for s, k in lookback.items()):
+                        done[j] = True
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                active, tok, mask, next_pos = active[keep], tok[keep], mask[keep], next_pos[keep]
+                cache.batch_select_indices(keep)
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                           past_key_values=cache, use_cache=True).logits[:, -1, :]
+            next_pos = next_pos + 1
+    return out
+
+
 def _make_lm(loaded, *, batch_size: int | str, show_progress: bool):
     from lm_eval.models.huggingface import HFLM
 
     class _HFLM(HFLM):
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            # greedy requests (all of ours) go through the shrinking-batch loop; anything else to HF
+            greedy = (set(generation_kwargs) <= _GREEDY_KEYS and not generation_kwargs.get("do_sample")
+                      and not generation_kwargs.get("temperature"))
+            if self.backend != "causal" or not greedy:
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+            eos = self.model.generation_config.eos_token_id if getattr(self.model, "generation_config", None) else None
+            eos = [eos] if isinstance(eos, int) else list(eos or [])
+            if self.tokenizer.eos_token_id is not None:
+                eos.append(self.tokenizer.eos_token_id)
+            mask = generation_kwargs.get("attention_mask")
+            return greedy_generate(self.model, context, context.new_ones(context.shape) if mask is None else mask,
+                                   max_new_tokens=max_length - context.shape[1], stop=stop, tokenizer=self.tokenizer,
+                                   eos_token_ids=eos, pad_token_id=self.tokenizer.pad_token_id or 0)
+
         # lm-eval shows a tqdm bar per request type; follow show_progress instead
         def generate_until(self, requests, disable_tqdm: bool = False):
             return super().generate_until(requests, disable_tqdm=disable_tqdm or not show_progress)
@@ -703,7 +773,8 @@ def evaluate(*, model: str, adapter: str | Path | None, tasks: list[str] | str, 
              data_dir: str | Path | None = None, limit: int | None = None, batch_size: int | str = "auto",
              max_gen_toks: int | None = None, allow_code_exec: bool = False, judge: JudgeConfig | None = None,
              cache_dir=None, show_progress: bool = False, on_result: Callable[[str, dict], None] | None = None,
-             dtype: str = "auto", device: str | None = None, merge_adapter: bool = True) -> dict:
+             dtype: str = "auto", device: str | None = None, merge_adapter: bool = True,
+             num_threads: int | None = None) -> dict:
     """Evaluate `model` (+ `adapter`) on `tasks`; write and return the eval.json document.
 
     Args:
@@ -722,6 +793,9 @@ def evaluate(*, model: str, adapter: str | Path | None, tasks: list[str] | str, 
         on_result: called as on_result(task, record) after each task (e.g. to log to MLflow).
         dtype, device: model loading (see `domlora.models.load_model`).
         merge_adapter: merge LoRA-type adapters into the weights before evaluating (faster, same function).
+        num_threads: torch CPU threads while evaluating (restored afterwards); None leaves torch's setting.
+            On a CPU shared with other jobs, 1 is much faster for decoding: with more threads every
+            small matmul waits for all of them to be scheduled.
 
     Returns:
         The eval.json document: {"status", "model", "adapter", "tasks": {name: record}, "metrics", ...}.
@@ -735,6 +809,8 @@ def evaluate(*, model: str, adapter: str | Path | None, tasks: list[str] | str, 
     out = Path(out)
     data_dir = Path(data_dir) if data_dir is not None else None
     _validate_settings(limit, batch_size, max_gen_toks)
+    if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+        raise ConfigError(f"num_threads must be a positive integer, got {num_threads!r}")
     # 1. names (the full lm-eval index is built only when a name is not domlora's own)
     names = expand_tasks(tasks)
     tm = None if all(n in SELF_CONTAINED for n in names) else _full_task_manager(data_dir)
@@ -768,8 +844,8 @@ def evaluate(*, model: str, adapter: str | Path | None, tasks: list[str] | str, 
     todo = [n for n in names if n not in records]
     doc: dict[str, Any] = {
         "schema": SCHEMA_VERSION, "status": "running", "model": model,
-        "adapter": str(adapter_path) if adapter_path else None, "adapter_base": _adapter_base(adapter_path)
-        if adapter_path else None, "run_key": run_key,
+        "adapter": str(adapter_path) if adapter_path else None,
+        "adapter_base": _adapter_base(adapter_path) if adapter_path else None, "run_key": run_key,
         "settings": {"limit": limit, "batch_size": batch_size, "max_gen_toks": max_gen_toks, "dtype": dtype,
                      "code_exec": exec_ok, "decoding": "greedy (temperature 0)"},
         "lm_eval_version": _lm_eval_version(), "run_info": _run_info(), "tasks": records, "metrics": {},
@@ -813,56 +889,84 @@ def evaluate(*, model: str, adapter: str | Path | None, tasks: list[str] | str, 
     if not todo:
         save()
         return doc
-    # 5. model
-    loaded = load_model_for_eval(model, adapter_path, dtype=dtype, device=device, cache_dir=cache_dir,
-                                 merge=merge_adapter)
-    dev = str(next(loaded.model.parameters()).device)
-    bs = resolve_batch_size(batch_size, dev)
-    doc["settings"].update({"device": dev, "batch_size_used": bs})
-    lm = _make_lm(loaded, batch_size=bs, show_progress=show_progress)
-    if tm is None:
-        tm = _local_task_manager(data_dir)
-    gen_kwargs = {"do_sample": False, "temperature": 0.0}
-    if max_gen_toks is not None:
-        gen_kwargs["max_gen_toks"] = max_gen_toks
-    # 6. tasks, one at a time
-    for n in todo:
-        s = specs[n]
-        t0 = time.perf_counter()
-        logger.info("evaluating %s (%s)", n, s.protocol)
-        rec: dict[str, Any] = {"config_hash": hashes[n], "protocol": s.protocol, "headline": s.headline or None}
-        try:
-            if n == "mt_bench":
-                cache = out.parent / f"{out.stem}.mt_bench.json"
-                gen_key = hashlib.sha256(f"{run_key}:{hashes[n]}:{max_gen_toks}".encode()).hexdigest()[:16]
-                body = _run_mt_bench(lm, judge=judge_cfg, data_dir=data_dir, limit=limit, max_gen_toks=max_gen_toks,
-                                     cache_path=cache, gen_key=gen_key, show_progress=show_progress)
-            else:
-                res = run_lm_eval(lm, tm, s.lm_eval, limit=limit, chat_template=s.chat_template,
-                                  gen_kwargs=gen_kwargs, allow_unsafe_code=exec_ok and s.code_exec)
-                body = summarize_lm_eval(res, s.lm_eval)
-                if not body["metrics"]:
-                    raise DomloraError(f"lm-eval returned no metrics for {s.lm_eval}")
-            wall = time.perf_counter() - t0
-            rec.update({"status": "success", **body, "wall_s": round(wall, 2),
-                        "examples_per_s": round(body["n"] / wall, 3) if wall > 0 and body.get("n") else None})
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # one failing task never loses the others
-            msg = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
-            if judge_cfg is not None and judge_cfg.api_key:
-                msg = msg.replace(judge_cfg.api_key, "***")
-            rec.update({"status": "failed", "error": f"{type(exc).__name__}: {msg}",
-                        "wall_s": round(time.perf_counter() - t0, 2)})
-            logger.error("%s failed: %s", n, rec["error"])
-            if not isinstance(exc, (DomloraError, JudgeError)):
-                logger.debug("traceback", exc_info=True)
-        doc["tasks"][n] = rec
-        save()
-        if on_result:
-            on_result(n, rec)
+    # 5. model, then the tasks one at a time
+    with _torch_threads(num_threads):
+        import torch
+
+        loaded = load_model_for_eval(model, adapter_path, dtype=dtype, device=device, cache_dir=cache_dir,
+                                     merge=merge_adapter)
+        dev = str(next(loaded.model.parameters()).device)
+        bs = resolve_batch_size(batch_size, dev)
+        doc["settings"].update({"device": dev, "batch_size_used": bs, "threads": torch.get_num_threads()})
+        lm = _make_lm(loaded, batch_size=bs, show_progress=show_progress)
+        if tm is None:
+            tm = _local_task_manager(data_dir)
+        gen_kwargs = {"do_sample": False, "temperature": 0.0}
+        if max_gen_toks is not None:
+            gen_kwargs["max_gen_toks"] = max_gen_toks
+        for n in todo:
+            rec = _run_task(n, specs[n], lm=lm, tm=tm, config_hash=hashes[n], gen_kwargs=gen_kwargs, limit=limit,
+                            max_gen_toks=max_gen_toks, exec_ok=exec_ok, judge=judge_cfg, data_dir=data_dir,
+                            mt_bench_cache=out.parent / f"{out.stem}.mt_bench.json", run_key=run_key,
+                            show_progress=show_progress)
+            doc["tasks"][n] = rec
+            save()
+            if on_result:
+                on_result(n, rec)
     save()
     return doc
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    import torch
+
+    prev = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None:
+            torch.set_num_threads(prev)
+
+
+def _run_task(name: str, spec: TaskSpec, *, lm, tm, config_hash: str, gen_kwargs: dict, limit, max_gen_toks,
+              exec_ok: bool, judge: JudgeConfig | None, data_dir, mt_bench_cache: Path, run_key: str,
+              show_progress: bool) -> dict:
+    """Evaluate one task; any error becomes a `failed` record (one failing task never loses the others)."""
+    t0 = time.perf_counter()
+    logger.info("evaluating %s (%s)", name, spec.protocol)
+    rec: dict[str, Any] = {"config_hash": config_hash, "protocol": spec.protocol, "headline": spec.headline or None}
+    try:
+        if name == "mt_bench":
+            gen_key = hashlib.sha256(f"{run_key}:{config_hash}:{max_gen_toks}".encode()).hexdigest()[:16]
+            body = _run_mt_bench(lm, judge=judge, data_dir=data_dir, limit=limit, max_gen_toks=max_gen_toks,
+                                 cache_path=mt_bench_cache, gen_key=gen_key, show_progress=show_progress)
+        else:
+            res = run_lm_eval(lm, tm, spec.lm_eval, limit=limit, chat_template=spec.chat_template,
+                              gen_kwargs=gen_kwargs, allow_unsafe_code=exec_ok and spec.code_exec)
+            body = summarize_lm_eval(res, spec.lm_eval)
+            if not body["metrics"]:
+                raise DomloraError(f"lm-eval returned no metrics for {spec.lm_eval}")
+        wall = time.perf_counter() - t0
+        rec.update({"status": "success", **body, "wall_s": round(wall, 2),
+                    "examples_per_s": round(body["n"] / wall, 3) if wall > 0 and body.get("n") else None})
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+        if judge is not None and judge.api_key:
+            msg = msg.replace(judge.api_key, "***")
+        if "OfflineModeIsEnabled" in msg or "Couldn't reach" in msg:
+            msg += ("; fix: this task reads its dataset from the Hugging Face hub: run it once with network "
+                    "(HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0) to cache the data, or use the embedded suite offline")
+        rec.update({"status": "failed", "error": f"{type(exc).__name__}: {msg}",
+                    "wall_s": round(time.perf_counter() - t0, 2)})
+        logger.error("%s failed: %s", name, rec["error"])
+        if not isinstance(exc, (DomloraError, JudgeError)):
+            logger.debug("traceback", exc_info=True)
+    return rec
 
 
 def describe_tasks() -> str:

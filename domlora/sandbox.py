@@ -294,7 +294,7 @@ def run_program(source: str, *, limits: SandboxLimits | None = None, python: str
         raise SandboxError("sandboxed code execution needs a POSIX host (Linux); fix: run code tasks on Linux")
     host = host_isolation()
     work = Path(tempfile.mkdtemp(prefix="domlora-sandbox-"))
-    drop_to = NOBODY if host["root"] else None
+    drop_to = NOBODY if host["root"] and sys.platform.startswith("linux") else None
     marker = secrets.token_hex(16)
     try:
         os.chmod(work, 0o700)

@@ -405,3 +405,114 @@ def test_mt_bench_with_a_local_judge_and_one_that_is_down(tmp_path, checkpoint, 
     for f in (out, out.parent / "eval.mt_bench.json", out2, out2.parent / "eval.mt_bench.json"):
         assert KEY not in f.read_text()
     assert KEY not in caplog.text
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------
+
+def test_cli_lists_tasks_and_reports_bad_input(tmp_path, capsys):
+    from domlora.cli import main
+
+    assert main(["evaluate", "--list-tasks"]) == 0
+    listing = capsys.readouterr().out
+    assert "embedded: arith, strings, humaneval_local" in listing and "mt_bench:" in listing
+    rc = main(["evaluate", "--model", "embedded", "--tasks", "arith", "--data-dir", str(tmp_path / "none"),
+               "--out", str(tmp_path / "eval.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "domlora prepare --dataset arith" in err and "Traceback" not in err
+    rc = main(["evaluate", "--model", "embedded", "--tasks", "arith", "--out", str(tmp_path / "e.json"),
+               "--limit", "-1"])
+    assert rc == 2 and "limit" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# slow: the embedded model, the lm-eval task library
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_embedded_model_on_the_embedded_suite(tmp_path, no_env):
+    from domlora.data import prepare_dataset
+
+    data = tmp_path / "data"
+    for name in ("arith", "strings", "humaneval"):
+        prepare_dataset(name, data / name, n_train=2, n_probe=2, n_eval=3, seed=1234)
+    doc = ev.evaluate(model="embedded", adapter=None, tasks="embedded", out=tmp_path / "eval.json", data_dir=data,
+                      limit=3, max_gen_toks=96, allow_code_exec=True)
+    assert doc["status"] == "success", {t: r.get("error") for t, r in doc["tasks"].items()}
+    for t in ("arith", "strings", "humaneval_local"):
+        rec = doc["tasks"][t]
+        head = rec["metrics"][rec["headline"]]
+        assert 0.0 <= head["value"] <= 1.0 and head["n"] == 3 and head["stderr"] is not None
+    assert doc["settings"]["batch_size_used"] == ev.CPU_BATCH_SIZE
+
+
+@pytest.mark.slow
+def test_paper_suite_tasks_exist_in_lm_eval():
+    tm = ev._full_task_manager(None)
+    names = set(tm.all_tasks)
+    for suite in ("instruct", "math", "code"):
+        for t in ev.SUITES[suite]:
+            assert ev.TASKS[t].lm_eval in names, (suite, t)
+    for lang in ("ar", "bn", "en", "fi", "id", "ko", "ru", "sw", "te"):
+        assert f"tydiqa_goldp_{lang}" in names
+
+
+# ------------------------------------------------------------------------------------------
+# the shrinking-batch greedy decoder
+# ------------------------------------------------------------------------------------------
+
+class TestGreedy:
+    def _batch(self):
+        tok = make_tiny_tokenizer()
+        tok.padding_side = "left"
+        model = make_tiny_llama(len(tok), layers=2)
+        enc = tok(["What is 12 plus 30?", "def add(a, b):", "the quick brown fox jumps over"], return_tensors="pt",
+                  padding=True)
+        return tok, model, enc
+
+    def test_same_tokens_as_generate(self):
+        import torch
+
+        tok, model, enc = self._batch()
+        ref = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=None)
+        out = ev.greedy_generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=12,
+                                 pad_token_id=tok.pad_token_id)
+        assert torch.equal(ref, out)
+        # stop at an EOS id the rows emit at different steps: rows leave the batch, tokens do not change
+        eos = int(ref[0, -10])
+        ref2 = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                              eos_token_id=eos)
+        out2 = ev.greedy_generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=12,
+                                  pad_token_id=tok.pad_token_id, eos_token_ids=[eos])
+        n = ref2.shape[1]
+        assert torch.equal(ref2, out2[:, :n]) and bool((out2[:, n:] == tok.pad_token_id).all())
+
+    def test_lm_eval_generate_until_gives_the_same_text(self, monkeypatch):
+        from lm_eval.api.instance import Instance
+
+        from domlora.models import LoadedModel
+
+        tok, model, enc = self._batch()
+        lm = ev._make_lm(LoadedModel(model, tok, "tiny", "tiny"), batch_size=3, show_progress=False)
+        prompts = ["What is 12 plus 30?", "def add(a, b):", "the quick brown fox jumps over", "0123"]
+
+        def reqs():
+            return [Instance("generate_until", {}, (p, {"until": [" the"], "max_gen_toks": 10, "do_sample": False}),
+                             0) for p in prompts]
+
+        mine = lm.generate_until(reqs())
+        monkeypatch.setattr(ev, "_GREEDY_KEYS", set())  # every request falls back to model.generate
+        theirs = lm.generate_until(reqs())
+        assert mine == theirs and any(m for m in mine)
+
+
+def test_hub_dataset_offline_is_a_failed_task_with_the_fix(tmp_path, checkpoint, data_dir, no_env, monkeypatch):
+    def offline(lm, tm, task, **k):
+        raise ConnectionError(f"Couldn't reach 'org/{task}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(ev, "run_lm_eval", offline)
+    doc = _run(checkpoint, data_dir, tmp_path / "eval.json", tasks="arith")
+    err = doc["tasks"]["arith"]["error"]
+    assert doc["status"] == "failed" and "OfflineModeIsEnabled" in err and "run it once with network" in err

@@ -9,7 +9,7 @@ HELP = "evaluate a model (+ adapter) on lm-eval suites/tasks and MT-Bench; write
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="`embedded`, a hub id or a local checkpoint folder")
+    p.add_argument("--model", default=None, help="`embedded`, a hub id or a local checkpoint folder (required)")
     p.add_argument("--adapter", default=None, help="adapter folder from the train stage (omit for the base model)")
     p.add_argument("--tasks", default=None,
                    help="suites (embedded, instruct, math, code, chat) and/or task names, comma-separated")
@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run generated code (HumanEval) in the sandbox; HF_ALLOW_CODE_EVAL=1 also allows it")
     p.add_argument("--dtype", default="auto", help="float32 (CPU default), bfloat16 (GPU default), float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is fastest on a CPU shared with other jobs); default: torch's")
     p.add_argument("--no-merge", action="store_true", help="keep the adapter unmerged (slower; same function)")
     p.add_argument("--list-tasks", action="store_true", help="list suites and tasks with their protocols, then exit")
 
@@ -33,12 +35,13 @@ def run(a: argparse.Namespace) -> int:
     if a.list_tasks:
         print(describe_tasks())
         return 0
-    if not a.tasks or not a.out:
-        raise ConfigError("--tasks and --out are required (or pass --list-tasks)")
+    if not a.model or not a.tasks or not a.out:
+        raise ConfigError("--model, --tasks and --out are required (or pass --list-tasks)")
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     doc = evaluate(model=a.model, adapter=a.adapter, tasks=a.tasks, out=a.out, data_dir=a.data_dir, limit=a.limit,
                    batch_size=a.batch_size, max_gen_toks=a.max_gen_toks, allow_code_exec=a.allow_code_exec,
-                   dtype=a.dtype, device=a.device, merge_adapter=not a.no_merge, show_progress=True)
+                   dtype=a.dtype, device=a.device, merge_adapter=not a.no_merge, num_threads=a.threads,
+                   show_progress=True)
     summary = {t: ({"status": r["status"], **{m: v["value"] for m, v in r.get("metrics", {}).items()}}
                    if r["status"] == "success" else {"status": r["status"], "why": r.get("error") or r.get("reason")})
                for t, r in doc["tasks"].items()}
