@@ -205,13 +205,9 @@ def plot_checkpoint_curves(doc: dict, path: str | os.PathLike, *, types: Sequenc
     stable = "stable" if doc.get("dominant_stable") else "moves"
     fig.suptitle(title or f"PAGE across checkpoints (dom {stable}: {rows[0]['dominant']})", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from .io import save_figure
+
+    return save_figure(fig, path)
 
 
 def finetune_checkpoints(*, model, train_data: str | os.PathLike, out_dir: str | os.PathLike,

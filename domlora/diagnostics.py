@@ -487,13 +487,9 @@ def plot_activations(report: dict, path: str | Path, *, page: dict | None = None
     axes[-1][0].set_xlabel("layer")
     axes[0][0].set_title(title or f"massive activations vs down_proj PAGE (N={report.get('n_samples')})", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from .io import save_figure
+
+    return save_figure(fig, path)
 
 
 def diagnose(*, model: str, data: str | Path, out_dir: str | Path, samples: int = 32, max_length: int = 256,

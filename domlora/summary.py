@@ -109,10 +109,6 @@ def plot_page_heatmap(doc: dict, path: str | Path, *, title: str | None = None) 
                     f"box: dom = {short(dom)}; star: argmax = {short(doc.get('argmax'))}")
     ax.set_title(ttl, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from .io import save_figure
+
+    return save_figure(fig, path)
