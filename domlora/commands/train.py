@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default=None, choices=VARIANTS, help="adapter variant (default lora)")
     p.add_argument("--method", default=None, choices=["ist"], help="training-time placement method")
     p.add_argument("--profile", default="paper", choices=["paper", "embedded"],
-                   help="defaults: the paper's recipe, or the small-CPU embedded one")
+                   help="defaults: the paper's recipe, or the small-CPU embedded one (placements of <= 4 "
+                   "modules get its single-adapter learning rate)")
     for flag, typ, what in (("--rank", int, "LoRA rank"), ("--alpha", float, "LoRA alpha"),
                             ("--lr", float, "peak learning rate"), ("--max-steps", int, "optimizer steps"),
                             ("--epochs", int, "epochs (when --max-steps is not set)"),
@@ -55,7 +56,16 @@ def run(a: argparse.Namespace) -> int:
     if a.no_gradient_checkpointing:
         over["gradient_checkpointing"] = False
     if a.profile == "embedded":
-        cfg = embedded_config(dom=a.placement is not None, **over)
+        # one module (or a handful, as in the paper's ablations) trains with the single-adapter rate
+        n = None
+        if a.placement is not None:
+            from ..io import read_json
+
+            try:
+                n = len(read_json(a.placement).get("modules", []))
+            except (OSError, ValueError, AttributeError):
+                n = None  # train() reports the bad placement file
+        cfg = embedded_config(dom=n is not None and n <= 4, **over)
     else:
         cfg = TrainConfig(**over)
     doc = train(model=a.model, train_data=a.data, placement=a.placement, out_dir=a.out, cfg=cfg,
