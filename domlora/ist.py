@@ -13,7 +13,9 @@ Our reading of the paper (two loops):
   off minus the loss with all adapters on (both without gradients, after the update), relative
   to the latter. Layers whose adapters matter raise the loss when suppressed; their scores
   move towards that reward by an exponential moving average, s_l <- beta s_l + (1 - beta) r.
-The paper updates 25% of the layers per step in its main setting; that is our default.
+What we could read offline is the paper's abstract and method overview, not its code: the
+active fraction (25% by default), the sampling rule, the reward normalisation and the interval
+are our choices, all configurable.
 Unselected layers keep their adapters unchanged: their parameters get no gradient at all
 (`requires_grad` off), so AdamW skips them (no momentum drift).
 """

@@ -16,8 +16,8 @@ Reading of the reference implementation (github.com/pixas/NoRM, `evaluation/auto
 method `lora`): it scores the top-r left singular vectors of the rank-c truncation against the
 base's top-r and divides by r; for c < r, r - c of those vectors span the truncation's null
 space and are arbitrary, so we score only the c meaningful directions and divide by c (the
-min(i, j) normalisation of the subspace-similarity measure the paper cites). Defaults follow
-the reference script: step 0.1, range_start 1.
+min(i, j) normalisation of the subspace-similarity measure of the LoRA paper, Hu et al. 2022).
+Defaults follow the reference script: step 0.1, range_start 1.
 """
 from __future__ import annotations
 
