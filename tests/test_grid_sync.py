@@ -65,3 +65,22 @@ def test_flow_and_dvc_stage_names_agree():
     fstrings = {v.split("@")[0] for n in ast.walk(ast.parse(src)) if isinstance(n, ast.JoinedStr)
                 for v in [ast.unparse(n)[2:]] if "@" in v}
     assert {"prepare_data", "probe", "select", "train", "evaluate", "evaluate_base"} <= names | fstrings
+
+
+def test_metrics_are_the_scores(dvc_stages):
+    """`dvc metrics show` lists scores (and the report's summary), not configs or data statistics."""
+    metrics = {str(Path(o.def_path)) for s in dvc_stages.values() for o in s.outs if o.metric}
+    assert metrics, "no metrics declared"
+    assert all(m.endswith("scores.json") or m == "reports/metrics.json" for m in metrics), metrics
+
+
+def test_plots_template_resolves_like_dvc():
+    """DVC reads plots.html_template relative to .dvc/; a path that misses is taken as the template text."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / ".dvc" / "config")
+    tpl = (ROOT / ".dvc" / cfg["plots"]["html_template"]).resolve()
+    assert tpl.is_file(), tpl
+    text = tpl.read_text(encoding="utf8")
+    assert "{plot_divs}" in text and "cdn.jsdelivr" not in text
