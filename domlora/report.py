@@ -51,12 +51,14 @@ def primary_metric(task: str, metrics: dict[str, float]) -> tuple[str, float] | 
     return (keys[0], float(metrics[keys[0]])) if keys else None
 
 
-def _stderr(metrics: dict, key: str) -> float | None:
+def _stderr(eval_doc: dict | None, key: str) -> float | None:
+    """The standard error eval.json holds for a flat `task/metric` key (None where lm-eval gave none)."""
     task, metric = key.split("/", 1)
-    for cand in (f"{key}_stderr", f"{task}/{metric.split(',')[0]}_stderr,{metric.split(',', 1)[1]}" if "," in metric else None):
-        if cand and isinstance(metrics.get(cand), (int, float)):
-            return float(metrics[cand])
-    return None
+    try:
+        se = eval_doc["tasks"][task]["metrics"][metric]["stderr"]
+    except (KeyError, TypeError):
+        return None
+    return float(se) if isinstance(se, (int, float)) and not math.isnan(se) else None
 
 
 def _scale(task: str, value: float) -> float:
@@ -81,6 +83,8 @@ class Collected:
         self.evals = {c.id: _read(layout.eval_json(c)) for c in self.cells}
         self.base = {(m, d): _read(layout.scores_json(layout.base_id(m, d)))
                      for m in params.grid.models for d in params.grid.datasets}
+        self.base_evals = {(m, d): _read(layout.eval_json(layout.base_id(m, d)))
+                           for m in params.grid.models for d in params.grid.datasets}
         self.placements = {c.id: _read(layout.placement(c.model, c.dataset, c.method)) for c in self.cells}
         self.probes = {(m, d): _read(layout.page_json(m, d))
                        for m in params.grid.models for d in params.grid.probe_datasets}
@@ -142,11 +146,13 @@ def score_table(col: Collected, table: int) -> tuple[str, list[dict]]:
         lines += [f"**{label}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         entries = [("base", None)] + [(m, p.methods[m]) for m in methods]
         for slug, spec in entries:
-            vals, statuses, n_params = [], [], None
+            vals, errs, statuses, n_params = [], [], [], None
             for d, t in cols:
+                eval_doc = None
                 if slug == "base":
                     met = col.base.get((model, d)) or {}
                     statuses.append("ok" if met else "missing")
+                    eval_doc = col.base_evals.get((model, d))
                 else:
                     runs = [c for c in col.cells if (c.model, c.dataset, c.method) == (model, d, slug)]
                     met = {}
@@ -157,16 +163,22 @@ def score_table(col: Collected, table: int) -> tuple[str, list[dict]]:
                     met = {k: sum(v) / len(v) for k, v in met.items() if all(isinstance(x, (int, float)) for x in v)}
                     tms = [col.train.get(c.id) or {} for c in runs]
                     n_params = next((tm.get("trainable_params") for tm in tms if tm.get("trainable_params")), n_params)
+                    if len(runs) == 1:  # one seed: lm-eval's standard error; over seeds the mean stands alone
+                        eval_doc = col.evals.get(runs[0].id)
                 pm = primary_metric(t, met)
                 vals.append(_scale(t, pm[1]) if pm else None)
+                se = _stderr(eval_doc, pm[0]) if pm else None
+                errs.append(se * _scale(t, pm[1]) / pm[1] if se is not None and pm[1] else se)  # same units
             present = [v for v in vals if v is not None]
             avg = sum(present) / len(present) if present and len(present) == len(vals) else None
             dom = "" if slug == "base" else ("✓" if spec.placement == "dom" else "✗")
             name = "Base model" if slug == "base" else (spec.label or slug)
             status = "ok" if statuses and all(s == "ok" for s in statuses) else ", ".join(sorted(set(statuses))) or MISSING
-            lines.append("| " + " | ".join([name, dom, _fmt_params(n_params)] + [_fmt(v) for v in vals] + [_fmt(avg), status]) + " |")
+            cells = [_fmt(v) + (f" ± {e:.1f}" if v is not None and e is not None else "") for v, e in zip(vals, errs)]
+            lines.append("| " + " | ".join([name, dom, _fmt_params(n_params)] + cells + [_fmt(avg), status]) + " |")
             rows.append({"model": model, "method": slug, "params": n_params, "avg": avg, "status": status,
-                         **{f"{d}/{t}": v for (d, t), v in zip(cols, vals)}})
+                         **{f"{d}/{t}": v for (d, t), v in zip(cols, vals)},
+                         **{f"{d}/{t}_stderr": e for (d, t), e in zip(cols, errs) if e is not None}})
         lines.append("")
     return "\n".join(lines), rows
 
@@ -382,7 +394,7 @@ def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections
             sections.append("## Beside the paper\n\n" + cmp)
     tables_md = "# Result tables\n\n" + f"Profile `{params.profile}`; cells present: " \
         f"{sum(col.status(c) == 'ok' for c in col.cells)}/{len(col.cells)}. Scores are percentages " \
-        "(MT-Bench x10), mean over seeds; `–` = missing.\n\n" + "\n".join(sections) + "\n" + "\n".join(extra_sections)
+        "(MT-Bench x10), mean over seeds; ± is lm-eval's standard error where one seed ran; `–` = missing.\n\n" + "\n".join(sections) + "\n" + "\n".join(extra_sections)
     figs = figures(col, out / "figures")
     statuses = {c.id: col.status(c) for c in col.cells}
     headline = {}

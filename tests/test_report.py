@@ -45,7 +45,9 @@ def grid(tmp_path):
     lay.run_dir(lora).mkdir(parents=True)
     lay.train_metrics(lora).write_text(json.dumps({"status": "success", "trainable_params": 4_883_456,
                                                     "loss": [2.0, 1.0], "step_time_s": [1.0, 3.0], "wall_time_s": 9.0}))
-    lay.scores_json(lora).write_text(json.dumps({"arith/exact_match": 0.25, "arith/exact_match_stderr": 0.1}))
+    lay.scores_json(lora).write_text(json.dumps({"arith/exact_match": 0.25}))
+    lay.eval_json(lora).write_text(json.dumps({"tasks": {"arith": {"status": "success", "metrics": {
+        "exact_match": {"value": 0.25, "stderr": 0.0559, "n": 60}}}}}))
     lay.run_dir(dom).mkdir(parents=True)
     lay.train_metrics(dom).write_text(json.dumps({"status": "failed", "error": "loss became NaN at step 3"}))
     base = lay.run_dir(lay.base_id("smol", "arith"))
@@ -61,8 +63,9 @@ def test_report_marks_failed_and_missing_and_fills_tables(grid):
     tables = (lay.reports / "tables.md").read_text()
     assert "Table 1" in tables and "Table 10" in tables
     row = next(line for line in tables.splitlines() if line.startswith("| LoRA |"))
-    assert "25.00" in row and "4.88M" in row
-    assert "10.00" in next(line for line in tables.splitlines() if line.startswith("| Base model |"))
+    assert "25.00 ± 5.6" in row and "4.88M" in row
+    base_row = next(line for line in tables.splitlines() if line.startswith("| Base model |"))
+    assert "10.00" in base_row and "±" not in base_row  # no eval.json for the base: no standard error invented
     dom_row = next(line for line in tables.splitlines() if line.startswith("| DomLoRA |"))
     assert "failed" in dom_row and "–" in dom_row
     readme = (lay.reports / "README.md").read_text()
