@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data import extract_final_answer
 from .errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -34,19 +35,9 @@ _INT_RE = re.compile(r"^\$?\s*(-?\d[\d,]*)(?:\.0+)?\s*\$?\.?$")
 # ---------------------------------------------------------------- answers and rewards
 
 
-def final_line_answer(text: str) -> str | None:
-    """The text after the last `####` of a completion (None when there is none)."""
-    found = None
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("####"):
-            found = line[4:].strip()
-    return found
-
-
 def parse_int_answer(text: str) -> int | None:
     """The integer on the last `#### ...` line (`#### 1,200`, `#### $12` allowed), else None."""
-    ans = final_line_answer(text)
+    ans = extract_final_answer(text)
     if ans is None:
         return None
     m = _INT_RE.match(ans)
