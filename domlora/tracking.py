@@ -186,6 +186,8 @@ class MlflowTracker:
         if stage == "train" and adapter.is_dir():
             self.client.log_artifacts(rid, str(adapter), artifact_path="adapter")
         self.client.set_tag(rid, "domlora.status", "success")
+        if ev_path.is_file():  # trained and evaluated: the cell is complete
+            self.client.set_terminated(rid, status="FINISHED")
 
     def log_probe(self, *, model: str, dataset: str, layout) -> None:
         def go():
@@ -211,6 +213,7 @@ class MlflowTracker:
             for f in files:
                 if Path(f).is_file():
                     self.client.log_artifact(parent, str(f), artifact_path="report")
+            self.client.set_terminated(parent, status="FINISHED")  # the report closes a grid execution
         self._safe("report tables", go)
 
 

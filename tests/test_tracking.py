@@ -67,6 +67,11 @@ def test_one_parent_one_child_per_cell_across_threads(tmp_path, params):
     # logging a cell twice adds no second child
     tr.log_cell(cell=cells[0], params=params, layout=layout, stage="evaluate")
     assert len(tr.client.search_runs([tr._exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")) == len(cells)
+    # an evaluated cell's run is finished; the parent stays open until the report's tables are logged
+    assert {r.info.status for r in tr.client.search_runs([tr._exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")} == {"FINISHED"}
+    assert tr.client.get_run(parent).info.status == "RUNNING"
+    tr.log_tables({"table1": [{"method": "lora", "avg": 25.0}]})
+    assert tr.client.get_run(parent).info.status == "FINISHED"
 
 
 @pytest.mark.slow
