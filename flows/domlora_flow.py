@@ -21,12 +21,15 @@ from domlora.orchestrate import StageRef, run_stage
 from domlora.tracking import make_tracker
 
 GPU_SLOTS = "domlora-gpu"  # global concurrency limit: how many cells may train/evaluate at once
+# A slot is leased and the lease renewed while its stage runs; the slots of a run that was killed
+# come back when the lease runs out (Prefect's default, 300 s, left a rerun idle for 5 minutes).
+SLOT_LEASE_S = 60
 
 
 def _stage(ref: StageRef, root: str, grid_id: str, *, gpu: bool = False) -> str:
     env = {"DOMLORA_GRID_ID": grid_id}
     if gpu:
-        with concurrency(GPU_SLOTS, occupy=1, strict=False):
+        with concurrency(GPU_SLOTS, occupy=1, strict=False, lease_duration=SLOT_LEASE_S):
             return run_stage(Path(root), ref, env=env)
     return run_stage(Path(root), ref, env=env)
 
