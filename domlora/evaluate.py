@@ -25,14 +25,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from . import __version__
-from .errors import ConfigError, DataError, DomloraError, ModelError
+from .errors import ConfigError, DomloraError, ModelError
 from .eval_tasks import TASKS_DIR
-from .io import read_json, write_json
+from .io import file_sha256, read_json, write_json
 from .judge import JudgeConfig, JudgeError, why_unconfigured
 
 logger = logging.getLogger(__name__)
@@ -225,14 +225,6 @@ def task_spec(name: str) -> TaskSpec:
 # inputs
 # ------------------------------------------------------------------------------------------
 
-def _sha256_file(path: Path, h=None) -> str:
-    h = h or hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_adapter_dir(adapter: str | Path) -> Path:
     """Fail early on a missing, empty or corrupt adapter folder.
 
@@ -283,7 +275,7 @@ def adapter_fingerprint(adapter: Path | None) -> str | None:
     for f in sorted(adapter.rglob("*")):
         if f.is_file() and not f.name.startswith("."):
             h.update(str(f.relative_to(adapter)).encode())
-            _sha256_file(f, h)
+            file_sha256(f, h)
     return h.hexdigest()[:16]
 
 
@@ -374,7 +366,9 @@ def greedy_generate(model, input_ids, attention_mask, *, max_new_tokens: int, st
     mask = attention_mask.to(input_ids.device).long()
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=input_ids.device)
-    lookback = {s: len(tokenizer.encode(s, add_special_tokens=False)) + 2 for s in stop if s} if tokenizer else {}
+    stops = [s for s in stop if s] if tokenizer else []
+    # tokens to decode so the longest stop string fits in the tail (+2 for merges at its edges)
+    lookback = max((len(tokenizer.encode(s, add_special_tokens=False)) + 2 for s in stops), default=0)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
@@ -385,12 +379,12 @@ def greedy_generate(model, input_ids, attention_mask, *, max_new_tokens: int, st
             tok = logits.argmax(-1)
             out[active, t + step] = tok
             done = torch.isin(tok, eos) if eos.numel() else torch.zeros_like(tok, dtype=torch.bool)
-            if lookback:
+            if stops:
                 for j, row in enumerate(active.tolist()):
                     if done[j]:
                         continue
-                    gen = out[row, t:t + step + 1].tolist()
-                    if any(s in tokenizer.decode(gen[-k:]) for s, k in lookback.items()):
+                    tail = tokenizer.decode(out[row, max(t, t + step + 1 - lookback):t + step + 1].tolist())
+                    if any(s in tail for s in stops):
                         done[j] = True
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
@@ -625,7 +619,7 @@ def _files_digest(paths: Sequence[Path]) -> str:
     h = hashlib.sha256()
     for p in sorted(paths):
         h.update(p.name.encode())
-        _sha256_file(p, h)
+        file_sha256(p, h)
     return h.hexdigest()[:16]
 
 
@@ -655,7 +649,7 @@ def task_config_hash(spec: TaskSpec, *, limit, max_gen_toks, data_file: Path | N
     """Hash of everything that defines a task's result besides the model: protocol, task files, data, settings."""
     doc = {"spec": dataclasses.asdict(spec), "limit": limit, "max_gen_toks": max_gen_toks,
            "lm_eval": _lm_eval_version(), "files": _files_digest(_task_files(spec)) if _task_files(spec) else None,
-           "data": _sha256_file(data_file)[:16] if data_file else None, **(extra or {})}
+           "data": file_sha256(data_file)[:16] if data_file else None, **(extra or {})}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

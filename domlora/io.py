@@ -104,6 +104,17 @@ def atomic_outputs(out_dir: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def file_sha256(path: str | os.PathLike, h=None) -> str:
+    """SHA-256 hex digest of a file's bytes, read in 1 MiB chunks (or fed into the hash object `h`)."""
+    import hashlib
+
+    h = h or hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def save_figure(fig, path: str | os.PathLike, *, dpi: int = 110) -> Path:
     """Save a matplotlib figure atomically (temporary file, then rename) and close it."""
     import matplotlib.pyplot as plt

@@ -213,14 +213,19 @@ def iter_batches(encoded: Sequence[Encoded], *, batch_size: int, pad_id: int, de
 
 def per_sample_loss(logits, batch: dict):
     """Mean token cross-entropy over target positions, one value per sample (shape B)."""
+    return _mean_target_ce(logits[:, :-1], batch, slice(1, None))
+
+
+def _mean_target_ce(logits, batch: dict, nxt):
+    """Per-sample mean cross-entropy of `logits` (B, P, vocab) against the tokens at positions `nxt`,
+    over target (loss-masked, unpadded) tokens only."""
     import torch
     import torch.nn.functional as F
 
-    logits = logits[:, :-1]
     if logits.dtype in (torch.float16, torch.bfloat16):  # half logits: cross-entropy in float32
         logits = logits.float()
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["loss_mask"][:, 1:].to(logits.dtype) * batch["attention_mask"][:, 1:].to(logits.dtype)
+    targets = batch["input_ids"][:, nxt]
+    mask = batch["loss_mask"][:, nxt].to(logits.dtype) * batch["attention_mask"][:, nxt].to(logits.dtype)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     ce = ce.view(targets.shape) * mask
     return ce.sum(1) / mask.sum(1).clamp_min(1.0)
@@ -247,20 +252,10 @@ def model_losses(model, batch: dict):
     The vocabulary projection and the cross-entropy run on the target positions alone (via the
     model's `logits_to_keep` where it has one), which saves the (B, T, vocab) logits of the prompt.
     """
-    import torch
-    import torch.nn.functional as F
-
     pos = target_positions(batch)
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     if _takes_logits_to_keep(model):
         logits = model(**kwargs, logits_to_keep=pos).logits
     else:
         logits = model(**kwargs).logits[:, pos]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    nxt = pos + 1
-    targets = batch["input_ids"][:, nxt]
-    mask = (batch["loss_mask"][:, nxt] * batch["attention_mask"][:, nxt]).to(logits.dtype)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    ce = ce.view(targets.shape) * mask
-    return ce.sum(1) / mask.sum(1).clamp_min(1.0)
+    return _mean_target_ce(logits, batch, pos + 1)

@@ -723,15 +723,9 @@ def config_digest(config: dict) -> str:
 
 def file_digest(path: str | os.PathLike | None) -> str | None:
     """Content hash of a data file (a finished run is reused only on the same bytes)."""
-    import hashlib
+    from .io import file_sha256
 
-    if path is None or not Path(path).is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16] if path is not None and Path(path).is_file() else None
 
 
 def finished(out_dir: str | os.PathLike, digest: str) -> dict | None:
@@ -813,7 +807,8 @@ def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: st
               "budget": None if k is None else budget, "probe_steps": probe_steps,
               "probe_batch_size": probe_batch_size, "seed": seed, "modules": place_key,
               "train_data": str(train_data), "eval_data": None if eval_data is None else str(eval_data),
-              "data_digests": [file_digest(train_data), file_digest(eval_data)], "n_eval": n_eval, "eval_max_new_tokens": eval_max_new_tokens,
+              "data_digests": [file_digest(train_data), file_digest(eval_data)],
+              "n_eval": n_eval, "eval_max_new_tokens": eval_max_new_tokens,
               "model": model if isinstance(model, str) else getattr(model, "spec", None),
               "train_cfg": {k_: v for k_, v in asdict(cfg).items() if k_ not in ("save_every", "keep_checkpoints")}}
     digest = config_digest(config)

@@ -31,7 +31,7 @@ from typing import Any
 
 from .adapters import VARIANTS, attach, count_params, disable_input_grads, save_adapter
 from .errors import ConfigError, DomloraError
-from .io import atomic_dir, read_json, write_json
+from .io import atomic_dir, file_sha256, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -242,14 +242,6 @@ def resolve_placement(placement, model) -> tuple[list[str], dict]:
         raise ConfigError(f"placement must be a path, a dict, a list of names or None, got {type(placement).__name__}")
     pl = Placement.from_dict(placement)
     return list(pl.modules), {"strategy": pl.strategy, "modules": list(pl.modules), "n_modules": len(pl.modules)}
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def run_info() -> dict:
@@ -558,7 +550,7 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
                           "fix: run IST without --deepspeed")
     device = _resolve_device(cfg)
     samples = read_samples(train_data, limit=cfg.limit_samples)  # validate before loading a model
-    data_digest = _file_digest(Path(train_data))
+    data_digest = file_sha256(train_data)[:16]
 
     if isinstance(model, LoadedModel):
         loaded = model

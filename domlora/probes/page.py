@@ -40,6 +40,15 @@ def check_lora_shape(alpha: float, rank: int) -> None:
         raise ConfigError(f"alpha must be a positive number, got {alpha!r}")
 
 
+def _cheaper(T: int, d_in: int, d_out: int) -> str:
+    """`ghost` when T^2 (d_in + d_out) < T d_in d_out, the direct product otherwise.
+
+    d_out is the summed width of every module reading the same input: their ghost norms share
+    one X X^T, so e.g. q/k/v or gate/up pay for it once.
+    """
+    return "ghost" if T * (d_in + d_out) < d_in * d_out else "direct"
+
+
 def per_sample_sq_norms(X, D, *, method: str = "auto"):
     """||D_i^T X_i||_F^2 for each sample i; X: (B,T,d_in), D: (B,T,d_out), padded rows zero.
 
@@ -51,7 +60,7 @@ def per_sample_sq_norms(X, D, *, method: str = "auto"):
     B, T, d_in = X.shape
     d_out = D.shape[-1]
     if method == "auto":
-        method = "ghost" if T * (d_in + d_out) < d_in * d_out else "direct"
+        method = _cheaper(T, d_in, d_out)
     acc = torch.float64 if X.dtype == torch.float64 else torch.float32
     X = X.to(acc)
     D = D.to(acc)
@@ -108,15 +117,6 @@ def excluded_positions(exclude, idx: Sequence[int], batch: dict):
     out = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
     out[:, [p for p in pos if p < ids.shape[1]]] = True
     return out
-
-
-def _cheaper(T: int, d_in: int, d_out: int) -> str:
-    """`ghost` when T^2 (d_in + d_out) < T d_in d_out, the direct product otherwise.
-
-    d_out is the summed width of every module reading the same input: their ghost norms share
-    one X X^T, so e.g. q/k/v or gate/up pay for it once.
-    """
-    return "ghost" if T * (d_in + d_out) < d_in * d_out else "direct"
 
 
 GRAM_BLOCK = 64
