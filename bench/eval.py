@@ -1,7 +1,7 @@
 """Evaluation throughput and the base model's embedded-suite scores, in one run.
 
 1. Throughput: the first --per-task examples of each embedded task (arith, strings,
-   humaneval_local), evaluated through `domlora.evaluate.evaluate` at lm-eval batch size 1 and
+   humaneval_local), evaluated through `domlora.evaluate.run.evaluate` at lm-eval batch size 1 and
    at each of --batch-sizes, side by side (examples/s; the ratio is what the machine noise
    leaves intact).
 2. Scores: the whole embedded suite at domlora's CPU batch size: value +- standard error, n.
@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 from domlora.data import prepare_dataset
-from domlora.evaluate import CPU_BATCH_SIZE, SUITES, evaluate
+from domlora.evaluate.lm import CPU_BATCH_SIZE
+from domlora.evaluate.run import evaluate
+from domlora.evaluate.tasks import SUITES
 
 # the embedded profile's eval split sizes (params.yaml: datasets.*.n_eval)
 EVAL_SIZES = {"arith": 60, "strings": 40, "humaneval": 40}

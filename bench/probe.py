@@ -218,7 +218,7 @@ def memory_worker(a) -> dict:
            "peak_mb": (peak_kb - base_kb) / 1024, "base_mb": base_kb / 1024, "threads": torch.get_num_threads(),
            "samples": report.to_dict(), "tokens": sum(len(e.input_ids) for e in encoded)}
     if a.method == "a":
-        from domlora.summary import page_summary
+        from domlora.probes.summary import page_summary
 
         s = page_summary(result, model=a.model)
         doc["summary"] = {k: s.get(k) for k in ("dominant", "argmax", "dominant_share_total", "dominant_share_type")}

@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 
 from domlora.data import prepare_dataset
-from domlora.grpo import GRPOSettings, grpo
-from domlora.sparse_b import render_report_section, sparse_b_sft
+from domlora.studies.grpo import GRPOSettings, grpo
+from domlora.studies.sparse_b import render_report_section, sparse_b_sft
 from domlora.train import embedded_config
 
 DATA_SEED = 1234

@@ -28,7 +28,7 @@ FALLBACK = {"seed": 1234, "arith": (384, 32, 60), "humaneval": (92, 32, 40), "st
 
 def _profile_sizes(params: Path) -> tuple[int, dict[str, tuple[int, int, int]]]:
     try:
-        from domlora.config import load_params
+        from domlora.pipeline.params import load_params
 
         p = load_params(params, profile="embedded")
         return p.seed_data, {k: (d.n_train, d.n_probe, d.n_eval) for k, d in p.datasets.items()}
@@ -78,13 +78,13 @@ def _timed(fn):
 def run_task(model, tok, task: str, probe_file: Path, args, out: Path) -> dict:
     import torch
 
-    from domlora.decompose import page_decompose
-    from domlora.diagnostics import plot_activations
-    from domlora.probes.massive import massive_predict, massive_summary, predict_from_report
+    from domlora.studies.decompose import page_decompose
+    from domlora.studies.diagnostics import plot_activations
+    from domlora.probes.massive import massive_predict, massive_summary
     from domlora.probes.page import page_probe
     from domlora.samples import encode_samples, read_samples
-    from domlora.stability import bootstrap_choice, spearman
-    from domlora.summary import page_summary
+    from domlora.studies.stability import bootstrap_choice, spearman
+    from domlora.probes.summary import page_summary
 
     enc, _ = encode_samples(tok, read_samples(probe_file, limit=args.samples), max_length=args.max_length)
     torch.manual_seed(0)
@@ -154,7 +154,7 @@ def _median(xs):
 
 
 def run_checkpoints(args, out: Path, seed: int, sizes: dict) -> dict:
-    from domlora.checkpoints import finetune_checkpoints, plot_checkpoint_curves, probe_checkpoints
+    from domlora.studies.checkpoints import finetune_checkpoints, plot_checkpoint_curves, probe_checkpoints
 
     data = out / "data" / "arith"
     if not (data / "train.jsonl").is_file():
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     import torch
 
     from domlora.models import config_hash, load_model
-    from domlora.stability import compare_probes
+    from domlora.studies.stability import compare_probes
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

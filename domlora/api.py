@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .placement import Placement, PlacementSpec, select
-from .probes import page_probe
-from .samples import encode_samples, read_samples, validate_sample
-from .summary import page_summary
+from domlora.placement import Placement, PlacementSpec, select
+from domlora.probes import page_probe
+from domlora.samples import encode_samples, read_samples, validate_sample
+from domlora.probes.summary import page_summary
 
 
 def _as_samples(data, *, limit: int) -> list[dict]:

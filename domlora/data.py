@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import DataError
-from .io import write_text
+from domlora.errors import DataError
+from domlora.io import write_text
 
 logger = logging.getLogger(__name__)
 

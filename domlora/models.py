@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
-from .io import atomic_dir
+from domlora.errors import ModelError
+from domlora.io import atomic_dir
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import re
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 
-from .errors import ModelError
+from domlora.errors import ModelError
 
 ATTN_TYPES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 FFN_TYPES = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
@@ -31,7 +31,20 @@ _LEAF_TYPES = {
     "out_proj": "o_proj", "mlp.fc1": "up_proj", "mlp.fc2": "down_proj",
 }
 # a block's index follows one of these container names
-_BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder_layers)\.(\d+)\.")
+BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder_layers)\.(\d+)\.")
+# PEFT prefixes the wrapped model's module names with this
+PEFT_PREFIX = "base_model.model."
+
+
+def base_name(name: str) -> str:
+    """A module name relative to the base model (PEFT's `base_model.model.` prefix removed)."""
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def block_index(name: str) -> int | None:
+    """The Transformer block a module name sits in (`model.layers.6.mlp.down_proj` -> 6), or None."""
+    m = BLOCK_RE.search(name)
+    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)
@@ -97,7 +110,7 @@ def find_candidates(model, *, types: Collection[str] | None = None) -> list[Cand
         # a PEFT-wrapped projection keeps its weight in `<name>.base_layer`; report the wrapped name
         name = name.removesuffix(".base_layer")
         linear_names.append(name)
-        m = _BLOCK_RE.search(name)
+        m = BLOCK_RE.search(name)
         kind = _type_of(name)
         if m is None or kind is None:
             continue

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from .errors import ConfigError
-from .modules import ATTN_TYPES, FFN_TYPES, TYPES
+from domlora.errors import ConfigError
+from domlora.modules import ATTN_TYPES, FFN_TYPES, TYPES
 
 # group names usable wherever a list of types is taken
 TYPE_GROUPS = {"ffn_all": FFN_TYPES, "attn_all": ATTN_TYPES, "all": TYPES}
@@ -199,7 +199,7 @@ def register_strategy(name: str, fn: Callable) -> None:
 
 
 def _massive(probe, mods, activations):
-    from .probes.massive import choose_from_doc  # note: lazy, keeps this module torch-free
+    from domlora.probes.massive import choose_from_doc  # note: lazy, keeps this module torch-free
 
     return choose_from_doc(activations, mods, probe)
 

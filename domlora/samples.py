@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import DataError
+from domlora.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
                     placement="placements/embedded/arith/dom.json", out_dir="runs/dom",
                     cfg=TrainConfig(variant="lora", lr=2e-4, max_steps=40, batch_size=4, grad_accum=1))
 
-Writes `out_dir/adapter/` (PEFT format; see `domlora.adapters`) and `out_dir/train_metrics.json`,
+Writes `out_dir/adapter/` (PEFT format; see `domlora.adapters.variants`) and `out_dir/train_metrics.json`,
 both atomically, and periodic checkpoints under `out_dir/checkpoints/` from which a killed run
 resumes (same seed -> the same adapter as an uninterrupted run). The recipe defaults are the
 paper's (SPEC section 3); `embedded_config()` gives the small-CPU defaults.
@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .adapters import VARIANTS, attach, count_params, disable_input_grads, save_adapter
-from .errors import ConfigError, DomloraError
-from .io import atomic_dir, file_sha256, read_json, write_json
+from domlora.adapters.variants import VARIANTS, attach, count_params, disable_input_grads, save_adapter
+from domlora.errors import ConfigError, DomloraError
+from domlora.io import atomic_dir, file_sha256, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class TrainConfig:
         self.ist_config()  # validates the ist_* fields
 
     def ist_config(self):
-        from .ist import ISTConfig
+        from domlora.adapters.ist import ISTConfig
 
         return ISTConfig(active_layers=self.ist_active_layers, update_every=self.ist_update_every,
                          beta=self.ist_beta, temperature=self.ist_temperature)
@@ -219,8 +219,8 @@ def _resolve_device(cfg: TrainConfig) -> str:
 
 def resolve_placement(placement, model) -> tuple[list[str], dict]:
     """Module names and a small description from a path, a dict, a Placement, a list, or None (all)."""
-    from .modules import find_candidates
-    from .placement import Placement
+    from domlora.modules import find_candidates
+    from domlora.placement import Placement
 
     if placement is None:
         names = [c.name for c in find_candidates(model)]
@@ -445,7 +445,7 @@ def _save_checkpoint(out_dir: Path, step: int, *, accelerator, net, optimizer, s
                      fp: str, keep: int, use_ds: bool, names: list[str]) -> Path:
     import torch
 
-    from .adapters import adapter_state
+    from domlora.adapters.variants import adapter_state
 
     unwrapped = accelerator.unwrap_model(net)
     target = out_dir / CHECKPOINTS / f"step-{step:07d}"
@@ -532,8 +532,8 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     """
     import torch
 
-    from .models import LoadedModel, config_hash, load_model
-    from .samples import collate, encode_samples, read_samples
+    from domlora.models import LoadedModel, config_hash, load_model
+    from domlora.samples import collate, encode_samples, read_samples
 
     t_call = time.perf_counter()
     out_dir = Path(out_dir)
@@ -595,7 +595,7 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=plan.total_steps)
     ist = None
     if method == "ist":
-        from .ist import ISTController
+        from domlora.adapters.ist import ISTController
 
         ist = ISTController(net, cfg.ist_config(), seed=cfg.seed)
     net.train()
@@ -754,7 +754,7 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
 
 def _d(model, name: str) -> int:
     """d_in + d_out of a module (a rank-c LoRA pair has c * (d_in + d_out) parameters)."""
-    from .adapters import _projection_shapes
+    from domlora.adapters.variants import _projection_shapes
 
     d_in, d_out, _ = _projection_shapes(model, [name])[name]
     return d_in + d_out

@@ -16,9 +16,9 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from domlora.config import load_params
-from domlora.orchestrate import StageRef, run_stage
-from domlora.tracking import make_tracker
+from domlora.pipeline.params import load_params
+from domlora.pipeline.orchestrate import StageRef, run_stage
+from domlora.pipeline.tracking import make_tracker
 
 GPU_SLOTS = "domlora-gpu"  # global concurrency limit: how many cells may train/evaluate at once
 # A slot is leased and the lease renewed while its stage runs; the slots of a run that was killed

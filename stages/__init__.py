@@ -1,1 +1,1 @@
-"""Thin DVC stage entry points over `domlora.pipeline` (run as `python -m stages.<name>`)."""
+"""Thin DVC stage entry points over `domlora.pipeline.stages` (run as `python -m stages.<name>`)."""

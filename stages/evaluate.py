@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import sys
 
-from domlora.config import Cell, load_params
-from domlora.entry import run_main, stage_parser
+from domlora.pipeline.params import Cell, load_params
+from domlora.cli import run_main, stage_parser
 from domlora.errors import ConfigError
-from domlora.paths import Layout
-from domlora.pipeline import evaluate_stage
-from domlora.tracking import make_tracker
+from domlora.pipeline.paths import Layout
+from domlora.pipeline.stages import evaluate_stage
+from domlora.pipeline.tracking import make_tracker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             evaluate_stage(params, Cell.parse(a.cell), layout=layout, tracker=make_tracker(params),
                            show_progress=not a.no_progress)
-    return run_main(go)
+    return run_main(go, name="stages.evaluate")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import sys
 
-from domlora.config import load_params
-from domlora.entry import run_main, stage_parser
-from domlora.paths import Layout
-from domlora.pipeline import prepare_data_stage
+from domlora.pipeline.params import load_params
+from domlora.cli import run_main, stage_parser
+from domlora.pipeline.paths import Layout
+from domlora.pipeline.stages import prepare_data_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     def go():
         params = load_params(a.params, profile=a.profile)
         prepare_data_stage(params, a.dataset, layout=Layout(a.root), show_progress=not a.no_progress)
-    return run_main(go)
+    return run_main(go, name="stages.prepare_data")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import sys
 
-from domlora.config import load_params
-from domlora.entry import run_main, stage_parser
-from domlora.paths import Layout
-from domlora.report import write_report
-from domlora.tracking import make_tracker
+from domlora.pipeline.params import load_params
+from domlora.cli import run_main, stage_parser
+from domlora.pipeline.paths import Layout
+from domlora.pipeline.report import write_report
+from domlora.pipeline.tracking import make_tracker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(a.params, profile=a.profile)
         layout = Layout(a.root)
         write_report(params, layout, tracker=make_tracker(params), registry=layout.root / "registry" / "dominant_modules.json")
-    return run_main(go)
+    return run_main(go, name="stages.report")
 
 
 if __name__ == "__main__":

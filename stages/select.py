@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import sys
 
-from domlora.config import load_params
-from domlora.entry import run_main, stage_parser
-from domlora.paths import Layout
-from domlora.pipeline import select_stage
+from domlora.pipeline.params import load_params
+from domlora.cli import run_main, stage_parser
+from domlora.pipeline.paths import Layout
+from domlora.pipeline.stages import select_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     def go():
         params = load_params(a.params, profile=a.profile)
         select_stage(params, a.model, a.dataset, a.method, layout=Layout(a.root))
-    return run_main(go)
+    return run_main(go, name="stages.select")
 
 
 if __name__ == "__main__":

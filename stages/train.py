@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import sys
 
-from domlora.config import Cell, load_params
-from domlora.entry import run_main, stage_parser
-from domlora.paths import Layout
-from domlora.pipeline import train_stage
-from domlora.tracking import make_tracker
+from domlora.pipeline.params import Cell, load_params
+from domlora.cli import run_main, stage_parser
+from domlora.pipeline.paths import Layout
+from domlora.pipeline.stages import train_stage
+from domlora.pipeline.tracking import make_tracker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         cell = Cell.parse(a.cell)
         params.cells(models=[cell.model], datasets=[cell.dataset], methods=[cell.method], seeds=[cell.seed])
         train_stage(params, cell, layout=Layout(a.root), tracker=make_tracker(params), show_progress=not a.no_progress)
-    return run_main(go)
+    return run_main(go, name="stages.train")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
-from domlora.adapters import (VARIANTS, adapted_modules, apply_adapter, attach, count_params, count_placement,
+from domlora.adapters.variants import (VARIANTS, adapted_modules, apply_adapter, attach, count_params, count_placement,
                               load_for_eval, save_adapter, to_peft_config)
 from domlora.errors import ConfigError, ModelError
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import chat_samples, make_tiny_llama
 
-from domlora.checkpoints import (finetune_checkpoints, is_adapter_dir, layer_curves, load_checkpoint,
+from domlora.studies.checkpoints import (finetune_checkpoints, is_adapter_dir, layer_curves, load_checkpoint,
                                  plot_checkpoint_curves, probe_checkpoints, step_of)
 from domlora.errors import ConfigError, ModelError
 from domlora.models import LoadedModel
@@ -80,7 +80,7 @@ class TestProbe:
         json.dumps(doc)
 
     def test_adapter_checkpoint_is_merged(self, tiny_model, tiny_tokenizer, data, tmp_path):
-        from domlora.adapters import attach, save_adapter
+        from domlora.adapters.variants import attach, save_adapter
 
         base = tmp_path / "base"
         tiny_model.save_pretrained(base)

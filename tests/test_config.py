@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from domlora.config import Cell, load_params, parse_profile, use_profile
+from domlora.pipeline.params import Cell, load_params, parse_profile, use_profile
 from domlora.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_slug_with_dash_rejected(raw):
 
 
 def test_unknown_variant(raw):
-    pytest.importorskip("domlora.adapters")
+    pytest.importorskip("domlora.adapters.variants")
     msg = _bad(raw, lambda d: d["methods"]["domlora"].update(variant="lorax"))
     assert "variant" in msg and "lora" in msg
 

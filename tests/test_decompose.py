@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import chat_samples, make_massive_llama, make_tiny_llama
 
-from domlora.decompose import page_decompose
-from domlora.diagnostics import MassiveCriterion
+from domlora.studies.decompose import page_decompose
+from domlora.probes.activations import MassiveCriterion
 from domlora.errors import ConfigError
 from domlora.probes.page import page_probe
 from domlora.samples import collate, encode_samples, per_sample_loss

@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import chat_samples, make_massive_llama, make_tiny_llama
+from conftest import chat_samples, make_massive_llama
 
-from domlora.diagnostics import MassiveCriterion, activation_diagnostics, diagnose, plot_activations
+from domlora.probes.activations import MassiveCriterion, activation_diagnostics
+from domlora.studies.diagnostics import diagnose, plot_activations
 from domlora.errors import ConfigError, ModelError
 from domlora.samples import encode_samples
 

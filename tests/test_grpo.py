@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
-from domlora import grpo as g
-from domlora import sparse_b as sb
+from domlora.studies import arith as A
+from domlora.studies import grpo as g
+from domlora.studies import sparse_b as sb
 from domlora.errors import ConfigError, DataError
 
 MODULES = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"]
@@ -22,7 +23,7 @@ class TestAnswers:
         ("the answer is 7", None), ("#### seven", None), ("#### 7 apples", None), ("", None),
     ])
     def test_parse(self, text, want):
-        assert g.parse_int_answer(text) == want
+        assert A.parse_int_answer(text) == want
 
     def test_reward(self):
         r = g.ArithReward(answer_weight=1.0, format_weight=0.2)
@@ -48,7 +49,7 @@ class TestSignal:
     def test_constant_rewards_warn(self, caplog):
         log, state = g.RewardLog(), g.RunState()
         log.record(["a", "a", "b", "b"], [0.2, 0.2, 0.0, 0.0], [True, True, False, False], [False] * 4)
-        with caplog.at_level(logging.WARNING, logger="domlora.grpo"):
+        with caplog.at_level(logging.WARNING, logger="domlora.studies.grpo"):
             s = g.check_signal(log, state)
         assert s["no_signal"] and not s["never_parsable"]
         assert any("no learning signal" in w for w in state.warnings)
@@ -83,17 +84,17 @@ def _eval_rows(n=4):
 
 class TestData:
     def test_read_prompts(self, tmp_path):
-        rows = g.read_prompts(_write(tmp_path / "t.jsonl", _train_rows(3)))
+        rows = A.read_prompts(_write(tmp_path / "t.jsonl", _train_rows(3)))
         assert rows[1] == {"prompt": [{"role": "user", "content": "What is 1 plus 2?"}], "answer": "3"}
-        ev = g.read_prompts(_write(tmp_path / "e.jsonl", _eval_rows(2)), limit=1)
+        ev = A.read_prompts(_write(tmp_path / "e.jsonl", _eval_rows(2)), limit=1)
         assert ev == [{"prompt": [{"role": "user", "content": "What is 0 plus 3?"}], "answer": "3"}]
 
     def test_rows_without_answers(self, tmp_path):
         bad = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
         with pytest.raises(DataError, match="no row with a checkable integer answer"):
-            g.read_prompts(_write(tmp_path / "b.jsonl", bad))
+            A.read_prompts(_write(tmp_path / "b.jsonl", bad))
         with pytest.raises(DataError, match="does not exist"):
-            g.read_prompts(tmp_path / "missing.jsonl")
+            A.read_prompts(tmp_path / "missing.jsonl")
 
     def test_settings_validation(self):
         with pytest.raises(ConfigError, match="num_generations must be >= 2"):
@@ -229,11 +230,11 @@ class TestEval:
         before = {n: p.detach().clone() for n, p in pm.named_parameters()}
         rows = [{"prompt": [{"role": "user", "content": f"What is {i} plus 2?"}], "answer": str(i + 2)}
                 for i in range(3)]
-        a = g.arith_accuracy(pm, tiny_tokenizer, rows, max_new_tokens=5, batch_size=2, merge=True)
-        b = g.arith_accuracy(pm, tiny_tokenizer, rows, max_new_tokens=5, batch_size=2, merge=False)
+        a = A.arith_accuracy(pm, tiny_tokenizer, rows, max_new_tokens=5, batch_size=2, merge=True)
+        b = A.arith_accuracy(pm, tiny_tokenizer, rows, max_new_tokens=5, batch_size=2, merge=False)
         assert [s["completion"] for s in a["samples"]] == [s["completion"] for s in b["samples"]]
         for n, p in pm.named_parameters():
             torch.testing.assert_close(p, before[n], atol=1e-6, rtol=1e-6)
         assert a["n"] == 3 and 0.0 <= a["accuracy"] <= 1.0
         with pytest.raises(DataError):
-            g.arith_accuracy(pm, tiny_tokenizer, [], max_new_tokens=2)
+            A.arith_accuracy(pm, tiny_tokenizer, [], max_new_tokens=2)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
-from domlora.adapters import attach
+from domlora.adapters.variants import attach
 from domlora.errors import ConfigError
-from domlora.ist import ISTConfig, ISTController
+from domlora.adapters.ist import ISTConfig, ISTController
 from domlora.modules import find_candidates
 
 

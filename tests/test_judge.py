@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from domlora.errors import ConfigError, DataError
-from domlora.judge import (JudgeConfig, JudgeError, MTBenchQuestion, build_judge_messages, chat_completion,
+from domlora.evaluate.mt_bench import (JudgeConfig, JudgeError, MTBenchQuestion, build_judge_messages, chat_completion,
                            grade_mt_bench, load_judge_prompts, load_mt_bench, parse_rating, redact_url,
                            why_unconfigured)
 

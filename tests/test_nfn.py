@@ -9,7 +9,7 @@ from domlora.errors import ConfigError
 from domlora.modules import find_candidates
 from domlora.probes.nfn import nfn_probe
 from domlora.samples import encode_samples, iter_batches
-from domlora.summary import nfn_summary
+from domlora.probes.summary import nfn_summary
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from domlora.adapters import attach, load_for_eval
+from domlora.adapters.variants import attach, load_for_eval
 from domlora.errors import ConfigError
-from domlora.norm import candidate_ranks, reduce_model, save_reduced, sim_search, subspace_similarity, update_svd
+from domlora.adapters.norm import candidate_ranks, reduce_model, save_reduced, sim_search, subspace_similarity, update_svd
 
 # the reference script's grid for r = 64, step 0.1, range_start 1: int(t * 64) for t = 0.1..0.9, then 64
 GRID_R64 = [6, 12, 19, 25, 32, 38, 44, 51, 57, 64]

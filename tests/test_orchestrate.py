@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from domlora.orchestrate import StageFailed, StageRef, is_up_to_date, run_stage
+from domlora.pipeline.orchestrate import StageFailed, StageRef, is_up_to_date, run_stage
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from domlora.errors import ConfigError
 from domlora.modules import find_candidates
 from domlora.probes.page import page_closed_form, page_probe, per_sample_sq_norms
 from domlora.samples import collate, encode_samples, per_sample_loss
-from domlora.summary import page_summary
+from domlora.probes.summary import page_summary
 
 REL_TOL = 1e-6  # the task's bound for PAGE vs a per-sample .grad loop in float64
 

@@ -13,7 +13,7 @@ from domlora.modules import ATTN_TYPES, FFN_TYPES, find_candidates
 from domlora.placement import STRATEGIES, Placement, PlacementSpec, dominant_module, select
 from domlora.probes import nfn_probe, page_probe
 from domlora.samples import encode_samples
-from domlora.summary import nfn_summary, page_summary
+from domlora.probes.summary import nfn_summary, page_summary
 
 N_LAYERS = 12  # >= 12 so that layer 1 could collide with layer 11 under suffix matching
 

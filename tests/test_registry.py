@@ -7,7 +7,7 @@ import multiprocessing as mp
 import pytest
 
 from domlora.errors import ConfigError
-from domlora.registry import dominant_for, load_registry, lookup, placement_from_entry, record
+from domlora.pipeline.registry import dominant_for, load_registry, lookup, placement_from_entry, record
 
 D1, D2 = "model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"
 

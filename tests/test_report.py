@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from domlora.config import load_params
-from domlora.paths import Layout
-from domlora.report import primary_metric, write_report
+from domlora.pipeline.params import load_params
+from domlora.pipeline.paths import Layout
+from domlora.pipeline.report import primary_metric, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from domlora.sandbox import (ExecResult, SandboxLimits, code_exec_allowed, host_isolation, run_program, run_programs,
+from domlora.evaluate.sandbox import (ExecResult, SandboxLimits, code_exec_allowed, host_isolation, run_program, run_programs,
                              self_test)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox targets Linux")

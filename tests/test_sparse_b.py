@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from domlora import sparse_b as sb
+from domlora.studies import sparse_b as sb
 from domlora.errors import ConfigError, ModelError
 
 from conftest import chat_samples, make_tiny_llama
@@ -192,7 +192,7 @@ class TestMasks:
         assert sb.outside_mask_nonzero(pm, masks) == 0
 
     def test_save_load_keeps_it_sparse(self, tiny_tokenizer, tmp_path):
-        from domlora.adapters import save_adapter
+        from domlora.adapters.variants import save_adapter
 
         pm = _peft(tiny_tokenizer)
         masks = sb.select_entries(sb.SparseBSpec(k=16, selection="random", seed=2),

@@ -9,8 +9,8 @@ import pytest
 from domlora.errors import ConfigError
 from domlora.modules import Candidate
 from domlora.probes.page import PageResult
-from domlora.stability import bootstrap_choice, compare_probes, spearman
-from domlora.summary import page_summary
+from domlora.studies.stability import bootstrap_choice, compare_probes, spearman
+from domlora.probes.summary import page_summary
 
 TYPES = ("q_proj", "v_proj", "down_proj")
 

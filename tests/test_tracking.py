@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from domlora.config import Cell, load_params
-from domlora.paths import Layout
-from domlora.tracking import PENDING, MlflowTracker, NullTracker, make_tracker
+from domlora.pipeline.params import Cell, load_params
+from domlora.pipeline.paths import Layout
+from domlora.pipeline.tracking import PENDING, MlflowTracker, NullTracker, make_tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_one_parent_one_child_per_cell_across_threads(tmp_path, params):
     assert [m.step for m in hist] == [1, 2, 3]
     assert r.data.metrics["eval/arith/exact_match"] == 0.25
     # the same grid id from another process finds the same parent (no new one)
-    code = (f"from domlora.tracking import MlflowTracker; t=MlflowTracker(uri='sqlite:///{tmp_path}/mlflow.db', "
+    code = (f"from domlora.pipeline.tracking import MlflowTracker; t=MlflowTracker(uri='sqlite:///{tmp_path}/mlflow.db', "
             "experiment='t', grid_id='g1', profile='ci', params_hash='abc'); print(t.parent_run_id())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out.splitlines()[-1] == parent
@@ -91,7 +91,7 @@ def test_store_down_loses_nothing_and_sync_recovers(tmp_path, params, monkeypatc
 
 
 def test_secrets_never_logged(tmp_path, params, monkeypatch):
-    from domlora.tracking import _scrub
+    from domlora.pipeline.tracking import _scrub
 
     assert _scrub({"judge_api_key": "sk-1", "lr": 1}) == {"lr": 1}
 

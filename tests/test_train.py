@@ -247,7 +247,7 @@ class TestTrain:
         assert float(a) == pytest.approx(float(b), abs=1e-5)
 
     def test_lora_plus_groups(self, tiny_model):
-        from domlora.adapters import attach
+        from domlora.adapters.variants import attach
         from domlora.train import _build_optimizer
 
         net = attach(tiny_model, DOWN2, variant="lora_plus", rank=4, alpha=8)
@@ -265,7 +265,7 @@ class TestTrain:
 
     @pytest.mark.parametrize("variant", ["dora", "rslora", "gralora", "norm", "full"])
     def test_variants_train_and_load(self, base_dir, data, tmp_path, variant):
-        from domlora.adapters import load_for_eval
+        from domlora.adapters.variants import load_for_eval
 
         out = tmp_path / variant
         doc = train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=out,

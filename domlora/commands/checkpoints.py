@@ -35,9 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..checkpoints import finetune_checkpoints, plot_checkpoint_curves, probe_checkpoints
-    from ..errors import ConfigError
-    from ..io import atomic_outputs, write_json
+    from domlora.studies.checkpoints import finetune_checkpoints, plot_checkpoint_curves, probe_checkpoints
+    from domlora.errors import ConfigError
+    from domlora.io import atomic_outputs, write_json
 
     if a.action == "finetune":
         try:

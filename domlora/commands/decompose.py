@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..decompose import decompose
+    from domlora.studies.decompose import decompose
 
     doc = decompose(model=a.model, data=a.data, out_dir=a.out, samples=a.samples, max_length=a.max_length,
                     alpha=a.alpha, rank=a.rank, batch_size=a.batch_size, sink=a.sink, n_boot=a.bootstrap,

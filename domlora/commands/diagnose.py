@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..diagnostics import MassiveCriterion, diagnose
+    from domlora.probes.activations import MassiveCriterion
+    from domlora.studies.diagnostics import diagnose
 
     doc = diagnose(model=a.model, data=a.data, out_dir=a.out, samples=a.samples, max_length=a.max_length,
                    batch_size=a.batch_size, probe_path=a.probe, rule=a.rule,

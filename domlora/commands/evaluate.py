@@ -29,8 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-    from ..evaluate import describe_tasks, evaluate
+    from domlora.errors import ConfigError
+    from domlora.evaluate.run import evaluate
+    from domlora.evaluate.tasks import describe_tasks
 
     if a.list_tasks:
         print(describe_tasks())

@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import DomloraError
+from domlora.errors import DomloraError
 
 HELP = "count trainable/total parameters of an adapter placement from a config.json (no weights needed)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..adapters import VARIANTS
+    from domlora.adapters.variants import VARIANTS
 
     p.add_argument("--config", required=True, help="a Hugging Face config.json, or a name under configs/ "
                    "(Qwen3-8B, Llama-3.1-8B-Instruct)")
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..adapters import count_placement
+    from domlora.adapters.variants import count_placement
 
     try:
         layers = tuple(int(x) for x in a.layers.split(",") if x.strip())

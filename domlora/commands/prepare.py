@@ -8,7 +8,7 @@ HELP = "write a dataset's train/probe/eval chat JSONL (+ stats.json)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..data import DATASETS
+    from domlora.data import DATASETS
 
     p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--out", required=True, help="output folder: train.jsonl, probe.jsonl, eval.jsonl, stats.json")
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..data import prepare_dataset
+    from domlora.data import prepare_dataset
 
     stats = prepare_dataset(a.dataset, a.out, n_train=a.n_train, n_probe=a.n_probe, n_eval=a.n_eval, seed=a.seed,
                             source=a.source, max_length_chars=a.max_length_chars, show_progress=True)

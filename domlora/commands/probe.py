@@ -5,7 +5,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import DomloraError
 
 HELP = "score every module by PAGE (and NFN)"
 
@@ -27,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..pipeline import probe
+    from domlora.pipeline.stages import probe
 
     doc = probe(model=a.model, data=a.data, out_dir=a.out, samples=a.samples, max_length=a.max_length,
                 alpha=a.alpha, rank=a.rank, batch_size=a.batch_size, dtype=a.dtype, device=a.device,

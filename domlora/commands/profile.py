@@ -13,8 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..config import load_params, read_params_file, use_profile
-    from ..errors import ConfigError
+    from domlora.pipeline.params import load_params, read_params_file, use_profile
+    from domlora.errors import ConfigError
 
     if a.action == "use":
         if not a.name:

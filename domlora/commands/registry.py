@@ -8,7 +8,7 @@ HELP = "show, look up or record the dominant module of a backbone"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..registry import DEFAULT_PATH
+    from domlora.pipeline.registry import DEFAULT_PATH
 
     p.add_argument("--registry", default=str(DEFAULT_PATH), help=f"registry JSON (default {DEFAULT_PATH})")
     sub = p.add_subparsers(dest="action", required=True)
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _hash(model: str) -> str:
     from pathlib import Path
 
-    from ..models import config_hash, load_model, model_from_config, resolve_model_path
+    from domlora.models import config_hash, load_model, model_from_config, resolve_model_path
 
     # the architecture hash needs only the config: build on the meta device, no weights loaded
     path = Path(resolve_model_path(model))
@@ -37,9 +37,9 @@ def _hash(model: str) -> str:
 def run(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..errors import ConfigError
-    from ..io import read_json
-    from ..registry import load_registry, lookup, record
+    from domlora.errors import ConfigError
+    from domlora.io import read_json
+    from domlora.pipeline.registry import load_registry, lookup, record
 
     if a.action == "show":
         print(json.dumps(load_registry(a.registry), indent=2))

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from ..errors import DomloraError
+from domlora.errors import DomloraError
 
 HELP = "turn probe scores into a placement (exact module names + evidence)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..placement import STRATEGIES
+    from domlora.placement import STRATEGIES
 
     p.add_argument("--probe", required=True, help="page.json written by `domlora probe`")
     p.add_argument("--strategy", required=True, help=f"one of: {', '.join(sorted(STRATEGIES))}")
@@ -33,7 +32,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..pipeline import select_placement
+    from domlora.pipeline.stages import select_placement
 
     doc = select_placement(probe_path=a.probe, strategy=a.strategy, out=a.out, nfn_path=a.nfn, k=a.k,
                            types=tuple(t for t in a.types.split(",") if t), layers=_ints(a.layers), seed=a.seed,

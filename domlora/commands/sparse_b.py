@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import DomloraError
+from domlora.errors import DomloraError
 
 HELP = "train sparse-B LoRA (k chosen entries of B, A frozen) with SFT or GRPO, or full LoRA for reference"
 
@@ -25,7 +25,7 @@ def _k(text: str) -> int | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..sparse_b import BUDGETS, SELECTIONS
+    from domlora.studies.sparse_b import BUDGETS, SELECTIONS
 
     p.add_argument("--regime", choices=("sft", "grpo"), required=True, help="supervised fine-tuning or GRPO")
     p.add_argument("--model", default="embedded", help="`embedded`, a hub id or a local checkpoint folder")
@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace) -> int:
     if a.regime == "grpo":
-        from ..grpo import GRPOSettings, grpo
+        from domlora.studies.grpo import GRPOSettings, grpo
 
         if a.eval_data is None:
             raise DomloraError("GRPO needs --eval-data (question/answer rows) to report accuracy; fix: pass the "
@@ -69,8 +69,8 @@ def run(a: argparse.Namespace) -> int:
                  out_dir=a.out, k=a.k, selection=a.selection, seed=a.seed, settings=GRPOSettings(**kw),
                  force=a.force, show_progress=True)
     else:
-        from ..sparse_b import sparse_b_sft
-        from ..train import embedded_config
+        from domlora.studies.sparse_b import sparse_b_sft
+        from domlora.train import embedded_config
 
         over = {"rank": a.rank, "alpha": a.alpha}
         if a.steps is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import ConfigError
+from domlora.errors import ConfigError
 
 HELP = "compare page.json files of one backbone: dom / argmax agreement, Spearman, top-k overlap"
 
@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..io import read_json, write_json
-    from ..stability import compare_probes
+    from domlora.io import read_json, write_json
+    from domlora.studies.stability import compare_probes
 
     docs = {}
     for item in a.probe:

@@ -13,9 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..config import load_params
-    from ..paths import Layout
-    from ..tracking import PENDING, make_tracker
+    from domlora.pipeline.params import load_params
+    from domlora.pipeline.paths import Layout
+    from domlora.pipeline.tracking import PENDING, make_tracker
 
     params = load_params(a.params)
     layout = Layout(a.root)

@@ -8,7 +8,7 @@ HELP = "train an adapter at a placement; writes OUT/adapter/ and OUT/train_metri
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..adapters import VARIANTS
+    from domlora.adapters.variants import VARIANTS
 
     p.add_argument("--model", required=True, help="`embedded`, a hub id or a local checkpoint folder")
     p.add_argument("--data", required=True, help="training chat JSONL ({'messages': [...]} per line)")
@@ -38,8 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-    from ..train import TrainConfig, embedded_config, train
+    from domlora.errors import ConfigError
+    from domlora.train import TrainConfig, embedded_config, train
 
     if a.threads is not None:
         if a.threads < 1:
@@ -59,7 +59,7 @@ def run(a: argparse.Namespace) -> int:
         # one module (or a handful, as in the paper's ablations) trains with the single-adapter rate
         n = None
         if a.placement is not None:
-            from ..io import read_json
+            from domlora.io import read_json
 
             try:
                 n = len(read_json(a.placement).get("modules", []))

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..diagnostics import ActivationReport, MassiveCriterion, activation_diagnostics
-from ..errors import ConfigError
-from ..samples import Encoded
+from domlora.probes.activations import ActivationReport, MassiveCriterion, activation_diagnostics
+from domlora.errors import ConfigError
+from domlora.samples import Encoded
 
 logger = logging.getLogger(__name__)
 

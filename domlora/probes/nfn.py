@@ -11,9 +11,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import ConfigError
-from ..modules import Candidate, find_candidates, types_present
-from ..samples import Encoded, iter_batches
+from domlora.errors import ConfigError
+from domlora.modules import Candidate, find_candidates, types_present
+from domlora.samples import Encoded, iter_batches
 
 
 @dataclass

@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
-from ..modules import Candidate, find_candidates
-from ..samples import EncodeReport, Encoded, iter_batches, model_losses
+from domlora.errors import ConfigError
+from domlora.modules import Candidate, find_candidates
+from domlora.samples import EncodeReport, Encoded, iter_batches, model_losses
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """HumanEval and HumanEval+ (hub datasets), scored by running each program in domlora's sandbox."""
-from domlora.eval_tasks.scoring import execute_programs, score_execution
+from domlora.evaluate.scoring import execute_programs, score_execution
 
 __all__ = ["execute_humaneval", "execute_humaneval_plus", "score_execution"]
 

@@ -1,5 +1,5 @@
 """Embedded tasks: the prepared eval splits of the generated datasets and of HumanEval (local JSONL)."""
-from domlora.eval_tasks.scoring import execute_programs, load_local_split, score_execution, score_final_answer
+from domlora.evaluate.scoring import execute_programs, load_local_split, score_execution, score_final_answer
 
 __all__ = ["load_arith", "load_strings", "load_humaneval", "score_final_answer", "execute_humaneval",
            "score_execution"]

@@ -26,7 +26,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 
-from .errors import ConfigError
+from domlora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class ISTController:
         import torch
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        from .modules import _BLOCK_RE
+        from domlora.modules import BLOCK_RE
 
         self.cfg = cfg
         self.seed = seed
@@ -73,7 +73,7 @@ class ISTController:
         for name, mod in model.named_modules():
             if not isinstance(mod, BaseTunerLayer):
                 continue
-            m = _BLOCK_RE.search(name)
+            m = BLOCK_RE.search(name)
             if m is None:
                 raise ConfigError(f"IST needs adapters inside numbered Transformer blocks; {name} is not in one")
             layer = int(m.group(1))

@@ -14,8 +14,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from .errors import ConfigError
-from .probes.page import PageResult
+from domlora.errors import ConfigError
+from domlora.probes.page import PageResult
 
 
 @dataclass

@@ -14,9 +14,9 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import Cell, Params
-from .io import save_figure, write_json, write_text
-from .paths import Layout
+from domlora.pipeline.params import Cell, Params
+from domlora.io import save_figure, write_json, write_text
+from domlora.pipeline.paths import Layout
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def efficiency_table(col: Collected) -> tuple[str, list[dict]]:
     for c in col.cells:
         if c.method not in methods:
             continue
-        from .tracking import train_summary
+        from domlora.pipeline.tracking import train_summary
 
         r = {"model": c.model, "dataset": c.dataset, "method": c.method, **train_summary(col.train.get(c.id) or {})}
         rows.append(r)
@@ -225,7 +225,7 @@ def dominant_table(col: Collected) -> tuple[str, list[dict]]:
 
 def stability_lines(col: Collected) -> list[str]:
     """Per backbone: do the probe sets agree on dom and argmax; rank correlation; top-k overlap."""
-    from .stability import compare_probes
+    from domlora.studies.stability import compare_probes
 
     out = []
     for m in col.params.grid.models:
@@ -255,7 +255,7 @@ def results_csv(col: Collected) -> str:
             w.writerow([c.id, c.model, c.dataset, c.method, c.seed, st, "", ""])
         for k, v in sorted(met.items()):
             w.writerow([c.id, c.model, c.dataset, c.method, c.seed, st, k, v])
-        from .tracking import train_summary
+        from domlora.pipeline.tracking import train_summary
 
         for k, v in train_summary(col.train.get(c.id) or {}).items():
             if isinstance(v, (int, float)):
@@ -296,7 +296,7 @@ def figures(col: Collected, out: Path) -> list[Path]:
     fig.tight_layout()
     made.append(save_figure(fig, out / "page_by_layer.png"))
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    from .tracking import _loss_points
+    from domlora.pipeline.tracking import _loss_points
 
     for c in col.cells:
         pts = _loss_points(col.train.get(c.id) or {})
@@ -314,7 +314,7 @@ def figures(col: Collected, out: Path) -> list[Path]:
 
 def paper_comparison(col: Collected) -> str:
     """For the `paper` profile: our numbers beside the paper's Tables 1 and 2, per backbone."""
-    from .evaluate import compare_with_paper
+    from domlora.evaluate.tasks import compare_with_paper
 
     parts = []
     p = col.params
@@ -346,8 +346,8 @@ def paper_comparison(col: Collected) -> str:
 
 def update_registry(col: Collected, path: Path) -> int:
     """Record every probe of the grid in the dominant-module registry (backbone -> dom module)."""
-    from .models import config_hash_of
-    from .registry import record
+    from domlora.models import config_hash_of
+    from domlora.pipeline.registry import record
 
     n = 0
     for (m, d), doc in col.probes.items():
@@ -382,7 +382,7 @@ def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections
     all_rows["table10"] = rows
     sparse = [c for c in col.cells if params.methods[c.method].sparse_b or params.methods[c.method].grpo]
     if sparse:
-        from .sparse_b import render_report_section
+        from domlora.studies.sparse_b import render_report_section
 
         docs = [d for d in (_read(layout.run_dir(c) / "metrics.json") for c in sparse) if d]
         sections.append(render_report_section(docs))

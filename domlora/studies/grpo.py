@@ -2,7 +2,7 @@
 
 The reward of a completion is `answer_weight * [final answer correct] + format_weight * [it ends
 with a parsable "#### <int>" line]`. The policy is a LoRA adapter on any placement, either
-full (A and B train) or sparse-B (A frozen, k chosen entries of B; see `domlora.sparse_b`).
+full (A and B train) or sparse-B (A frozen, k chosen entries of B; see `domlora.studies.sparse_b`).
 Gradient-informed selection scores entries on the GRPO objective itself: S probe rollouts at
 the initial adapter, each a group of sampled completions with group-normalised advantages.
 
@@ -14,9 +14,7 @@ contain a parsable answer (a warning, and the parse rate in the metrics).
 from __future__ import annotations
 
 import logging
-import math
 import os
-import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,29 +22,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import extract_final_answer
-from .errors import ConfigError, DataError
+from domlora.errors import ConfigError, DataError
+from domlora.studies.arith import arith_accuracy, as_int, generate, parse_int_answer, read_prompts
+from domlora.studies.sparse_b import method_label
 
 logger = logging.getLogger(__name__)
 
-_INT_RE = re.compile(r"^\$?\s*(-?\d[\d,]*)(?:\.0+)?\s*\$?\.?$")
 
 
 # ---------------------------------------------------------------- answers and rewards
 
 
-def parse_int_answer(text: str) -> int | None:
-    """The integer on the last `#### ...` line (`#### 1,200`, `#### $12` allowed), else None."""
-    ans = extract_final_answer(text)
-    if ans is None:
-        return None
-    m = _INT_RE.match(ans)
-    if m is None:
-        return None
-    try:
-        return int(m.group(1).replace(",", ""))
-    except ValueError:
-        return None
 
 
 def _completion_text(c: Any) -> str:
@@ -60,11 +46,6 @@ def _completion_text(c: Any) -> str:
     return str(c)
 
 
-def _as_int(x: Any) -> int | None:
-    try:
-        return int(str(x).strip().replace(",", ""))
-    except ValueError:
-        return None
 
 
 class RewardLog:
@@ -113,7 +94,7 @@ class ArithReward:
     def score(self, completion: str, answer: Any) -> tuple[float, bool, bool]:
         """(reward, parsable, correct) of one completion."""
         got = parse_int_answer(completion)
-        want = _as_int(answer)
+        want = as_int(answer)
         parsed = got is not None
         correct = parsed and want is not None and got == want
         return self.answer_weight * float(correct) + self.format_weight * float(parsed), parsed, correct
@@ -138,154 +119,17 @@ class ArithReward:
 # ---------------------------------------------------------------- data
 
 
-def read_prompts(path: str | os.PathLike, *, limit: int | None = None) -> list[dict]:
-    """Prompt rows `{"prompt": [messages...], "answer": str}` from a chat or eval JSONL file.
-
-    A row with `question` + `answer` (the eval split) becomes a one-turn prompt; a chat row
-    becomes its messages up to the last assistant turn, answer = that turn's `#### N`.
-
-    Raises:
-        DataError: missing file, or rows with no checkable integer answer.
-    """
-    import json
-
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data file {p} does not exist; fix: run `domlora prepare --dataset arith` first")
-    rows, bad = [], 0
-    with open(p, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{p}:{lineno}: malformed JSON ({exc.msg}); fix: one JSON object per line") from None
-            if isinstance(obj, dict) and "question" in obj and "answer" in obj:
-                prompt = [{"role": "user", "content": str(obj["question"])}]
-                answer = obj["answer"]
-            elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-                msgs = obj["messages"]
-                last = max((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "assistant"),
-                           default=None)
-                if last is None or last == 0:
-                    bad += 1
-                    continue
-                prompt = msgs[:last]
-                answer = parse_int_answer(str(msgs[last].get("content", "")))
-            else:
-                bad += 1
-                continue
-            if _as_int(answer) is None:
-                bad += 1
-                continue
-            rows.append({"prompt": prompt, "answer": str(_as_int(answer))})
-            if limit is not None and len(rows) >= limit:
-                break
-    if not rows:
-        raise DataError(f"{p} has no row with a checkable integer answer ({bad} rows skipped): expected "
-                        "eval rows with `question` + `answer`, or chat rows whose last assistant turn ends with "
-                        "`#### <int>`; fix: prepare the arith dataset (`domlora prepare --dataset arith`)")
-    if bad:
-        logger.warning("%s: %d rows without a checkable integer answer were skipped", p, bad)
-    return rows
 
 
 # ---------------------------------------------------------------- generation and evaluation
 
 
-def _left_pad(tokenizer):
-    class _Ctx:
-        def __enter__(self):
-            self.side = tokenizer.padding_side
-            tokenizer.padding_side = "left"
-
-        def __exit__(self, *exc):
-            tokenizer.padding_side = self.side
-
-    return _Ctx()
 
 
-def _encode_prompts(tokenizer, prompts: Sequence[list[dict]], device):
-    from .samples import ensure_chat_template
-
-    ensure_chat_template(tokenizer)
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    with _left_pad(tokenizer):
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return {k: v.to(device) for k, v in enc.items()}
 
 
-def generate(model, tokenizer, prompts: Sequence[list[dict]], *, max_new_tokens: int, do_sample: bool = False,
-             temperature: float = 1.0, num_return_sequences: int = 1, seed: int | None = None):
-    """Batched chat generation; returns (prompt batch, generated ids [B*n, T_new], texts)."""
-    import torch
-
-    device = next(model.parameters()).device
-    enc = _encode_prompts(tokenizer, prompts, device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad,
-                          "num_return_sequences": num_return_sequences}
-    if do_sample:
-        kw |= {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
-    else:
-        kw |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    if seed is not None:
-        torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(**enc, **kw)
-    new = out[:, enc["input_ids"].shape[1]:]
-    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-    return enc, new, texts
 
 
-def arith_accuracy(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: int = 128, batch_size: int = 8,
-                   keep_samples: int = 5, merge: bool = True, show_progress: bool = False) -> dict:
-    """Greedy exact match of the final `#### N` on prompt rows (see `read_prompts`).
-
-    With `merge`, a LoRA adapter is folded into the base weights while generating (no per-token
-    adapter matmuls) and unfolded after.
-
-    Returns accuracy, its standard error, the parse rate, n and a few sample completions.
-    """
-    if not rows:
-        raise DataError("no evaluation rows; fix: pass an eval file with `question` + `answer` rows")
-    if batch_size < 1:
-        raise ConfigError(f"eval batch size must be >= 1, got {batch_size}")
-    was_training = model.training
-    model.eval()
-    merged = False
-    if merge and hasattr(model, "merge_adapter") and not getattr(model, "_adapters_disabled", False):
-        model.merge_adapter()
-        merged = True
-    t0 = time.perf_counter()
-    correct = parsed = 0
-    samples = []
-    it = range(0, len(rows), batch_size)
-    if show_progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="eval arith")
-    try:
-        for i in it:
-            chunk = rows[i:i + batch_size]
-            _, _, texts = generate(model, tokenizer, [r["prompt"] for r in chunk], max_new_tokens=max_new_tokens)
-            for r, t in zip(chunk, texts, strict=True):
-                got = parse_int_answer(t)
-                ok = got is not None and got == _as_int(r["answer"])
-                parsed += got is not None
-                correct += ok
-                if len(samples) < keep_samples:
-                    samples.append({"answer": r["answer"], "completion": t, "correct": ok})
-    finally:
-        if merged:
-            model.unmerge_adapter()
-        model.train(was_training)
-    n = len(rows)
-    acc = correct / n
-    return {"accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / n) if n > 1 else 0.0, "n": n,
-            "correct": correct, "parse_rate": parsed / n, "seconds": time.perf_counter() - t0,
-            "max_new_tokens": max_new_tokens, "samples": samples}
 
 
 def sequence_logprob(model, prompt_ids, prompt_mask, completion_ids, *, pad_id: int):
@@ -387,7 +231,7 @@ class GRPOSettings:
     probe_max_tries: int = 4
     """redraw a probe step on new prompts (up to this many times) while all its groups have constant rewards"""
     budget: str = "global"
-    """global | per_module (see domlora.sparse_b)"""
+    """global | per_module (see domlora.studies.sparse_b)"""
     n_train: int | None = None
     """use only the first n training prompts"""
     n_eval: int | None = 40
@@ -519,7 +363,7 @@ def _on_gpu(model) -> bool:
 
 
 def _load(model):
-    from .models import LoadedModel, load_model
+    from domlora.models import LoadedModel, load_model
 
     if isinstance(model, LoadedModel):
         return model, getattr(model, "spec", "model")
@@ -545,8 +389,6 @@ def _adapter_digest(adapter_dir) -> str:
     return h.hexdigest()[:16]
 
 
-def method_label(regime: str, k: int | None, selection: str | None) -> str:
-    return f"{regime}_full_lora" if k is None else f"{regime}_sparse_{selection}"
 
 
 def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, placement, out_dir: str | os.PathLike,
@@ -576,9 +418,9 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
     """
     import torch
 
-    from .adapters import save_adapter
-    from .io import atomic_outputs, write_json
-    from .sparse_b import (
+    from domlora.adapters.variants import save_adapter
+    from domlora.io import atomic_outputs, write_json
+    from domlora.studies.sparse_b import (
         GradRecorder,
         SparseBSpec,
         attach_lora,
@@ -630,7 +472,7 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
     loaded, model_name = _load(model)
     tok = loaded.tokenizer
     if init_adapter is not None:
-        from .adapters import apply_adapter
+        from domlora.adapters.variants import apply_adapter
 
         loaded.model = apply_adapter(loaded.model, init_adapter, merge=True)
     info = module_info(loaded.model)

@@ -1,4 +1,4 @@
-"""MT-Bench: the 80 two-turn questions, and single-answer grading (1-10) by a judge model.
+"""MT-Bench: the 80 two-turn questions, greedy two-turn answers, and single-answer grading (1-10) by a judge model.
 
 The judge is any OpenAI-compatible chat-completions endpoint. Where it is and which model to
 use come from the environment (`JudgeConfig.from_env`):
@@ -19,6 +19,7 @@ scrubbed from every message this module produces.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import json
 import logging
 import math
@@ -33,13 +34,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, DataError, DomloraError
+from domlora.errors import ConfigError, DataError, DomloraError
+from domlora.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
 MT_BENCH_HUB_ID = "HuggingFaceH4/mt_bench_prompts"
 MT_BENCH_SIZE = 80
-PROMPTS_FILE = Path(__file__).resolve().parent / "eval_tasks" / "mt_bench" / "judge_prompts.json"
+PROMPTS_FILE = Path(__file__).resolve().parents[1] / "eval_tasks" / "mt_bench" / "judge_prompts.json"
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 _ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
@@ -381,3 +383,68 @@ def grade_mt_bench(config: JudgeConfig, questions: Sequence[MTBenchQuestion], an
     t2, _ = _mean_stderr([j.score for j in judged if j.turn == 2 and j.score is not None])
     return MTBenchScores(score=score, stderr=stderr, n=len(rated), score_turn1=t1, score_turn2=t2,
                          n_unrated=len(judged) - len(rated), judgments=judged)
+
+
+def _mt_bench_source(data_dir: Path | None) -> Path | None:
+    if data_dir is None:
+        return None
+    for cand in (data_dir / "mt_bench" / "question.jsonl", data_dir / "mt_bench" / "question.json",
+                 data_dir / "mt_bench.jsonl"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+
+def generate_mt_bench_answers(lm, questions, *, max_gen_toks: int = 1024) -> dict[str, list[str]]:
+    """Greedy two-turn answers: turn 1 for every question in one batched pass, then turn 2."""
+    from lm_eval.api.instance import Instance
+
+    gen = {"until": [], "max_gen_toks": max_gen_toks, "do_sample": False, "temperature": 0.0}
+    answers: dict[str, list[str]] = {q.question_id: [] for q in questions}
+    for turn in (0, 1):
+        reqs = []
+        for q in questions:
+            msgs = []
+            for t in range(turn + 1):
+                msgs.append({"role": "user", "content": q.turns[t]})
+                if t < turn:
+                    msgs.append({"role": "assistant", "content": answers[q.question_id][t]})
+            ctx = lm.apply_chat_template(msgs)
+            reqs.append(Instance(request_type="generate_until", doc={}, arguments=(ctx, dict(gen)), idx=0))
+        outs = lm.generate_until(reqs)
+        for q, text in zip(questions, outs):
+            answers[q.question_id].append(text.strip())
+    return answers
+
+
+
+def run_mt_bench(lm, *, judge: JudgeConfig, data_dir: Path | None, limit: int | None, max_gen_toks: int | None,
+                  cache_path: Path, gen_key: str, show_progress: bool) -> dict:
+
+    questions = load_mt_bench(_mt_bench_source(data_dir))
+    if limit is not None:
+        questions = questions[:limit]
+    cache = {}
+    if cache_path.is_file():
+        try:
+            cache = read_json(cache_path)
+        except (OSError, ValueError):
+            cache = {}
+    if cache.get("gen_key") == gen_key and all(q.question_id in cache.get("answers", {}) for q in questions):
+        answers = cache["answers"]
+        logger.info("reusing %d MT-Bench answers from %s", len(questions), cache_path)
+    else:
+        answers = generate_mt_bench_answers(lm, questions, max_gen_toks=max_gen_toks or 1024)
+        write_json(cache_path, {"gen_key": gen_key, "answers": answers})
+    scores = grade_mt_bench(judge, questions, answers, show_progress=show_progress)
+    write_json(cache_path, {"gen_key": gen_key, "answers": answers, "judge": judge.describe(),
+                        "judgments": [dataclasses.asdict(j) for j in scores.judgments]})
+    n = scores.n
+    metrics = {"score": {"value": scores.score, "stderr": scores.stderr, "n": n}}
+    if scores.score_turn1 is not None:
+        metrics["score_turn1"] = {"value": scores.score_turn1, "stderr": None, "n": len(questions)}
+    if scores.score_turn2 is not None:
+        metrics["score_turn2"] = {"value": scores.score_turn2, "stderr": None, "n": len(questions)}
+    return {"n": len(questions), "metrics": metrics, "n_unrated": scores.n_unrated, "judge": judge.describe(),
+            "answers_file": cache_path.name}

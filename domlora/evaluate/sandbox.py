@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .errors import DomloraError
+from domlora.errors import DomloraError
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Cell
+from domlora.pipeline.params import Cell
 
 
 @dataclass(frozen=True)

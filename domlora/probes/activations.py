@@ -1,4 +1,4 @@
-"""Activation diagnostics: where massive activations appear, and which `down_proj` weights make them.
+"""Activation statistics: where massive activations appear, and which `down_proj` weights make them.
 
 Forward hooks only (no gradients, the model is never modified). Per Transformer block: the
 largest |value| of the residual stream after the block, at which sample / token position /
@@ -7,26 +7,23 @@ per `down_proj`: the largest |input| and |output| and, at the output's peak, whi
 weight contributes most ("super weight" candidate, Yu et al. 2024). A value is *massive*
 (Sun et al. 2024) when |value| > 100 and >= 1000x the median |value| of its hidden state.
 
-Run as: domlora diagnose --model embedded --data data/arith/probe.jsonl --out diagnostics/embedded/arith
+The `diagnose` study (`domlora.studies.diagnostics`) plots them; `probes.massive` predicts the
+dominant module from them.
 """
 from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from .errors import ConfigError, ModelError
-from .modules import Candidate, find_candidates
-from .samples import Encoded, iter_batches
+from domlora.errors import ConfigError, ModelError
+from domlora.modules import BLOCK_RE, Candidate, find_candidates
+from domlora.samples import Encoded, iter_batches
 
 logger = logging.getLogger(__name__)
 
-# same container names as `modules.find_candidates` uses for a block index
-_BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder_layers)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -181,7 +178,7 @@ def _down_dict(d: DownProjStats) -> dict:
 
 def block_name(cand: Candidate) -> str:
     """`model.layers.11.mlp.down_proj` -> `model.layers.11`."""
-    m = _BLOCK_RE.search(cand.name)
+    m = BLOCK_RE.search(cand.name)
     if m is None:  # pragma: no cover - find_candidates only returns names that match
         raise ModelError(f"cannot tell which block {cand.name} belongs to")
     return cand.name[: m.end() - 1]
@@ -424,125 +421,3 @@ def _super_weight(W, x_row, out_peak: Peak, in_peak: Peak, n_outliers: int) -> S
     return SuperWeight(row=j, col=k, weight=float(Wf[j, k]), input_value=float(x_row[k]),
                        share=float(contrib[k]) / y if y else float("nan"), aligned=k == kin,
                        weight_z=abs(float(Wf[j, k])) / std, column_rank=rank, column_outliers=outliers)
-
-
-def page_layer_curve(page_doc: dict, module_type: str = "down_proj") -> dict[int, float]:
-    """layer -> PAGE of the `module_type` module there, from a `page.json` dict."""
-    mods = page_doc.get("modules") or {}
-    return {m["layer"]: m["PAGE"] for m in mods.values() if m.get("type") == module_type}
-
-
-def plot_activations(report: dict, path: str | Path, *, page: dict | None = None, massive: dict | None = None,
-                     title: str | None = None) -> Path:
-    """Max |activation| per layer (residual stream and down_proj input), beside the down_proj PAGE curve.
-
-    Args:
-        report: `ActivationReport.to_dict()` (the `activations.json` dict).
-        path: PNG to write (atomically).
-        page: a `page.json` dict; adds the lower panel with its `down_proj` PAGE per layer.
-        massive: a `massive.json` dict; marks the predicted module.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = [s["layer"] for s in report["layers"]]
-    resid = [s["max"] for s in report["layers"]]
-    med = [s["median"] for s in report["layers"]]
-    din = {d["layer"]: d["input_max"] for d in report["down_proj"]}
-    dout = {d["layer"]: d["output_max"] for d in report["down_proj"]}
-    rows = 2 if page else 1
-    fig, axes = plt.subplots(rows, 1, figsize=(max(7, 0.28 * len(layers) + 3), 3.2 * rows), sharex=True,
-                             squeeze=False)
-    ax = axes[0][0]
-    ax.semilogy(layers, resid, "o-", label="residual stream max |h| (after block)", color="C0")
-    ax.semilogy(layers, med, ":", label="residual stream median |h|", color="C0", alpha=0.6)
-    ax.semilogy(sorted(din), [din[k] for k in sorted(din)], "s-", ms=3, label="down_proj input max |x|", color="C1")
-    ax.semilogy(sorted(dout), [dout[k] for k in sorted(dout)], "^-", ms=3, label="down_proj output max |y|",
-                color="C2", alpha=0.7)
-    onset = report.get("onset_layer")
-    if onset is not None:
-        ax.axvline(onset, color="red", ls="--", lw=1, label=f"massive onset (layer {onset})")
-    ax.set_ylabel("max |activation|")
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
-    if page:
-        curve = page_layer_curve(page)
-        ax2 = axes[1][0]
-        ks = sorted(curve)
-        ax2.semilogy(ks, [curve[k] for k in ks], "o-", color="C3", label="down_proj PAGE")
-        dom = page.get("dominant")
-        if dom and dom in page.get("modules", {}):
-            dl = page["modules"][dom]["layer"]
-            ax2.plot([dl], [curve[dl]], marker="s", ms=11, mfc="none", mec="red", mew=2, ls="",
-                     label=f"dom ({dom})")
-        if massive and massive.get("layer") in curve:
-            ml = massive["layer"]
-            ax2.plot([ml], [curve[ml]], marker="*", ms=12, color="gold", mec="black", ls="",
-                     label=f"massive pick (layer {ml})")
-        ax2.set_ylabel("PAGE")
-        ax2.legend(fontsize=7, loc="best")
-        ax2.grid(alpha=0.3)
-    axes[-1][0].set_xlabel("layer")
-    axes[0][0].set_title(title or f"massive activations vs down_proj PAGE (N={report.get('n_samples')})", fontsize=9)
-    fig.tight_layout()
-    from .io import save_figure
-
-    return save_figure(fig, path)
-
-
-def diagnose(*, model: str, data: str | Path, out_dir: str | Path, samples: int = 32, max_length: int = 256,
-             batch_size: int = 8, probe_path: str | Path | None = None, rule: str = "onset",
-             criterion: MassiveCriterion | None = None, dtype: str = "auto", device: str | None = None,
-             cache_dir: str | None = None, trust_remote_code: bool = False, model_name: str | None = None,
-             show_progress: bool = False) -> dict:
-    """Diagnose stage: write `activations.json`, `massive.json` and `activations.png` into `out_dir`.
-
-    Args:
-        model: `embedded`, a hub id or a local folder.
-        data: chat JSONL; only the tokens of its first `samples` samples are used (no labels).
-        probe_path: a `page.json` of the same model; adds the down_proj PAGE panel to the plot and
-            the agreement of the prediction with PAGE's `dom` to `massive.json`.
-        rule: the predictor's rule (`onset`, `largest_jump`, `largest_output`).
-
-    Returns:
-        The `massive.json` document.
-    """
-    from .io import atomic_outputs, read_json, write_json
-    from .models import config_hash, load_model
-    from .probes.massive import RULES, massive_predict, massive_summary
-    from .samples import encode_samples, read_samples
-
-    if samples < 1:
-        raise ConfigError(f"--samples must be >= 1, got {samples}")
-    if rule not in RULES:
-        raise ConfigError(f"unknown rule {rule!r}; valid: {', '.join(RULES)}")
-    page = None
-    if probe_path is not None:
-        if not Path(probe_path).is_file():
-            raise ConfigError(f"probe file {probe_path} does not exist; fix: run `domlora probe` first or drop --probe")
-        page = read_json(probe_path)
-    chosen = read_samples(data, limit=samples)  # validate before loading the model
-    loaded = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
-    encoded, _ = encode_samples(loaded.tokenizer, chosen, max_length=max_length)
-    pred, report = massive_predict(loaded.model, encoded, rule=rule, batch_size=batch_size, criterion=criterion,
-                                   show_progress=show_progress)
-    name = model_name or model
-    doc = massive_summary(pred, report, model=name, config_hash=config_hash(loaded.model))
-    doc["data"] = str(data)
-    acts = report.to_dict() | {"model": name, "data": str(data)}
-    if page is not None:
-        if page.get("modules") and pred.module not in page["modules"]:
-            raise ConfigError(f"{probe_path} does not score {pred.module}: it belongs to another model; fix: pass "
-                              "the page.json of the same model")
-        doc["page_dominant"] = page.get("dominant")
-        doc["agrees_with_dom"] = page.get("dominant") == pred.module
-        doc["page_argmax"] = page.get("argmax")
-    with atomic_outputs(out_dir) as stage:
-        write_json(stage / "activations.json", acts)
-        write_json(stage / "massive.json", doc)
-        plot_activations(acts, stage / "activations.png", page=page, massive=doc,
-                         title=f"{name}: massive activations vs down_proj PAGE")
-    logger.info("massive activation onset at layer %s; predicted %s (%s)", pred.onset_layer, pred.module, rule)
-    return doc

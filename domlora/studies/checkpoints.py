@@ -21,9 +21,9 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import ConfigError, ModelError
-from .io import write_json
-from .modules import PAPER_TYPES, TYPES
+from domlora.errors import ConfigError, ModelError
+from domlora.io import write_json
+from domlora.modules import PAPER_TYPES, TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _STEP_RE = re.compile(r"(?:step|checkpoint)[-_]?(\d+)$")
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
     """A trained adapter folder (domlora's or plain PEFT) rather than a full checkpoint."""
-    from .adapters import META_FILE
+    from domlora.adapters.variants import META_FILE
 
     p = Path(path)
     return (p / META_FILE).is_file() or (p / "adapter_config.json").is_file()
@@ -57,8 +57,8 @@ def load_checkpoint(path: str | os.PathLike, *, base: str | None = None, dtype: 
     Raises:
         ModelError: missing folder, an adapter with no known base, or an adapter for another base.
     """
-    from .adapters import apply_adapter, read_adapter_meta
-    from .models import LoadedModel, config_hash, load_model
+    from domlora.adapters.variants import apply_adapter, read_adapter_meta
+    from domlora.models import LoadedModel, config_hash, load_model
 
     p = Path(path)
     if not p.exists():
@@ -118,10 +118,10 @@ def probe_checkpoints(checkpoints: Sequence[str | os.PathLike], *, data: str | o
         ModelError: a checkpoint that cannot be loaded, or one of another architecture than the first.
         DataError: a bad probe file.
     """
-    from .models import config_hash
-    from .probes.page import check_lora_shape, page_probe
-    from .samples import encode_samples, read_samples
-    from .summary import page_summary
+    from domlora.models import config_hash
+    from domlora.probes.page import check_lora_shape, page_probe
+    from domlora.samples import encode_samples, read_samples
+    from domlora.probes.summary import page_summary
 
     check_lora_shape(alpha, rank)
     paths = [Path(c) for c in checkpoints]
@@ -151,7 +151,7 @@ def probe_checkpoints(checkpoints: Sequence[str | os.PathLike], *, data: str | o
         doc = page_summary(result, model=str(p))
         extra = {}
         if massive:
-            from .probes.massive import massive_predict
+            from domlora.probes.massive import massive_predict
 
             pred, _ = massive_predict(loaded.model, encoded, batch_size=max(batch_size, 4))
             extra = {"massive": pred.module, "massive_agrees": pred.module == doc["dominant"],
@@ -205,7 +205,7 @@ def plot_checkpoint_curves(doc: dict, path: str | os.PathLike, *, types: Sequenc
     stable = "stable" if doc.get("dominant_stable") else "moves"
     fig.suptitle(title or f"PAGE across checkpoints (dom {stable}: {rows[0]['dominant']})", fontsize=10)
     fig.tight_layout()
-    from .io import save_figure
+    from domlora.io import save_figure
 
     return save_figure(fig, path)
 
@@ -233,8 +233,8 @@ def finetune_checkpoints(*, model, train_data: str | os.PathLike, out_dir: str |
     Raises:
         ConfigError: bad steps / save_steps.
     """
-    from .io import atomic_dir
-    from .train import TrainConfig, train
+    from domlora.io import atomic_dir
+    from domlora.train import TrainConfig, train
 
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
@@ -272,7 +272,7 @@ def finetune_checkpoints(*, model, train_data: str | os.PathLike, out_dir: str |
         if step in save:
             snapshot(step)
 
-    from .models import LoadedModel, load_model
+    from domlora.models import LoadedModel, load_model
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype="float32", cache_dir=cache_dir)
     state["tokenizer"] = loaded.tokenizer

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from domlora.errors import ConfigError
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 PAPER_TABLES = (1, 2, 3, 4, 5, 10, 11, 12)
@@ -238,7 +238,7 @@ PROFILE_KEYS = {"profile", "models", "datasets", "methods", "probe", "train", "e
 
 def parse_profile(d: dict, *, name: str = "run") -> Params:
     """Validate one profile dict; errors name the key and the allowed values."""
-    from .placement import STRATEGIES
+    from domlora.placement import STRATEGIES
 
     if not isinstance(d, dict):
         raise ConfigError(f"params.yaml: profile `{name}` must be a mapping")
@@ -294,7 +294,7 @@ def parse_profile(d: dict, *, name: str = "run") -> Params:
 
 def _check_variants(name: str, train: TrainSpec, methods: dict[str, MethodSpec]) -> None:
     try:
-        from .adapters import VARIANTS
+        from domlora.adapters.variants import VARIANTS
     except ImportError:  # adapters not importable (e.g. a partial install): skip this check
         return
     for where, v in [(f"{name}.train.variant", train.variant)] + [
@@ -344,7 +344,7 @@ def use_profile(path: str | Path, profile: str) -> None:
         text = re.sub(r"^run:.*$", f"run: *{profile}", text, count=1, flags=re.M)
     else:
         text = text.rstrip("\n") + f"\nrun: *{profile}\n"
-    from .io import write_text
+    from domlora.io import write_text
 
     write_text(p, text)
     load_params(p)  # still valid

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
-from .io import read_json, write_json
+from domlora.errors import ConfigError
+from domlora.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def placement_from_entry(entry: RegistryEntry, modules: dict[str, dict] | None =
     Raises:
         ConfigError: the registered module is not in `modules` (the registry belongs to another model).
     """
-    from .placement import Placement
+    from domlora.placement import Placement
 
     if modules is not None and entry.dominant not in modules:
         raise ConfigError(f"the registry says {entry.dominant} for {entry.model}, but this model has no such "

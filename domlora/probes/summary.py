@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .modules import TYPES, num_layers, types_present
-from .placement import dominant_module
-from .probes import NFNResult, PageResult
+from domlora.modules import TYPES, num_layers, types_present
+from domlora.placement import dominant_module
+from domlora.probes import NFNResult, PageResult
 
 
 def page_summary(result: PageResult, *, model: str, top_k: int = 10) -> dict:
@@ -109,6 +109,6 @@ def plot_page_heatmap(doc: dict, path: str | Path, *, title: str | None = None) 
                     f"box: dom = {short(dom)}; star: argmax = {short(doc.get('argmax'))}")
     ax.set_title(ttl, fontsize=9)
     fig.tight_layout()
-    from .io import save_figure
+    from domlora.io import save_figure
 
     return save_figure(fig, path)

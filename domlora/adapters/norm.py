@@ -25,7 +25,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from domlora.errors import ConfigError
+from domlora.modules import PEFT_PREFIX, base_name
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,6 @@ def reduce_model(model, *, step: float = 0.1, range_start: int = 1) -> dict[str,
     """Run Sim-Search on every LoRA layer of a `PeftModel` (default adapter); nothing is modified."""
     from peft.tuners.lora import LoraLayer
 
-    from .adapters import PEFT_PREFIX
 
     out: dict[str, NormChoice] = {}
     for name, mod in model.named_modules():
@@ -137,7 +137,7 @@ def reduce_model(model, *, step: float = 0.1, range_start: int = 1) -> dict[str,
         W = mod.get_base_layer().weight
         if getattr(mod, "fan_in_fan_out", False):
             W = W.T
-        short = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+        short = base_name(name)
         out[short] = sim_search(A, B, W, scaling=float(mod.scaling["default"]), step=step, range_start=range_start)
         logger.info("NoRM %s: keep rank %d of %d (phi=%.4f)", short, out[short].kept, out[short].rank,
                     out[short].similarity[out[short].kept])
@@ -172,7 +172,6 @@ def save_reduced(model, reduced: dict[str, NormChoice], out_dir: str | os.PathLi
     """Write the reduced adapter as a PEFT LoRA folder (`PeftModel.from_pretrained` loads it)."""
     from safetensors.torch import save_file
 
-    from .adapters import PEFT_PREFIX
 
     cfg = reduced_config(model, reduced)
     cfg.save_pretrained(str(out_dir))

@@ -25,11 +25,11 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-from .diagnostics import MassiveCriterion, block_name
-from .errors import ConfigError
-from .modules import Candidate, find_candidates
-from .probes.page import PageResult, check_lora_shape, excluded_positions, page_closed_form
-from .samples import EncodeReport, Encoded, iter_batches, per_sample_loss
+from domlora.probes.activations import MassiveCriterion, block_name
+from domlora.errors import ConfigError
+from domlora.modules import Candidate, find_candidates
+from domlora.probes.page import PageResult, check_lora_shape, excluded_positions, page_closed_form
+from domlora.samples import EncodeReport, Encoded, iter_batches, per_sample_loss
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class Decomposition:
 
     def to_dict(self, *, model: str | None = None) -> dict:
         """The `decompose.json` document: module table plus the rankings with and without the sinks."""
-        from .placement import dominant_module
+        from domlora.placement import dominant_module
 
         table = self.module_table()
         has_down = any(m["type"] == "down_proj" for m in table.values())
@@ -309,10 +309,10 @@ def decompose(*, model: str, data: str, out_dir: str, samples: int = 32, max_len
               seed: int = 0, dtype: str = "auto", device: str | None = None, cache_dir: str | None = None,
               trust_remote_code: bool = False, model_name: str | None = None, show_progress: bool = False) -> dict:
     """Decompose stage: write `decompose.json` (sink / rest split, effective rank, bootstrap) into `out_dir`."""
-    from .io import atomic_outputs, write_json
-    from .models import load_model
-    from .samples import encode_samples, read_samples
-    from .stability import bootstrap_choice
+    from domlora.io import atomic_outputs, write_json
+    from domlora.models import load_model
+    from domlora.samples import encode_samples, read_samples
+    from domlora.studies.stability import bootstrap_choice
 
     check_lora_shape(alpha, rank)
     if samples < 1:

@@ -10,8 +10,8 @@ import logging
 import re
 from pathlib import Path
 
-from ..data import extract_final_answer  # the format the prepared data teaches
-from ..errors import DataError
+from domlora.data import extract_final_answer  # the format the prepared data teaches
+from domlora.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def execute_programs(resps: list[list[str]], docs: list[dict], *, timeout_s: flo
 
     Returns, per doc, one dict per completion: {"passed": bool, "status": ..., "reason": ...}.
     """
-    from ..sandbox import SandboxLimits, run_programs, self_test
+    from domlora.evaluate.sandbox import SandboxLimits, run_programs, self_test
 
     layers = self_test()
     logger.info("running %d generated programs in the sandbox (%s)", sum(len(r) for r in resps), ", ".join(layers))

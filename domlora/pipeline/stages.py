@@ -9,8 +9,8 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import ConfigError
-from .io import atomic_outputs, read_json, write_json
+from domlora.errors import ConfigError
+from domlora.io import atomic_outputs, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -20,11 +20,11 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
           device: str | None = None, nfn: bool = True, trust_remote_code: bool = False,
           cache_dir: str | None = None, show_progress: bool = False, model_name: str | None = None) -> dict:
     """Probe stage: write `page.json`, `page.png` and (with `nfn`) `nfn.json` into `out_dir`."""
-    from .models import load_model
-    from .probes import nfn_probe, page_probe
-    from .probes.page import check_lora_shape
-    from .samples import encode_samples, read_samples
-    from .summary import nfn_summary, page_summary, plot_page_heatmap
+    from domlora.models import load_model
+    from domlora.probes import nfn_probe, page_probe
+    from domlora.probes.page import check_lora_shape
+    from domlora.samples import encode_samples, read_samples
+    from domlora.probes.summary import nfn_summary, page_summary, plot_page_heatmap
 
     check_lora_shape(alpha, rank)
     if samples < 1:
@@ -76,7 +76,7 @@ def select_placement(*, probe_path: str | os.PathLike, strategy: str, out: str |
 
     `nfn.json` (plop) and `massive.json` (massive) are read from beside the probe file unless given.
     """
-    from .placement import PlacementSpec, select
+    from domlora.placement import PlacementSpec, select
 
     spec = PlacementSpec(strategy=strategy, k=k, types=tuple(types), layers=tuple(layers), seed=seed)
     probe_path = Path(probe_path)
@@ -105,7 +105,7 @@ def select_placement(*, probe_path: str | os.PathLike, strategy: str, out: str |
 
 def prepare_data_stage(params, dataset: str, *, layout, show_progress: bool = False) -> dict:
     """prepare_data: data/<dataset>/{train,probe,eval}.jsonl + stats.json."""
-    from .data import prepare_dataset
+    from domlora.data import prepare_dataset
 
     spec = params.datasets[dataset]
     return prepare_dataset(spec.source, layout.data_dir(dataset), n_train=spec.n_train, n_probe=spec.n_probe,
@@ -128,8 +128,8 @@ def probe_stage(params, model: str, dataset: str, *, layout, tracker=None, show_
 
 def write_layer_csv(doc: dict, path) -> None:
     """PAGE by layer, one column per module type (DVC plots draw one line per type)."""
-    from .io import write_text
-    from .summary import layer_type_matrix
+    from domlora.io import write_text
+    from domlora.probes.summary import layer_type_matrix
 
     types, grid = layer_type_matrix(doc)
     lines = ["layer," + ",".join(types)]
@@ -149,7 +149,7 @@ def select_stage(params, model: str, dataset: str, method: str, *, layout) -> di
 def _train_config(params, cell):
     from dataclasses import fields
 
-    from .train import TrainConfig
+    from domlora.train import TrainConfig
 
     spec = params.method_train(cell.method)
     names = {f.name for f in fields(TrainConfig)}
@@ -160,7 +160,7 @@ def _train_config(params, cell):
 
 def train_stage(params, cell, *, layout, tracker=None, show_progress: bool = False) -> dict:
     """train: runs/<cell>/adapter/, train_metrics.json, loss.csv."""
-    from .tracking import NullTracker
+    from domlora.pipeline.tracking import NullTracker
 
     tracker = tracker or NullTracker()
     m = params.methods[cell.method]
@@ -171,14 +171,14 @@ def train_stage(params, cell, *, layout, tracker=None, show_progress: bool = Fal
         if m.grpo:
             metrics = _grpo_cell(params, cell, layout=layout, placement=placement, show_progress=show_progress)
         elif m.sparse_b:
-            from .sparse_b import sparse_b_sft
+            from domlora.studies.sparse_b import sparse_b_sft
 
             kw = dict(m.sparse_b)
             metrics = sparse_b_sft(model=spec.id, train_data=layout.split(cell.dataset, "train"), placement=placement,
                                    out_dir=out_dir, seed=cell.seed, train_cfg=_train_config(params, cell),
                                    eval_data=None, show_progress=show_progress, **kw)
         else:
-            from .train import train
+            from domlora.train import train
 
             metrics = train(model=spec.id, train_data=layout.split(cell.dataset, "train"), placement=placement,
                             out_dir=out_dir, cfg=_train_config(params, cell), method="ist" if m.ist else None,
@@ -193,7 +193,7 @@ def train_stage(params, cell, *, layout, tracker=None, show_progress: bool = Fal
 
 def _grpo_cell(params, cell, *, layout, placement, show_progress: bool) -> dict:
     """GRPO (TRL) with a verifiable reward; train_metrics.json mirrors its metrics for the grid."""
-    from .grpo import GRPOSettings, grpo
+    from domlora.studies.grpo import GRPOSettings, grpo
 
     m = params.methods[cell.method]
     kw = dict(m.sparse_b or {})
@@ -211,8 +211,8 @@ def _grpo_cell(params, cell, *, layout, placement, show_progress: bool) -> dict:
 
 
 def write_loss_csv(metrics_path, csv_path) -> None:
-    from .io import write_text
-    from .tracking import _loss_points
+    from domlora.io import write_text
+    from domlora.pipeline.tracking import _loss_points
 
     tm = read_json(metrics_path) if Path(metrics_path).is_file() else {}
     rows = ["step,loss"] + [f"{s},{v:.6g}" for s, v in _loss_points(tm)]
@@ -222,7 +222,7 @@ def write_loss_csv(metrics_path, csv_path) -> None:
 def evaluate_stage(params, cell_or_base, *, layout, model: str | None = None, dataset: str | None = None,
                    tracker=None, show_progress: bool = False) -> dict:
     """evaluate: runs/<cell>/eval.json + scores.json (a cell), or runs/<model>-<dataset>-base/ (no adapter)."""
-    from .evaluate import evaluate
+    from domlora.evaluate.run import evaluate
 
     if cell_or_base == "base":
         run_id, adapter = layout.base_id(model, dataset), None

@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ConfigError, DataError, ModelError
-from .io import read_json, write_json
+from domlora.errors import ConfigError, DataError, ModelError
+from domlora.io import read_json, write_json
+from domlora.modules import base_name
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +86,6 @@ class SparseBSpec:
 # ---------------------------------------------------------------- the adapter's B and A
 
 
-def _base_name(peft_name: str) -> str:
-    # PEFT prefixes the wrapped model's names with `base_model.model.`
-    prefix = "base_model.model."
-    return peft_name[len(prefix):] if peft_name.startswith(prefix) else peft_name
-
-
 def lora_layers(peft_model, *, adapter: str = "default") -> dict[str, Any]:
     """Base-model module name -> PEFT LoRA layer, for every module carrying `adapter`."""
     from peft.tuners.lora import LoraLayer
@@ -98,10 +93,10 @@ def lora_layers(peft_model, *, adapter: str = "default") -> dict[str, Any]:
     out = {}
     for name, mod in peft_model.named_modules():
         if isinstance(mod, LoraLayer) and adapter in getattr(mod, "lora_B", {}):
-            out[_base_name(name)] = mod
+            out[base_name(name)] = mod
     if not out:
         raise ModelError(f"the model carries no LoRA adapter named {adapter!r}; fix: attach a LoRA adapter "
-                         "(domlora.adapters.attach or peft.get_peft_model) before making B sparse")
+                         "(domlora.adapters.variants.attach or peft.get_peft_model) before making B sparse")
     return dict(sorted(out.items()))
 
 
@@ -250,7 +245,7 @@ def sft_probe_loss(peft_model, encoded, *, pad_id: int, batch_size: int, seed: i
     """`loss_fn(step)` for scoring on supervised samples: step s uses its own seeded batch."""
     import random
 
-    from .samples import collate, per_sample_loss
+    from domlora.samples import collate, per_sample_loss
 
     if not encoded:
         raise DataError("no probe samples to score B entries on; fix: pass training data with assistant turns")
@@ -642,7 +637,7 @@ class GradRecorder:
 
 def resolve_placement(placement) -> list[str]:
     """Module names from a placement: a Placement, its dict, a placement JSON path, or a list of names."""
-    from .placement import Placement
+    from domlora.placement import Placement
 
     if isinstance(placement, Placement):
         return list(placement.modules)
@@ -664,10 +659,10 @@ def resolve_placement(placement) -> list[str]:
 
 
 def attach_lora(model, modules: list[str], *, rank: int, alpha: float, dropout: float = 0.0, seed: int = 0):
-    """A plain LoRA adapter on exactly `modules` (A seeded), through `domlora.adapters.attach`."""
+    """A plain LoRA adapter on exactly `modules` (A seeded), through `domlora.adapters.variants.attach`."""
     import torch
 
-    from .adapters import attach
+    from domlora.adapters.variants import attach
 
     torch.manual_seed(seed)
     return attach(model, list(modules), variant="lora", rank=rank, alpha=alpha, dropout=dropout)
@@ -675,7 +670,7 @@ def attach_lora(model, modules: list[str], *, rank: int, alpha: float, dropout: 
 
 def module_info(model) -> dict[str, dict]:
     """name -> {type, layer, d_in, d_out} for every candidate projection."""
-    from .modules import find_candidates
+    from domlora.modules import find_candidates
 
     return {c.name: c.to_dict() for c in find_candidates(model)}
 
@@ -708,7 +703,7 @@ def make_masks(peft_model, spec: SparseBSpec, loss_fn: Callable[[int], Any] | No
 
 def run_info(**extra) -> dict:
     try:
-        from .provenance import run_info as _ri
+        from domlora.provenance import run_info as _ri
     except ImportError:  # pragma: no cover - provenance is part of the pipeline package
         return dict(extra)
     return _ri(**extra)
@@ -723,7 +718,7 @@ def config_digest(config: dict) -> str:
 
 def file_digest(path: str | os.PathLike | None) -> str | None:
     """Content hash of a data file (a finished run is reused only on the same bytes)."""
-    from .io import file_sha256
+    from domlora.io import file_sha256
 
     return file_sha256(path)[:16] if path is not None and Path(path).is_file() else None
 
@@ -786,11 +781,11 @@ def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: st
     """
     import shutil
 
-    from .grpo import arith_accuracy, method_label, read_prompts
-    from .io import write_json
-    from .models import load_model
-    from .samples import encode_samples, read_samples
-    from .train import embedded_config, train
+    from domlora.studies.arith import arith_accuracy, read_prompts
+    from domlora.io import write_json
+    from domlora.models import load_model
+    from domlora.samples import encode_samples, read_samples
+    from domlora.train import embedded_config, train
 
     cfg = (train_cfg if train_cfg is not None else embedded_config(dom=False)).replace(seed=seed)
     if cfg.variant not in SFT_VARIANTS:
@@ -821,7 +816,7 @@ def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: st
     samples = read_samples(train_data, limit=cfg.limit_samples)
     eval_rows = read_prompts(eval_data, limit=n_eval) if eval_data is not None else None
 
-    from .models import LoadedModel
+    from domlora.models import LoadedModel
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=cfg.dtype, device=cfg.device)
     model_name = model if isinstance(model, str) else getattr(loaded, "spec", "model")
@@ -928,7 +923,7 @@ def render_report_section(results: list[dict]) -> str:
 
     `results` are metrics dicts returned by `sparse_b_sft` / `grpo` (their metrics.json).
     """
-    from .modules import PAPER_TYPES
+    from domlora.modules import PAPER_TYPES
 
     if not results:
         return "## Budgeted placement inside B\n\nNo sparse-B or GRPO runs.\n"
@@ -987,3 +982,7 @@ def render_report_section(results: list[dict]) -> str:
     if warns:
         out += ["", "Warnings:", ""] + [f"- {m}: {w}" for m, w in warns]
     return "\n".join(out) + "\n"
+
+
+def method_label(regime: str, k: int | None, selection: str | None) -> str:
+    return f"{regime}_full_lora" if k is None else f"{regime}_sparse_{selection}"

@@ -91,7 +91,7 @@ class MlflowTracker:
         if self._parent is None:
             run = self._find(f"tags.`domlora.grid_id` = '{self.grid_id}' and tags.`domlora.kind` = 'grid'")
             if run is None:
-                from .provenance import git_commit
+                from domlora.provenance import git_commit
 
                 run = self.client.create_run(self._exp_id, run_name=f"grid-{self.grid_id}", tags={
                     "domlora.grid_id": self.grid_id, "domlora.kind": "grid", "domlora.profile": self.profile,

@@ -5,7 +5,7 @@
     loaded = load_for_eval("embedded", "runs/x/adapter")     # base + adapter, ready to generate
 
 Variants: LoRA, DoRA, LoRA+ (a LoRA adapter trained with PEFT's LoRA+ optimizer), AdaLoRA,
-rsLoRA, GraLoRA, NoRM (a LoRA adapter reduced after training, see `domlora.norm`) and `full`
+rsLoRA, GraLoRA, NoRM (a LoRA adapter reduced after training, see `domlora.adapters.norm`) and `full`
 (full-parameter training of only the placed modules, no PEFT). Every adapter folder holds a
 `domlora_adapter.json` next to what PEFT writes, naming the variant and the base model.
 """
@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, ModelError
-from .io import atomic_dir, read_json, write_json
+from domlora.errors import ConfigError, ModelError
+from domlora.io import atomic_dir, read_json, write_json
+from domlora.modules import base_name
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,6 @@ VARIANTS = ("lora", "dora", "lora_plus", "adalora", "rslora", "gralora", "norm",
 LORA_LIKE = ("lora", "lora_plus", "rslora", "norm", "dora")
 META_FILE = "domlora_adapter.json"
 FULL_WEIGHTS = "full_weights.safetensors"
-PEFT_PREFIX = "base_model.model."
 
 
 def check_variant(variant: str) -> None:
@@ -182,7 +182,7 @@ def adapted_modules(model) -> list[str]:
     if hasattr(model, "get_base_model"):
         for name, mod in model.named_modules():
             if isinstance(mod, BaseTunerLayer):
-                found.append(name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name)
+                found.append(base_name(name))
         return found
     for name, mod in model.named_modules():
         if any(p.requires_grad for p in mod.parameters(recurse=False)):
@@ -284,13 +284,13 @@ def save_adapter(model, out_dir: str | os.PathLike, *, variant: str, meta: dict 
     """Write an adapter folder atomically; PEFT variants load with `PeftModel.from_pretrained`.
 
     `full` writes the placed modules' weights (`full_weights.safetensors`) instead. `norm`
-    reduces every LoRA pair with Sim-Search first (`domlora.norm.reduce_model`) and writes
+    reduces every LoRA pair with Sim-Search first (`domlora.adapters.norm.reduce_model`) and writes
     the reduced LoRA (per-module ranks in `rank_pattern`). Returns the metadata written.
     """
     check_variant(variant)
     from safetensors.torch import save_file
 
-    from .models import config_hash
+    from domlora.models import config_hash
 
     meta = dict(meta or {})
     base = _base(model)
@@ -313,7 +313,7 @@ def save_adapter(model, out_dir: str | os.PathLike, *, variant: str, meta: dict 
             doc["tensors"] = {k: list(v.shape) for k, v in tensors.items()}
             doc["tied"] = tied
         elif variant == "norm":
-            from .norm import reduce_model, save_reduced
+            from domlora.adapters.norm import reduce_model, save_reduced
 
             reduced = reduce_model(model, step=norm_step, range_start=norm_range_start)
             save_reduced(model, reduced, tmp)
@@ -348,7 +348,7 @@ def _check_shapes(model, tensors: dict[str, tuple], adapter_dir, meta: dict) -> 
     mods = dict(base.named_modules())
     trained_on = meta.get("base_model") or "unknown"
     for key, shape in tensors.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = base_name(key)
         parts = name.split(".")
         # find the adapted module: the longest prefix that names a module of the base model
         for cut in range(len(parts) - 1, 0, -1):
@@ -448,7 +448,7 @@ def load_for_eval(model_spec: str, adapter_dir: str | os.PathLike | None, *, dty
         ModelError: a missing, incomplete or corrupt adapter folder, or one trained for another base
             model (tensor shapes do not fit).
     """
-    from .models import config_hash, load_model
+    from domlora.models import config_hash, load_model
 
     if adapter_dir is not None:
         meta = read_adapter_meta(adapter_dir)  # fail before loading a large model
@@ -469,7 +469,7 @@ def load_for_eval(model_spec: str, adapter_dir: str | os.PathLike | None, *, dty
 # ---------------------------------------------------------------------------------------------
 # parameter counts without weights
 
-CONFIG_DIRS = (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parents[1] / "configs")
+CONFIG_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[2] / "configs")
 
 
 def resolve_config(config: str | os.PathLike) -> Path:
@@ -495,9 +495,9 @@ def count_placement(config: str | os.PathLike, *, strategy: str, layers: Sequenc
     Returns:
         {"trainable_params", "total_params", "modules"} (total includes the adapter).
     """
-    from .models import model_from_config
-    from .modules import find_candidates
-    from .placement import PlacementSpec, select
+    from domlora.models import model_from_config
+    from domlora.modules import find_candidates
+    from domlora.placement import PlacementSpec, select
 
     check_variant(variant)
     model = model_from_config(resolve_config(config), device="meta")

@@ -1,0 +1,484 @@
+"""Evaluate a base model, or base + adapter, on lm-eval tasks and MT-Bench; write eval.json.
+
+Each task runs in its own lm-eval evaluation (`run_lm_eval`) over one `HFLM` wrapping the loaded
+model, so one failing task never loses the others, and eval.json is rewritten (atomically)
+after every task. A rerun with the same model, adapter and settings evaluates only the tasks
+that are missing, failed or skipped, or whose configuration changed.
+
+Protocols (see `TASKS` and docs/evaluate.md): generative tasks decode greedily (the paper:
+temperature 0 for every benchmark) under the model's chat template and extract the answer;
+multiple-choice benchmarks (MMLU, CommonsenseQA, TruthfulQA, LogiQA) compare the
+log-likelihoods of the options, which is what greedy decoding of a single answer letter picks
+when the model answers in the expected format, without the parsing failures. Code is executed
+only when allowed (`allow_code_exec=True` or HF_ALLOW_CODE_EVAL=1), in `domlora.evaluate.sandbox`.
+
+Run as: domlora evaluate --model embedded --adapter runs/X/adapter --tasks embedded --data-dir data --out eval.json
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from domlora import __version__
+from domlora.errors import ConfigError, DomloraError, ModelError
+from domlora.evaluate.lm import (
+    load_model_for_eval,
+    make_lm,
+    resolve_batch_size,
+    run_lm_eval,
+    summarize_lm_eval,
+    torch_threads,
+)
+from domlora.evaluate.mt_bench import (
+    JudgeConfig,
+    JudgeError,
+    run_mt_bench,
+    why_unconfigured,
+)
+from domlora.evaluate.tasks import (
+    SELF_CONTAINED,
+    TaskSpec,
+    expand_tasks,
+    full_task_manager,
+    lm_eval_version,
+    local_task_manager,
+    paper_average,
+    paper_columns,
+    resolve_tasks,
+    task_config_hash,
+    task_spec,
+)
+from domlora.io import file_sha256, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+
+
+
+"""tasks that need none of lm-eval's own task library (indexing it takes ~15 s)"""
+
+
+# paper column -> (task, metric); values are fractions except MT-Bench (1-10)
+
+# The paper's Tables 1 and 2 (seed 000). MT-Bench is printed x10 there, as in the averages.
+
+
+
+# ------------------------------------------------------------------------------------------
+# task names
+# ------------------------------------------------------------------------------------------
+
+
+
+
+
+
+
+
+
+
+
+# ------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------
+
+def check_adapter_dir(adapter: str | Path) -> Path:
+    """Fail early on a missing, empty or corrupt adapter folder.
+
+    Raises:
+        ModelError: the message names the problem and the fix.
+    """
+    p = Path(adapter)
+    if not p.exists():
+        raise ModelError(f"adapter folder {p} does not exist; fix: pass the `adapter/` folder the train stage "
+                         "wrote (runs/<cell>/adapter), or leave --adapter out to evaluate the base model")
+    if not p.is_dir():
+        raise ModelError(f"adapter {p} is a file, not a folder; fix: pass the folder that holds adapter_config.json")
+    files = {f.name for f in p.iterdir()}
+    if not files:
+        raise ModelError(f"adapter folder {p} is empty (an interrupted training run?); fix: rerun the train stage")
+    cfg = p / "adapter_config.json"
+    if cfg.is_file():
+        try:
+            doc = json.loads(cfg.read_text(encoding="utf-8"))
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{cfg} is corrupt ({exc}); fix: rerun the train stage for this cell") from None
+        weights = [n for n in ("adapter_model.safetensors", "adapter_model.bin") if n in files]
+        if not weights:
+            raise ModelError(f"adapter folder {p} has adapter_config.json but no adapter_model.safetensors/.bin; "
+                             "fix: rerun the train stage for this cell")
+        if weights[0].endswith(".safetensors"):
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(p / weights[0]), framework="pt") as fh:
+                    fh.keys()
+            except Exception as exc:  # truncated or not a safetensors file
+                raise ModelError(f"{p / weights[0]} is corrupt ({str(exc).splitlines()[0][:120]}); fix: rerun the "
+                                 "train stage for this cell") from None
+    elif not any(n.endswith((".safetensors", ".bin", ".json")) for n in files):
+        raise ModelError(f"{p} holds no adapter files (adapter_config.json, *.safetensors); fix: pass the folder "
+                         "the train stage wrote")
+    return p
+
+
+def adapter_fingerprint(adapter: Path | None) -> str | None:
+    """sha256 over the adapter folder's files (names and bytes), so a retrained adapter is re-evaluated."""
+    if adapter is None:
+        return None
+    h = hashlib.sha256()
+    for f in sorted(adapter.rglob("*")):
+        if f.is_file() and not f.name.startswith("."):
+            h.update(str(f.relative_to(adapter)).encode())
+            file_sha256(f, h)
+    return h.hexdigest()[:16]
+
+
+def _validate_settings(limit, batch_size, max_gen_toks) -> None:
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"limit must be a positive integer (examples per task), got {limit!r}")
+    if max_gen_toks is not None and (not isinstance(max_gen_toks, int) or max_gen_toks < 1):
+        raise ConfigError(f"max_gen_toks must be a positive integer, got {max_gen_toks!r}")
+    if isinstance(batch_size, str):
+        if batch_size.startswith("auto"):
+            return
+        try:
+            batch_size = int(batch_size)
+        except ValueError:
+            raise ConfigError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}") from None
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+
+
+
+
+# ------------------------------------------------------------------------------------------
+# model
+# ------------------------------------------------------------------------------------------
+
+def _adapter_base(adapter: Path) -> str | None:
+    for name, key in (("domlora_adapter.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        try:
+            value = json.loads((adapter / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if value:
+            return str(value)
+    return None
+
+
+
+
+
+
+
+
+
+
+# ------------------------------------------------------------------------------------------
+# one lm-eval task
+# ------------------------------------------------------------------------------------------
+
+
+
+# ------------------------------------------------------------------------------------------
+# results
+# ------------------------------------------------------------------------------------------
+
+
+
+
+
+
+
+
+
+
+
+def flat_metrics(doc: dict) -> dict[str, float]:
+    """{"<task>/<metric>": value} over successful tasks (DVC `metrics`)."""
+    out = {}
+    for t, rec in doc.get("tasks", {}).items():
+        if rec.get("status") == "success":
+            for m, v in rec.get("metrics", {}).items():
+                if v.get("value") is not None:
+                    out[f"{t}/{m}"] = v["value"]
+    return out
+
+
+
+
+
+
+
+
+
+
+
+
+# ------------------------------------------------------------------------------------------
+# config hashes and resume
+# ------------------------------------------------------------------------------------------
+
+
+
+
+
+
+
+
+
+def _run_key(model: str, adapter_fp: str | None, dtype: str) -> str:
+    doc = {"model": model, "adapter": adapter_fp, "dtype": dtype, "schema": SCHEMA_VERSION}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_previous(out: Path, run_key: str) -> dict:
+    if not out.is_file():
+        return {}
+    try:
+        prev = read_json(out)
+    except (OSError, ValueError) as exc:
+        logger.warning("%s is unreadable (%s); evaluating every task again", out, exc)
+        return {}
+    if not isinstance(prev, dict) or prev.get("run_key") != run_key:
+        logger.warning("%s was written for another model, adapter or dtype; evaluating every task again", out)
+        return {}
+    return prev.get("tasks", {}) or {}
+
+
+# ------------------------------------------------------------------------------------------
+# MT-Bench
+# ------------------------------------------------------------------------------------------
+
+
+
+
+
+
+
+# ------------------------------------------------------------------------------------------
+# the entry point
+# ------------------------------------------------------------------------------------------
+
+def _run_info() -> dict:
+    info = {"domlora": __version__, "lm_eval": lm_eval_version()}
+    for pkg in ("torch", "transformers", "peft"):
+        try:
+            from importlib.metadata import version
+
+            info[pkg] = version(pkg)
+        except Exception:  # pragma: no cover
+            pass
+    return info
+
+
+def _overall(tasks: dict) -> str:
+    states = [r.get("status") for r in tasks.values()]
+    if states and all(s == "success" for s in states):
+        return "success"
+    return "partial" if any(s == "success" for s in states) else "failed"
+
+
+def evaluate(*, model: str, adapter: str | Path | None, tasks: list[str] | str, out: str | Path,
+             data_dir: str | Path | None = None, limit: int | None = None, batch_size: int | str = "auto",
+             max_gen_toks: int | None = None, allow_code_exec: bool = False, judge: JudgeConfig | None = None,
+             cache_dir=None, show_progress: bool = False, on_result: Callable[[str, dict], None] | None = None,
+             dtype: str = "auto", device: str | None = None, merge_adapter: bool = True,
+             num_threads: int | None = None) -> dict:
+    """Evaluate `model` (+ `adapter`) on `tasks`; write and return the eval.json document.
+
+    Args:
+        model: `embedded`, a hub id or a checkpoint folder.
+        adapter: adapter folder from the train stage, or None for the base model.
+        tasks: suite names (`SUITES`) and/or task names, as a list or a comma string.
+        out: the eval.json path (rewritten atomically after each task).
+        data_dir: folder with `<dataset>/eval.jsonl` for the embedded tasks (and `mt_bench/question.jsonl`).
+        limit: evaluate only the first N examples of each task (smoke runs; not paper numbers).
+        batch_size: examples per forward pass; `auto` = lm-eval's detection on GPU, CPU_BATCH_SIZE on CPU.
+        max_gen_toks: cap on generated tokens for every generative task (default: each task's own).
+        allow_code_exec: run generated code (HumanEval) in the sandbox; HF_ALLOW_CODE_EVAL=1 also allows it.
+        judge: MT-Bench judge; None = from the environment (`JudgeConfig.from_env`), else the task is skipped.
+        cache_dir: where the embedded model's converted checkpoint lives.
+        show_progress: progress bars.
+        on_result: called as on_result(task, record) after each task (e.g. to log to MLflow).
+        dtype, device: model loading (see `domlora.models.load_model`).
+        merge_adapter: merge LoRA-type adapters into the weights before evaluating (faster, same function).
+        num_threads: torch CPU threads while evaluating (restored afterwards); None leaves torch's setting.
+            On a CPU shared with other jobs, 1 is much faster for decoding: with more threads every
+            small matmul waits for all of them to be scheduled.
+
+    Returns:
+        The eval.json document: {"status", "model", "adapter", "tasks": {name: record}, "metrics", ...}.
+
+    Raises:
+        ConfigError / DataError / ModelError: bad input, before any evaluation starts.
+    """
+    from domlora.evaluate.sandbox import code_exec_allowed
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    data_dir = Path(data_dir) if data_dir is not None else None
+    _validate_settings(limit, batch_size, max_gen_toks)
+    if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+        raise ConfigError(f"num_threads must be a positive integer, got {num_threads!r}")
+    # 1. names (the full lm-eval index is built only when a name is not domlora's own)
+    names = expand_tasks(tasks)
+    tm = None if all(n in SELF_CONTAINED for n in names) else full_task_manager(data_dir)
+    names = resolve_tasks(names, task_manager=tm)
+    specs = {n: task_spec(n) for n in names}
+    # 2. adapter and local data, before the model is loaded
+    adapter_path = check_adapter_dir(adapter) if adapter is not None else None
+    data_files: dict[str, Path] = {}
+    for n, s in specs.items():
+        if s.local_data:
+            from domlora.evaluate.scoring import (
+                LOCAL_FIELDS,
+                read_eval_rows,
+                resolve_eval_file,
+            )
+
+            f = resolve_eval_file(data_dir, s.local_data)
+            read_eval_rows(f, LOCAL_FIELDS.get(s.local_data, ()))
+            data_files[n] = f
+    exec_ok = code_exec_allowed(allow_code_exec)
+    judge_cfg = judge if judge is not None else JudgeConfig.from_env()
+    # 3. resume
+    run_key = _run_key(model, adapter_fingerprint(adapter_path), dtype)
+    previous = _read_previous(out, run_key)
+    hashes = {}
+    for n, s in specs.items():
+        extra = {"judge": judge_cfg.describe()["model"]} if n == "mt_bench" and judge_cfg else None
+        hashes[n] = task_config_hash(s, limit=limit, max_gen_toks=max_gen_toks, data_file=data_files.get(n),
+                                     extra=extra)
+    records: dict[str, dict] = {}
+    for n in names:
+        rec = previous.get(n)
+        if rec and rec.get("status") == "success" and rec.get("config_hash") == hashes[n]:
+            records[n] = rec
+    todo = [n for n in names if n not in records]
+    doc: dict[str, Any] = {
+        "schema": SCHEMA_VERSION, "status": "running", "model": model,
+        "adapter": str(adapter_path) if adapter_path else None,
+        "adapter_base": _adapter_base(adapter_path) if adapter_path else None, "run_key": run_key,
+        "settings": {"limit": limit, "batch_size": batch_size, "max_gen_toks": max_gen_toks, "dtype": dtype,
+                     "code_exec": exec_ok, "decoding": "greedy (temperature 0)"},
+        "lm_eval_version": lm_eval_version(), "run_info": _run_info(), "tasks": records, "metrics": {},
+    }
+    if records:
+        logger.info("reusing %d task result(s) from %s: %s", len(records), out, ", ".join(records))
+
+    def save():
+        ordered = {n: doc["tasks"][n] for n in names if n in doc["tasks"]}
+        doc["tasks"] = ordered
+        doc["metrics"] = flat_metrics(doc)
+        avgs = {}
+        for t in (1, 2):
+            a = paper_average(paper_columns(doc, t))
+            if a is not None:
+                avgs[f"table{t}"] = round(a, 3)
+        doc["paper_averages"] = avgs
+        doc["wall_s"] = round(time.perf_counter() - t_start, 2)
+        doc["status"] = _overall(doc["tasks"]) if len(doc["tasks"]) == len(names) else "running"
+        write_json(out, doc)
+
+    if not todo:
+        save()
+        return doc
+    # 4. skip what cannot run, before loading the model
+    for n in list(todo):
+        s = specs[n]
+        reason = None
+        if s.code_exec and not exec_ok:
+            reason = ("runs model-generated code, which is not allowed; fix: pass --allow-code-exec (or set "
+                      "HF_ALLOW_CODE_EVAL=1) to run it in the sandbox")
+        elif n == "mt_bench" and judge_cfg is None:
+            reason = why_unconfigured()
+        if reason:
+            doc["tasks"][n] = {"status": "skipped", "reason": reason, "config_hash": hashes[n],
+                               "protocol": s.protocol}
+            todo.remove(n)
+            logger.warning("%s skipped: %s", n, reason)
+            if on_result:
+                on_result(n, doc["tasks"][n])
+    if not todo:
+        save()
+        return doc
+    # 5. model, then the tasks one at a time
+    with torch_threads(num_threads):
+        import torch
+
+        loaded = load_model_for_eval(model, adapter_path, dtype=dtype, device=device, cache_dir=cache_dir,
+                                     merge=merge_adapter)
+        dev = str(next(loaded.model.parameters()).device)
+        bs = resolve_batch_size(batch_size, dev)
+        doc["settings"].update({"device": dev, "batch_size_used": bs, "threads": torch.get_num_threads()})
+        lm = make_lm(loaded, batch_size=bs, show_progress=show_progress)
+        if tm is None:
+            tm = local_task_manager(data_dir)
+        gen_kwargs = {"do_sample": False, "temperature": 0.0}
+        if max_gen_toks is not None:
+            gen_kwargs["max_gen_toks"] = max_gen_toks
+        for n in todo:
+            rec = _run_task(n, specs[n], lm=lm, tm=tm, config_hash=hashes[n], gen_kwargs=gen_kwargs, limit=limit,
+                            max_gen_toks=max_gen_toks, exec_ok=exec_ok, judge=judge_cfg, data_dir=data_dir,
+                            mt_bench_cache=out.parent / f"{out.stem}.mt_bench.json", run_key=run_key,
+                            show_progress=show_progress)
+            doc["tasks"][n] = rec
+            save()
+            if on_result:
+                on_result(n, rec)
+    save()
+    return doc
+
+
+
+
+def _run_task(name: str, spec: TaskSpec, *, lm, tm, config_hash: str, gen_kwargs: dict, limit, max_gen_toks,
+              exec_ok: bool, judge: JudgeConfig | None, data_dir, mt_bench_cache: Path, run_key: str,
+              show_progress: bool) -> dict:
+    """Evaluate one task; any error becomes a `failed` record (one failing task never loses the others)."""
+    t0 = time.perf_counter()
+    logger.info("evaluating %s (%s)", name, spec.protocol)
+    rec: dict[str, Any] = {"config_hash": config_hash, "protocol": spec.protocol, "headline": spec.headline or None}
+    try:
+        if name == "mt_bench":
+            gen_key = hashlib.sha256(f"{run_key}:{config_hash}:{max_gen_toks}".encode()).hexdigest()[:16]
+            body = run_mt_bench(lm, judge=judge, data_dir=data_dir, limit=limit, max_gen_toks=max_gen_toks,
+                                 cache_path=mt_bench_cache, gen_key=gen_key, show_progress=show_progress)
+        else:
+            res = run_lm_eval(lm, tm, spec.lm_eval, limit=limit, chat_template=spec.chat_template,
+                              gen_kwargs=gen_kwargs, allow_unsafe_code=exec_ok and spec.code_exec)
+            body = summarize_lm_eval(res, spec.lm_eval)
+            if not body["metrics"]:
+                raise DomloraError(f"lm-eval returned no metrics for {spec.lm_eval}")
+        wall = time.perf_counter() - t0
+        rec.update({"status": "success", **body, "wall_s": round(wall, 2),
+                    "examples_per_s": round(body["n"] / wall, 3) if wall > 0 and body.get("n") else None})
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+        if judge is not None and judge.api_key:
+            msg = msg.replace(judge.api_key, "***")
+        if "OfflineModeIsEnabled" in msg or "Couldn't reach" in msg:
+            msg += ("; fix: this task reads its dataset from the Hugging Face hub: run it once with network "
+                    "(HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0) to cache the data, or use the embedded suite offline")
+        rec.update({"status": "failed", "error": f"{type(exc).__name__}: {msg}",
+                    "wall_s": round(time.perf_counter() - t0, 2)})
+        logger.error("%s failed: %s", name, rec["error"])
+        if not isinstance(exc, (DomloraError, JudgeError)):
+            logger.debug("traceback", exc_info=True)
+    return rec
+
+
