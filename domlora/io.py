@@ -50,6 +50,30 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(fh)
 
 
+def iter_jsonl(path: str | os.PathLike, *, error=ValueError) -> Iterator[tuple[int, Any]]:
+    """Yield `(line number, object)` for each non-blank line of a JSON-lines file.
+
+    Raises `error` (a DomloraError subclass at the callers) naming the file and line: for a line
+    that is not JSON, and for bytes that are not UTF-8 (with the byte offset and the fix).
+    """
+    p = Path(path)
+    with open(p, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise error(f"{p}:{lineno}: byte 0x{raw[exc.start]:02x} at column {exc.start + 1} is not UTF-8 "
+                            f"({exc.reason}); fix: re-encode the file as UTF-8, e.g. "
+                            f"`iconv -f latin1 -t utf-8 {p.name} > fixed.jsonl`") from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise error(f"{p}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                            "fix: one JSON object per line") from None
+
+
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
     """Write rows as JSON lines atomically."""
     return write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in rows))
@@ -102,6 +126,17 @@ def atomic_outputs(out_dir: str | os.PathLike) -> Iterator[Path]:
             os.replace(item, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, *, timeout: float = -1) -> Iterator[None]:
+    """Hold an inter-process lock on `path` (created if missing) for the block."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path), timeout=timeout):
+        yield
 
 
 def file_sha256(path: str | os.PathLike, h=None) -> str:

@@ -6,8 +6,6 @@ safetensors checkpoint under the cache folder; later loads read that (~1-2 s).
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -18,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from domlora.errors import ModelError
-from domlora.io import atomic_dir
+from domlora.io import atomic_dir, file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -85,17 +83,6 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(f"{path.name}:{st.st_size}".encode()).hexdigest()[:12]
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def embedded_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return a plain safetensors checkpoint of the embedded model, converting it on first use."""
     gguf = embedded_gguf_path()
@@ -104,7 +91,7 @@ def embedded_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     if (target / "config.json").is_file():
         return target
     # two processes may ask at once (parallel grid cells): convert under a file lock
-    with _lock(cache / f".{target.name}.lock"):
+    with file_lock(cache / f".{target.name}.lock"):
         if (target / "config.json").is_file():
             return target
         logger.info("converting the embedded GGUF once into %s (~15 s)", target)

@@ -7,7 +7,6 @@ assistant tokens all fall beyond it is skipped and counted, never turned into a 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -15,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from domlora.errors import DataError
+from domlora.io import iter_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +55,10 @@ def read_samples(path: str | os.PathLike, *, limit: int | None = None) -> list[d
     if not p.is_file():
         raise DataError(f"data file {p} does not exist; fix: pass a chat JSONL file (one {{'messages': [...]}} per line)")
     out: list[dict] = []
-    with open(p, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{p}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                                "fix: one JSON object per line") from None
-            out.append({"messages": validate_sample(obj, f"{p}:{lineno}")})
-            if limit is not None and len(out) >= limit:
-                break
+    for lineno, obj in iter_jsonl(p, error=DataError):
+        out.append({"messages": validate_sample(obj, f"{p}:{lineno}")})
+        if limit is not None and len(out) >= limit:
+            break
     if not out:
         raise DataError(f"{p} holds no samples; fix: write at least one {{'messages': [...]}} line")
     return out

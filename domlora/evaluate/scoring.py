@@ -5,13 +5,13 @@ rule (answer extraction, program assembly) lives in one place with its tests.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 
 from domlora.data import extract_final_answer  # the format the prepared data teaches
 from domlora.errors import DataError
+from domlora.io import iter_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +51,12 @@ def resolve_eval_file(data_dir: str | Path | None, dataset: str) -> Path:
 def read_eval_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
     """Read an eval JSONL and check every row has `required` keys."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{i} is not valid JSON ({exc.msg}); fix: regenerate it with "
-                                "`domlora prepare`") from None
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise DataError(f"{path}:{i} lacks {missing}; expected keys {list(required)}, found "
-                                f"{sorted(row)}; fix: regenerate it with `domlora prepare`")
-            rows.append(row)
+    for i, row in iter_jsonl(path, error=DataError):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise DataError(f"{path}:{i} lacks {missing}; expected keys {list(required)}, found "
+                            f"{sorted(row)}; fix: regenerate it with `domlora prepare`")
+        rows.append(row)
     if not rows:
         raise DataError(f"{path} has no rows; fix: prepare the dataset with --n-eval > 0")
     return rows

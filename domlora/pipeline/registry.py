@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import fcntl
 import hashlib
 import logging
 import os
@@ -24,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from domlora.errors import ConfigError
-from domlora.io import read_json, write_json
+from domlora.io import file_lock, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +62,8 @@ def _locked(path: Path):
     # note: the lock lives in the temp folder, keyed by the registry's absolute path, so no lock file
     # sits beside a registry that is kept in git
     key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"domlora-registry-{key}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(Path(tempfile.gettempdir()) / f"domlora-registry-{key}.lock"):
+        yield
 
 
 def load_registry(path: str | os.PathLike = DEFAULT_PATH) -> dict:

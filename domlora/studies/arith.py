@@ -13,6 +13,7 @@ from typing import Any
 
 from domlora.data import extract_final_answer
 from domlora.errors import ConfigError, DataError
+from domlora.io import iter_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -53,41 +54,33 @@ def read_prompts(path: str | os.PathLike, *, limit: int | None = None) -> list[d
     Raises:
         DataError: missing file, or rows with no checkable integer answer.
     """
-    import json
 
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file {p} does not exist; fix: run `domlora prepare --dataset arith` first")
     rows, bad = [], 0
-    with open(p, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{p}:{lineno}: malformed JSON ({exc.msg}); fix: one JSON object per line") from None
-            if isinstance(obj, dict) and "question" in obj and "answer" in obj:
-                prompt = [{"role": "user", "content": str(obj["question"])}]
-                answer = obj["answer"]
-            elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-                msgs = obj["messages"]
-                last = max((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "assistant"),
-                           default=None)
-                if last is None or last == 0:
-                    bad += 1
-                    continue
-                prompt = msgs[:last]
-                answer = parse_int_answer(str(msgs[last].get("content", "")))
-            else:
+    for _lineno, obj in iter_jsonl(p, error=DataError):
+        if isinstance(obj, dict) and "question" in obj and "answer" in obj:
+            prompt = [{"role": "user", "content": str(obj["question"])}]
+            answer = obj["answer"]
+        elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+            msgs = obj["messages"]
+            last = max((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "assistant"),
+                       default=None)
+            if last is None or last == 0:
                 bad += 1
                 continue
-            if as_int(answer) is None:
-                bad += 1
-                continue
-            rows.append({"prompt": prompt, "answer": str(as_int(answer))})
-            if limit is not None and len(rows) >= limit:
-                break
+            prompt = msgs[:last]
+            answer = parse_int_answer(str(msgs[last].get("content", "")))
+        else:
+            bad += 1
+            continue
+        if as_int(answer) is None:
+            bad += 1
+            continue
+        rows.append({"prompt": prompt, "answer": str(as_int(answer))})
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise DataError(f"{p} has no row with a checkable integer answer ({bad} rows skipped): expected "
                         "eval rows with `question` + `answer`, or chat rows whose last assistant turn ends with "
