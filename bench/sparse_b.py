@@ -25,8 +25,8 @@ from pathlib import Path
 
 from domlora.data import prepare_dataset
 from domlora.studies.grpo import GRPOSettings, grpo
-from domlora.studies.sparse_b import render_report_section, sparse_b_sft
-from domlora.train import embedded_config
+from domlora.studies.sparse_b import SparseBSpec, render_report_section, sparse_b_sft
+from domlora.pipeline.params import load_params
 
 DATA_SEED = 1234
 
@@ -92,29 +92,31 @@ def main(argv: list[str] | None = None) -> int:
     prepare_dataset("arith", data, n_train=a.n_train, n_probe=0, n_eval=a.n_eval, seed=DATA_SEED)
     train, ev = data / "train.jsonl", data / "eval.jsonl"
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    # the embedded profile's recipe, as the grid's sparse-B methods use it
+    base = load_params(Path(__file__).resolve().parents[1] / "params.yaml", profile="embedded").train
     results: list[dict] = []
     for seed in seeds:
         for name, k, sel in (("full", None, None), ("random", a.k, "random"), ("informed", a.k, "informed")):
             lr = a.sft_lr_full if k is None else a.sft_lr_sparse
-            cfg = embedded_config(dom=False, rank=a.rank, alpha=2.0 * a.rank, lr=lr, max_steps=a.sft_steps,
-                                  save_every=10)
+            cfg = base.replace(rank=a.rank, alpha=2.0 * a.rank, lr=lr, max_steps=a.sft_steps, save_every=10, seed=seed)
+            spec = None if k is None else SparseBSpec(k=k, selection=sel, probe_steps=a.probe_steps)
             r = sparse_b_sft(model=a.model, train_data=train, placement=None, out_dir=out / "sft" / f"{name}-{seed}",
-                             k=k, selection=sel or "random", seed=seed, train_cfg=cfg, probe_steps=a.probe_steps,
-                             eval_data=ev, n_eval=a.n_eval, eval_max_new_tokens=a.eval_tokens)
+                             cfg=cfg, spec=spec, eval_data=ev, n_eval=a.n_eval, eval_max_new_tokens=a.eval_tokens)
             results.append(r)
         if a.no_grpo:
             continue
         warm = out / "sft" / f"full-{seed}" / "adapter"
         for name, k, sel in (("full", None, None), ("random", a.k, "random"), ("informed", a.k, "informed")):
-            settings = GRPOSettings(steps=a.grpo_steps, prompts_per_step=2, num_generations=4,
-                                    max_completion_length=a.completion_tokens, temperature=0.8, rank=a.rank,
-                                    alpha=2.0 * a.rank,
-                                    learning_rate=a.grpo_lr_full if k is None else a.grpo_lr_sparse,
-                                    probe_steps=a.probe_steps, probe_prompts_per_step=1, n_eval=a.n_eval,
-                                    eval_max_new_tokens=a.eval_tokens)
+            settings = GRPOSettings(prompts_per_step=2, num_generations=4, max_completion_length=a.completion_tokens,
+                                    temperature=0.8, n_eval=a.n_eval, eval_max_new_tokens=a.eval_tokens)
+            cfg = base.replace(rank=a.rank, alpha=2.0 * a.rank, max_steps=a.grpo_steps, seed=seed,
+                               lr=a.grpo_lr_full if k is None else a.grpo_lr_sparse, lr_schedule="constant",
+                               warmup_ratio=0.0)
+            spec = None if k is None else SparseBSpec(k=k, selection=sel, probe_steps=a.probe_steps,
+                                                      probe_batch_size=1)
             r = grpo(model=a.model, train_data=train, eval_data=ev, placement=None,
-                     out_dir=out / "grpo" / f"{name}-{seed}", k=k, selection=sel or "random", seed=seed,
-                     settings=settings, init_adapter=warm)
+                     out_dir=out / "grpo" / f"{name}-{seed}", cfg=cfg, settings=settings, sparse_b=spec,
+                     init_adapter=warm)
             results.append(r)
     print()
     print(table(results))

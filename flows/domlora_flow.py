@@ -1,4 +1,10 @@
-"""Prefect flow `domlora`: the grid, one task per stage per cell, recorded in DVC.
+"""Prefect flow `domlora`: the grid, one task per DVC stage, recorded in DVC.
+
+The stages, their commands and their dependencies are read from dvc.yaml through DVC's own index
+(`domlora.pipeline.orchestrate.dvc_stages`), so the flow and `dvc repro` cannot drift; each task
+is named after its DVC stage (`train@smol-arith-domlora-0`), so the Prefect UI reads like `dvc dag`.
+Heavy stages (probe, train, evaluate) hold a slot of the `domlora-gpu` global concurrency limit,
+which alone bounds how many run at once.
 
 Run as: prefect deployment run domlora/full-grid -p profile=embedded
    or:  python -m flows.domlora_flow --profile embedded   (local, ephemeral Prefect)
@@ -15,23 +21,21 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import allow_failure
 
-from domlora.pipeline.params import load_params
-from domlora.pipeline.orchestrate import StageRef, run_stage
+from domlora.pipeline.grid import check_grid
+from domlora.pipeline.orchestrate import StageRef, dvc_stages, run_stage, with_upstream
+from domlora.pipeline.params import Cell, load_params
 from domlora.pipeline.tracking import make_tracker
 
-GPU_SLOTS = "domlora-gpu"  # global concurrency limit: how many cells may train/evaluate at once
+GPU_SLOTS = "domlora-gpu"  # global concurrency limit: how many heavy stages may run at once
 # A slot is leased and the lease renewed while its stage runs; the slots of a run that was killed
 # come back when the lease runs out (Prefect's default, 300 s, left a rerun idle for 5 minutes).
 SLOT_LEASE_S = 60
-
-
-def _stage(ref: StageRef, root: str, grid_id: str, *, gpu: bool = False) -> str:
-    env = {"DOMLORA_GRID_ID": grid_id}
-    if gpu:
-        with concurrency(GPU_SLOTS, occupy=1, strict=False, lease_duration=SLOT_LEASE_S):
-            return run_stage(Path(root), ref, env=env)
-    return run_stage(Path(root), ref, env=env)
+HEAVY = frozenset({"probe", "train", "evaluate", "evaluate_base"})
+"""stage kinds that load a model and hold a slot"""
+DEFAULT_SLOTS = 2
+"""the slots scripts/prefect_up.sh creates unless DOMLORA_GPU_SLOTS says otherwise"""
 
 
 def _share_cpu_threads(parallel: int) -> None:
@@ -49,57 +53,43 @@ def _share_cpu_threads(parallel: int) -> None:
     os.environ.setdefault("MKL_NUM_THREADS", n)
 
 
-@task(name="prepare_data", retries=1, retry_delay_seconds=5)
-def prepare_data(dataset: str, root: str, grid_id: str) -> str:
-    """Write a dataset's splits."""
-    return _stage(StageRef(f"prepare_data@{dataset}", ("stages.prepare_data", "--dataset", dataset)), root, grid_id)
+def _slots() -> int:
+    """The size of the `domlora-gpu` limit (what bounds parallel heavy stages), for the CPU split."""
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            return int(client.read_global_concurrency_limit_by_name(GPU_SLOTS).limit)
+    except Exception:  # no such limit yet (ephemeral runs): the default the setup script creates
+        return int(os.environ.get("DOMLORA_GPU_SLOTS", DEFAULT_SLOTS))
 
 
-@task(name="probe", retries=1, retry_delay_seconds=5)
-def probe(model: str, dataset: str, root: str, grid_id: str) -> str:
-    """PAGE / NFN probe of a model on a probe set."""
-    ref = StageRef(f"probe@{model}-{dataset}", ("stages.probe", "--model", model, "--dataset", dataset))
-    return _stage(ref, root, grid_id, gpu=True)
+@task(name="stage", retries=1, retry_delay_seconds=10, task_run_name="{stage}")
+def run_dvc_stage(stage: str, cmd: str, root: str, grid_id: str) -> str:
+    """Compute one DVC stage unless DVC has it (a heavy one holds a `domlora-gpu` slot)."""
+    ref = StageRef(stage, cmd)
+    env = {"DOMLORA_GRID_ID": grid_id}
+    if ref.kind in HEAVY:
+        with concurrency(GPU_SLOTS, occupy=1, strict=False, lease_duration=SLOT_LEASE_S):
+            return run_stage(Path(root), ref, env=env)
+    return run_stage(Path(root), ref, env=env)
 
 
-@task(name="select", retries=1, retry_delay_seconds=2)
-def select(model: str, dataset: str, method: str, root: str, grid_id: str) -> str:
-    """A method's placement from the probe."""
-    ref = StageRef(f"select@{model}-{dataset}-{method}",
-                   ("stages.select", "--model", model, "--dataset", dataset, "--method", method))
-    return _stage(ref, root, grid_id)
+def grid_targets(params, *, models=None, datasets=None, methods=None, seeds=None, tables=None) -> list[str]:
+    """The DVC stages that finish the chosen cells (and their base evaluations), then the report."""
+    if tables:
+        methods = [m for m in params.methods_in_tables(tables) if not methods or m in methods]
+    cells = params.cells(models=models, datasets=datasets, methods=methods, seeds=seeds)
+    targets = [f"{kind}@{c.id}" for c in cells for kind in ("train", "evaluate")]
+    targets += sorted({f"evaluate_base@{c.model}-{c.dataset}" for c in cells})
+    return targets + ["report"]
 
 
-@task(name="train", retries=1, retry_delay_seconds=10)
-def train(cell_id: str, root: str, grid_id: str) -> str:
-    """Train a cell's adapter (resumes from its last checkpoint on retry)."""
-    return _stage(StageRef(f"train@{cell_id}", ("stages.train", "--cell", cell_id)), root, grid_id, gpu=True)
-
-
-@task(name="evaluate", retries=1, retry_delay_seconds=10)
-def evaluate(cell_id: str, root: str, grid_id: str) -> str:
-    """Evaluate a cell's adapter (a retry evaluates only the missing tasks)."""
-    return _stage(StageRef(f"evaluate@{cell_id}", ("stages.evaluate", "--cell", cell_id)), root, grid_id, gpu=True)
-
-
-@task(name="evaluate_base", retries=1, retry_delay_seconds=10)
-def evaluate_base(model: str, dataset: str, root: str, grid_id: str) -> str:
-    """Evaluate the base model on a dataset's tasks."""
-    ref = StageRef(f"evaluate_base@{model}-{dataset}", ("stages.evaluate", "--base", f"{model}-{dataset}"))
-    return _stage(ref, root, grid_id, gpu=True)
-
-
-@task(name="report")
-def report(root: str, grid_id: str) -> str:
-    """Tables, figures and MLflow tables for the cells present."""
-    return _stage(StageRef("report", ("stages.report",)), root, grid_id, )
-
-
-@flow(name="domlora", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
+@flow(name="domlora", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
 def domlora(profile: str | None = None, root: str = ".", models: list[str] | None = None,
             datasets: list[str] | None = None, methods: list[str] | None = None, seeds: list[int] | None = None,
-            tables: list[int] | None = None, max_parallel_cells: int = 2):
-    """Run the grid of a profile (or a subset of it): prepare -> probe -> select -> train -> evaluate -> report.
+            tables: list[int] | None = None):
+    """Run the grid of a profile (or a subset of it): every DVC stage it needs, in DVC's order.
 
     Args:
         profile: a profile in params.yaml; it must be the active one (`run:`), since DVC records the
@@ -107,8 +97,6 @@ def domlora(profile: str | None = None, root: str = ".", models: list[str] | Non
         root: the repository checkout to run in.
         models, datasets, methods, seeds: a subset of the grid (default: all of it).
         tables: only methods that belong to these paper tables (e.g. [5] for the ablations).
-        max_parallel_cells: cells computed at once (on GPU machines, also cap with the
-            `domlora-gpu` global concurrency limit).
     """
     log = get_run_logger()
     root = str(Path(root).resolve())
@@ -116,58 +104,44 @@ def domlora(profile: str | None = None, root: str = ".", models: list[str] | Non
     if profile and profile != params.profile:
         raise ValueError(f"profile {profile!r} is not the active one ({params.profile!r}); "
                          f"run `domlora profile use {profile}` in {root} first")
-    if tables:
-        methods = [m for m in (methods or params.grid.methods) if set(params.methods[m].tables) & set(tables)]
-    cells = params.cells(models=models, datasets=datasets, methods=methods, seeds=seeds)
+    check_grid(params, root)
+    stages = with_upstream(dvc_stages(root), grid_targets(params, models=models, datasets=datasets,
+                                                          methods=methods, seeds=seeds, tables=tables))
     grid_id = f"prefect-{flow_run.get_id() or 'local'}"
-    _share_cpu_threads(max_parallel_cells)
+    _share_cpu_threads(_slots())
     tracker = make_tracker(params, grid_id=grid_id)
-    log.info("grid %s: %d cells of profile %s", grid_id, len(cells), params.profile)
-    used_models = sorted({c.model for c in cells}, key=params.grid.models.index)
-    used_data = sorted({c.dataset for c in cells}, key=params.grid.datasets.index)
-    probe_sets = [d for d in params.grid.probe_datasets if d in used_data or not (datasets or models or methods)]
-
-    prep = {d: prepare_data.submit(d, root, grid_id) for d in probe_sets}
-    probes = {(m, d): probe.submit(m, d, root, grid_id, wait_for=[prep[d]]) for m in used_models for d in probe_sets}
-    bases = [evaluate_base.submit(m, d, root, grid_id, wait_for=[prep[d]]) for m in used_models for d in used_data]
-    finals, failed = [], []
-    # cells go in waves of `max_parallel_cells`; within a wave they run side by side
-    for i in range(0, len(cells), max_parallel_cells):
-        wave = cells[i:i + max_parallel_cells]
-        futs = []
-        for c in wave:
-            s = select.submit(c.model, c.dataset, c.method, root, grid_id, wait_for=[probes[(c.model, c.dataset)]])
-            t = train.submit(c.id, root, grid_id, wait_for=[s])
-            e = evaluate.submit(c.id, root, grid_id, wait_for=[t])
-            futs.append((c, (s, t, e)))
-        wait([f for _c, chain in futs for f in chain])
-        for c, chain in futs:
-            if chain[-1].state.is_completed():
-                finals.append(c.id)
-                continue
-            failed.append(c.id)
-            # the first stage that did not complete carries the error
-            bad = next(f.state for f in chain if not f.state.is_completed())
-            log.error("cell %s failed: %s", c.id, (bad.message or bad.name)[:2000])
-            tracker.mark_failed(cell=c, error=bad.message or bad.name)
-    wait(bases)
-    rep = report.submit(root, grid_id, wait_for=[])
-    rep.wait()
-    summary = {"grid_id": grid_id, "cells": len(cells), "succeeded": finals, "failed": failed}
+    log.info("grid %s: %d DVC stages of profile %s", grid_id, len(stages), params.profile)
+    futures = {}
+    for s in stages:
+        if s.name == "report":
+            continue
+        futures[s.name] = run_dvc_stage.submit(s.name, s.cmd, root, grid_id,
+                                               wait_for=[futures[u] for u in s.upstream if u in futures])
+    wait(list(futures.values()))
+    # the report shows what finished and what did not: it runs after every stage, failed ones included
+    report = next(s for s in stages if s.name == "report")
+    run_dvc_stage.submit(report.name, report.cmd, root, grid_id,
+                         wait_for=[allow_failure(f) for f in futures.values()]).wait()
+    failed_cells = sorted({n.split("@", 1)[1] for n, f in futures.items()
+                           if n.split("@", 1)[0] in ("train", "evaluate") and not f.state.is_completed()})
+    for cid in failed_cells:
+        bad = next(f.state for n, f in futures.items() if n.endswith(f"@{cid}") and not f.state.is_completed())
+        log.error("cell %s failed: %s", cid, (bad.message or bad.name)[:2000])
+        tracker.mark_failed(cell=Cell.parse(cid), error=bad.message or bad.name)
+    done = sorted({n.split("@", 1)[1] for n in futures if n.startswith("evaluate@")} - set(failed_cells))
+    summary = {"grid_id": grid_id, "stages": len(stages), "succeeded": done, "failed": failed_cells}
     log.info("grid summary: %s", summary)
-    if failed:
-        return Failed(message=f"{len(failed)}/{len(cells)} cells failed: {', '.join(failed)}", data=summary)
-    return Completed(message=f"{len(finals)} cells done", data=summary)
+    if failed_cells:
+        return Failed(message=f"{len(failed_cells)} cells failed: {', '.join(failed_cells)}", data=summary)
+    return Completed(message=f"{len(done)} cells done", data=summary)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description="Run the domlora grid locally (ephemeral Prefect).")
     p.add_argument("--profile", default=None)
     p.add_argument("--methods", default="", help="comma list")
-    p.add_argument("--max-parallel-cells", type=int, default=2)
     a = p.parse_args()
-    domlora(profile=a.profile, methods=[m for m in a.methods.split(",") if m] or None,
-            max_parallel_cells=a.max_parallel_cells)
+    domlora(profile=a.profile, methods=[m for m in a.methods.split(",") if m] or None)
 
 
 if __name__ == "__main__":

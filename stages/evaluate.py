@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import sys
 
-from domlora.pipeline.params import Cell, load_params
 from domlora.cli import run_main, stage_parser
 from domlora.errors import ConfigError
+from domlora.pipeline.grid import stage_params
+from domlora.pipeline.params import Cell
 from domlora.pipeline.paths import Layout
 from domlora.pipeline.stages import evaluate_stage
 from domlora.pipeline.tracking import make_tracker
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     def go():
-        params = load_params(a.params, profile=a.profile)
+        params = stage_params(a.params, a.profile, a.root)
         layout = Layout(a.root)
         if a.base:
             parts = a.base.split("-")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import sys
 
-from domlora.pipeline.params import load_params
 from domlora.cli import run_main, stage_parser
+from domlora.pipeline.grid import stage_params
 from domlora.pipeline.paths import Layout
 from domlora.pipeline.stages import prepare_data_stage
 
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     def go():
-        params = load_params(a.params, profile=a.profile)
+        params = stage_params(a.params, a.profile, a.root)
         prepare_data_stage(params, a.dataset, layout=Layout(a.root), show_progress=not a.no_progress)
     return run_main(go, name="stages.prepare_data")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import sys
 
-from domlora.pipeline.params import load_params
 from domlora.cli import run_main, stage_parser
+from domlora.pipeline.grid import stage_params
 from domlora.pipeline.paths import Layout
 from domlora.pipeline.stages import probe_stage
 from domlora.pipeline.tracking import make_tracker
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     def go():
-        params = load_params(a.params, profile=a.profile)
+        params = stage_params(a.params, a.profile, a.root)
         probe_stage(params, a.model, a.dataset, layout=Layout(a.root), tracker=make_tracker(params),
                     show_progress=not a.no_progress)
     return run_main(go, name="stages.probe")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import sys
 
-from domlora.pipeline.params import load_params
 from domlora.cli import run_main, stage_parser
+from domlora.pipeline.grid import stage_params
 from domlora.pipeline.paths import Layout
 from domlora.pipeline.report import write_report
 from domlora.pipeline.tracking import make_tracker
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     a = stage_parser(__doc__).parse_args(argv)
 
     def go():
-        params = load_params(a.params, profile=a.profile)
+        params = stage_params(a.params, a.profile, a.root)
         layout = Layout(a.root)
         write_report(params, layout, tracker=make_tracker(params), registry=layout.root / "registry" / "dominant_modules.json")
     return run_main(go, name="stages.report")

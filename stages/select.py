@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import sys
 
-from domlora.pipeline.params import load_params
 from domlora.cli import run_main, stage_parser
+from domlora.pipeline.grid import stage_params
 from domlora.pipeline.paths import Layout
 from domlora.pipeline.stages import select_stage
 
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     def go():
-        params = load_params(a.params, profile=a.profile)
+        params = stage_params(a.params, a.profile, a.root)
         select_stage(params, a.model, a.dataset, a.method, layout=Layout(a.root))
     return run_main(go, name="stages.select")
 

@@ -9,6 +9,7 @@ import pytest
 import domlora.evaluate.lm as L
 import domlora.evaluate.run as ev
 import domlora.evaluate.tasks as T
+from domlora.config import ModelSpec
 from domlora.errors import ConfigError, DataError, ModelError
 from domlora.evaluate.scoring import (build_program, extract_code, normalize_answer, resolve_eval_file,
                                         score_execution, score_final_answer)
@@ -276,13 +277,13 @@ class TestBadInput:
     def test_adapter_for_another_base_is_refused(self, tmp_path, checkpoint):
         other = _adapter(tmp_path, inter=40, name="other")  # down_proj is 40 -> 16 there, 24 -> 16 here
         with pytest.raises(ModelError, match="another base model"):
-            ev.load_model_for_eval(str(checkpoint), other, dtype="float32", device="cpu")
+            ev.load_for_eval(ModelSpec(str(checkpoint), dtype="float32"), other, device="cpu", merge=True)
 
     def test_bad_input_fails_before_loading(self, tmp_path, data_dir, monkeypatch):
         def no_load(*a, **k):
             raise AssertionError("the model must not be loaded")
 
-        monkeypatch.setattr(ev, "load_model_for_eval", no_load)
+        monkeypatch.setattr(ev, "load_for_eval", no_load)
         out = tmp_path / "eval.json"
         with pytest.raises(ConfigError, match="limit"):
             ev.evaluate(model="m", adapter=None, tasks="arith", out=out, data_dir=data_dir, limit=0)
@@ -305,8 +306,8 @@ class TestBadInput:
 def test_adapter_is_applied_and_merged(tmp_path, checkpoint):
     import torch
 
-    base = ev.load_model_for_eval(str(checkpoint), None, dtype="float32", device="cpu")
-    adapted = ev.load_model_for_eval(str(checkpoint), _adapter(tmp_path), dtype="float32", device="cpu")
+    base = ev.load_for_eval(ModelSpec(str(checkpoint), dtype="float32"), None, device="cpu", merge=True)
+    adapted = ev.load_for_eval(ModelSpec(str(checkpoint), dtype="float32"), _adapter(tmp_path), device="cpu", merge=True)
     assert not hasattr(adapted.model, "peft_config")  # merged into plain weights
     w0 = base.model.model.layers[0].mlp.down_proj.weight
     w1 = adapted.model.model.layers[0].mlp.down_proj.weight
@@ -338,7 +339,7 @@ def test_embedded_tasks_eval_json_and_resume(tmp_path, checkpoint, data_dir, no_
     assert doc2["tasks"]["arith"] == doc["tasks"]["arith"]
     assert list(doc2["tasks"]) == ["arith", "strings", "humaneval_local"]  # the order asked for
     # nothing left to do: the model is not even loaded
-    monkeypatch.setattr(ev, "load_model_for_eval", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(ev, "load_for_eval", lambda *a, **k: pytest.fail("loaded the model"))
     _run(checkpoint, data_dir, out, tasks="embedded", allow_code_exec=True)
     assert len(calls["tasks"]) == 3
 

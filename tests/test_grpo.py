@@ -99,8 +99,8 @@ class TestData:
     def test_settings_validation(self):
         with pytest.raises(ConfigError, match="num_generations must be >= 2"):
             g.GRPOSettings(num_generations=1)
-        with pytest.raises(ConfigError, match="steps"):
-            g.GRPOSettings(steps=0)
+        with pytest.raises(ConfigError, match="prompts_per_step"):
+            g.GRPOSettings(prompts_per_step=0)
         with pytest.raises(ConfigError, match="temperature"):
             g.GRPOSettings(temperature=0.0)
 
@@ -179,45 +179,60 @@ def _loaded(tok):
 
 
 class TestGRPOStage:
-    SETTINGS = dict(steps=2, prompts_per_step=2, num_generations=2, max_completion_length=6, probe_steps=2,
-                    eval_max_new_tokens=4, n_eval=4, rank=4, alpha=8.0)
+    SETTINGS = dict(prompts_per_step=2, num_generations=2, max_completion_length=6, eval_max_new_tokens=4, n_eval=4)
+
+    @staticmethod
+    def _cfg(**kw):
+        from domlora.train import TrainConfig
+
+        return TrainConfig(**({"rank": 4, "alpha": 8.0, "lr": 2e-3, "max_steps": 2, "lr_schedule": "constant",
+                               "warmup_ratio": 0.0} | kw))
 
     def test_sparse_run_artefacts_warnings_and_rerun(self, tiny_tokenizer, tmp_path):
         train = _write(tmp_path / "train.jsonl", _train_rows(6))
         ev = _write(tmp_path / "eval.jsonl", _eval_rows(4))
         out = tmp_path / "run"
         settings = g.GRPOSettings(**self.SETTINGS)
+        spec = sb.SparseBSpec(k=12, selection="informed", probe_steps=2, probe_batch_size=1)
         m = g.grpo(model=_loaded(tiny_tokenizer), train_data=train, eval_data=ev, placement=MODULES, out_dir=out,
-                   k=12, selection="informed", seed=0, settings=settings)
-        assert {p.name for p in out.iterdir()} == {"adapter", "diagnostics.json", "metrics.json"}
-        assert sb.has_masks(out / "adapter")
+                   cfg=self._cfg(), settings=settings, sparse_b=spec)
+        assert {p.name for p in out.iterdir()} == {"adapter", "train_metrics.json"}
+        assert sb.has_masks(out / "adapter") and (out / "adapter" / "diagnostics.json").is_file()
         assert m["status"] == "success" and m["steps"] == 2 and m["trainable_entries"] == 12
         assert len(m["reward_curve"]) == 2 and m["eval"]["n"] == 4 and m["outside_mask_nonzero"] == 0
         # a random tiny model never writes `#### N`: reported, and the run still finishes
         assert m["never_parsable"] and m["no_signal"] and len(m["warnings"]) >= 2
         assert m["score_seconds"] > 0 and m["grad"]["steps"] == 2
-        again = g.grpo(model=_loaded(tiny_tokenizer), train_data=train, eval_data=ev, placement=MODULES,
-                       out_dir=out, k=12, selection="informed", seed=0, settings=settings)
-        assert again == json.loads((out / "metrics.json").read_text())
+        # one record: the config GRPO trained with (rank 4, not a default), its sections and its outcome
+        from domlora.train import TrainRecord
+
+        rec = TrainRecord.read(out / "train_metrics.json")
+        assert rec.regime == "grpo" and rec.config["rank"] == 4 and rec.config["lr"] == 2e-3
+        assert rec.study["grpo"] == settings.to_dict() and rec.study["sparse_b"]["k"] == 12
+        assert rec.study["outcome"]["trainable_entries"] == 12 and len(rec.reward) == 2
 
     def test_full_lora_and_bad_inputs(self, tiny_tokenizer, tmp_path):
         train = _write(tmp_path / "train.jsonl", _train_rows(6))
         ev = _write(tmp_path / "eval.jsonl", _eval_rows(4))
-        settings = g.GRPOSettings(**(self.SETTINGS | {"steps": 1}))
+        settings = g.GRPOSettings(**self.SETTINGS)
         m = g.grpo(model=_loaded(tiny_tokenizer), train_data=train, eval_data=ev, placement=MODULES[:1],
-                   out_dir=tmp_path / "full", k=None, seed=0, settings=settings)
+                   out_dir=tmp_path / "full", cfg=self._cfg(max_steps=1), settings=settings)
         assert m["method"] == "grpo_full_lora" and m["trainable_entries"] == 4 * (24 + 16)
         assert not sb.has_masks(tmp_path / "full" / "adapter")
         with pytest.raises(ConfigError, match="larger than B's size"):
             g.grpo(model=_loaded(tiny_tokenizer), train_data=train, eval_data=ev, placement=MODULES,
-                   out_dir=tmp_path / "x", k=10_000, selection="random", settings=settings)
+                   out_dir=tmp_path / "x", cfg=self._cfg(), settings=settings,
+                   sparse_b=sb.SparseBSpec(k=10_000, selection="random"))
         with pytest.raises(ConfigError, match="k must be >= 1"):
+            sb.SparseBSpec(k=-1)
+        with pytest.raises(ConfigError, match="plain LoRA"):
             g.grpo(model=_loaded(tiny_tokenizer), train_data=train, eval_data=ev, placement=MODULES,
-                   out_dir=tmp_path / "x", k=-1, settings=settings)
+                   out_dir=tmp_path / "x", cfg=self._cfg(variant="dora"), settings=settings)
         with pytest.raises(DataError, match="fewer than prompts_per_step"):
             g.grpo(model=_loaded(tiny_tokenizer), train_data=_write(tmp_path / "one.jsonl", _train_rows(1)),
-                   eval_data=ev, placement=MODULES, out_dir=tmp_path / "x", k=4, settings=settings)
-        assert not (tmp_path / "x").exists() or not (tmp_path / "x" / "metrics.json").exists()
+                   eval_data=ev, placement=MODULES, out_dir=tmp_path / "x", cfg=self._cfg(), settings=settings,
+                   sparse_b=sb.SparseBSpec(k=4, selection="random"))
+        assert not (tmp_path / "x" / "train_metrics.json").exists()
 
 
 class TestEval:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import os
 import time
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from domlora import models
 from domlora.errors import ModelError
 from domlora.models import (config_hash, default_cache_dir, embedded_checkpoint, embedded_gguf_path, load_model,
                             model_from_config, resolve_dtype)
@@ -109,7 +107,9 @@ class TestOptions:
     def test_trust_remote_code_is_off_unless_asked(self, tiny_model_dir, monkeypatch):
         import transformers
 
-        assert inspect.signature(load_model).parameters["trust_remote_code"].default is False
+        from domlora.config import ModelSpec
+
+        assert ModelSpec().trust_remote_code is False
         seen = []
         for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
             real = cls.from_pretrained
@@ -123,6 +123,9 @@ class TestOptions:
         assert seen == [False, False]
         seen.clear()
         load_model(str(tiny_model_dir), device="cpu", trust_remote_code=True)
+        assert seen == [True, True]
+        seen.clear()  # the spec carries it to every stage
+        load_model(ModelSpec(id=str(tiny_model_dir), trust_remote_code=True), device="cpu")
         assert seen == [True, True]
 
     def test_auto_dtype(self):

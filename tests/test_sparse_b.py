@@ -339,54 +339,41 @@ class TestSFTStage:
                 "max_length": 64, "gradient_checkpointing": False, "save_every": 0, "warmup_ratio": 0.0}
         return TrainConfig(**(base | kw))
 
-    def test_end_to_end_and_rerun(self, tiny_tokenizer, chat_jsonl, tmp_path, monkeypatch):
+    def test_end_to_end_and_record(self, tiny_tokenizer, chat_jsonl, tmp_path):
         out = tmp_path / "run"
         ev = _eval_rows(tmp_path / "eval.jsonl")
+        spec = sb.SparseBSpec(k=24, selection="informed", probe_steps=2, probe_batch_size=2)
         m = sb.sparse_b_sft(model=_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES, out_dir=out,
-                            k=24, selection="informed", seed=0, train_cfg=self._cfg(), probe_steps=2,
-                            probe_batch_size=2, eval_data=ev, eval_max_new_tokens=4)
-        assert {p.name for p in out.iterdir()} == {"adapter", "train_metrics.json", "diagnostics.json",
-                                                   "metrics.json"}
+                            cfg=self._cfg(), spec=spec, eval_data=ev, eval_max_new_tokens=4)
+        assert {p.name for p in out.iterdir()} == {"adapter", "train_metrics.json"}
         assert sb.has_masks(out / "adapter") and (out / "adapter" / "adapter_model.safetensors").is_file()
         assert m["status"] == "success" and m["trainable_entries"] == 24 and m["outside_mask_nonzero"] == 0
         assert m["steps"] == 3 and len(m["loss_curve"]) == 3 and m["grad"]["steps"] == 3
         assert m["score_seconds"] > 0 and m["score_fraction"] > 0 and m["eval"]["n"] == 4
         assert set(m["landing_by_type"]) <= {"down_proj", "v_proj", "q_proj"}
-        diag = json.loads((out / "diagnostics.json").read_text())
+        diag = json.loads((out / "adapter" / "diagnostics.json").read_text())
         assert diag["landing"]["k"] == 24 and len(diag["grad_steps"]) == 3
         # the saved adapter is sparse where it was trained
         masks, meta = sb.load_masks(out / "adapter")
         pm, _ = sb.load_sparse_adapter(make_tiny_llama(len(tiny_tokenizer)), out / "adapter")
         assert sb.outside_mask_nonzero(pm, masks) == 0 and meta["spec"]["k"] == 24
-        # a rerun with the same configuration does not train again
-        again = sb.sparse_b_sft(model=_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES,
-                                out_dir=out, k=24, selection="informed", seed=0, train_cfg=self._cfg(),
-                                probe_steps=2, probe_batch_size=2, eval_data=ev, eval_max_new_tokens=4)
-        assert again == json.loads((out / "metrics.json").read_text())
-        # other data at the same path is another configuration: it trains again
-        import domlora.train as train_mod
+        # the one record holds the config as trained, the study's settings as run and its outcome
+        from domlora.train import TrainRecord
 
-        def retrain(**kw):
-            raise RuntimeError("trains again")
-
-        monkeypatch.setattr(train_mod, "train", retrain)
-        with open(chat_jsonl, "a") as fh:
-            fh.write(json.dumps(chat_samples(9)[-1]) + "\n")
-        with pytest.raises(RuntimeError, match="trains again"):
-            sb.sparse_b_sft(model=_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES, out_dir=out,
-                            k=24, selection="informed", seed=0, train_cfg=self._cfg(), probe_steps=2,
-                            probe_batch_size=2, eval_data=ev, eval_max_new_tokens=4)
+        rec = TrainRecord.read(out / "train_metrics.json")
+        assert rec.config["rank"] == 4 and rec.study["sparse_b"] == spec.to_dict()
+        assert rec.study["outcome"]["trainable_entries"] == 24 and len(rec.loss) == 3
 
     def test_full_lora_reference(self, tiny_tokenizer, chat_jsonl, tmp_path):
         m = sb.sparse_b_sft(model=_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES[:1],
-                            out_dir=tmp_path / "full", k=None, seed=0, train_cfg=self._cfg(max_steps=2))
+                            out_dir=tmp_path / "full", cfg=self._cfg(max_steps=2), spec=None)
         assert m["method"] == "sft_full_lora" and m["trainable_entries"] == 4 * (24 + 16)
         assert not sb.has_masks(tmp_path / "full" / "adapter") and m["eval"] is None
 
     def test_resume_reuses_masks(self, tiny_tokenizer, chat_jsonl, tmp_path, monkeypatch):
         out = tmp_path / "run"
-        kw = dict(train_data=chat_jsonl, placement=MODULES, out_dir=out, k=10, selection="magnitude", seed=1,
-                  train_cfg=self._cfg(), probe_steps=2, probe_batch_size=2)
+        kw = dict(train_data=chat_jsonl, placement=MODULES, out_dir=out, cfg=self._cfg(seed=1),
+                  spec=sb.SparseBSpec(k=10, selection="magnitude", probe_steps=2, probe_batch_size=2))
         import domlora.train as train_mod
 
         real = train_mod.train
@@ -404,7 +391,7 @@ class TestSFTStage:
         monkeypatch.setattr(train_mod, "train", crash)
         with pytest.raises(KeyboardInterrupt):
             sb.sparse_b_sft(model=_loaded(tiny_tokenizer), **kw)
-        assert sb.has_masks(out / sb._WORK) and not (out / "metrics.json").exists()
+        assert sb.has_masks(out / sb._WORK) and not (out / "train_metrics.json").exists()
         first, _ = sb.load_masks(out / sb._WORK)
         monkeypatch.setattr(train_mod, "train", real)
         calls = []
@@ -419,18 +406,17 @@ class TestSFTStage:
         b_total = 4 * (16 + 8 + 16)
         with pytest.raises(ConfigError, match=f"k <= {b_total}"):
             sb.sparse_b_sft(model=_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES,
-                            out_dir=tmp_path / "x", k=b_total + 1, selection="random", train_cfg=self._cfg())
+                            out_dir=tmp_path / "x", cfg=self._cfg(), spec=sb.SparseBSpec(k=b_total + 1, selection="random"))
         with pytest.raises(ConfigError, match="k must be >= 1"):
-            sb.sparse_b_sft(model=_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES,
-                            out_dir=tmp_path / "x", k=0, train_cfg=self._cfg())
+            sb.SparseBSpec(k=0)
         with pytest.raises(ConfigError, match="plain LoRA"):
             sb.sparse_b_sft(model=_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES,
-                            out_dir=tmp_path / "x", k=5, train_cfg=self._cfg(variant="dora"))
+                            out_dir=tmp_path / "x", cfg=self._cfg(variant="dora"), spec=sb.SparseBSpec(k=5))
         with pytest.raises(ConfigError, match="no trainable entry"):
             sb.sparse_b_sft(model=_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES,
-                            out_dir=tmp_path / "x", k=2, budget="per_module", selection="random",
-                            train_cfg=self._cfg())
-        assert not (tmp_path / "x" / "metrics.json").exists()
+                            out_dir=tmp_path / "x", cfg=self._cfg(),
+                            spec=sb.SparseBSpec(k=2, budget="per_module", selection="random"))
+        assert not (tmp_path / "x" / "train_metrics.json").exists()
 
 
 class TestCommand:

@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from domlora.errors import ConfigError, ModelError
 from domlora.io import atomic_dir, read_json, write_json
@@ -24,7 +24,8 @@ from domlora.modules import base_name
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("lora", "dora", "lora_plus", "adalora", "rslora", "gralora", "norm", "full")
+Variant = Literal["lora", "dora", "lora_plus", "adalora", "rslora", "gralora", "norm", "full"]
+VARIANTS: tuple[str, ...] = get_args(Variant)
 # variants that are plain LoRA layers while training (they differ in the optimizer or after training)
 LORA_LIKE = ("lora", "lora_plus", "rslora", "norm", "dora")
 META_FILE = "domlora_adapter.json"
@@ -297,6 +298,10 @@ def save_adapter(model, out_dir: str | os.PathLike, *, variant: str, meta: dict 
     doc = {"format": 1, "variant": variant, "modules": sorted(adapted_modules(model)),
            "base_config_hash": config_hash(base),
            "base_model": meta.pop("base_model", getattr(base.config, "_name_or_path", None))} | meta
+    if doc["base_model"] and hasattr(model, "peft_config"):
+        # PEFT writes base_model_name_or_path from the config; name the base a PEFT user can load anywhere
+        for c in model.peft_config.values():
+            c.base_model_name_or_path = doc["base_model"]
     with atomic_dir(out_dir) as tmp:
         if variant == "full":
             mods = dict(base.named_modules())
@@ -431,15 +436,18 @@ def apply_adapter(model, adapter_dir: str | os.PathLike, *, merge: bool = False)
     return model
 
 
-def load_for_eval(model_spec: str, adapter_dir: str | os.PathLike | None, *, dtype: str = "auto",
-                  device: str | None = None, cache_dir: str | os.PathLike | None = None, merge: bool = False):
+def load_for_eval(model, adapter_dir: str | os.PathLike | None, *, device: str | None = None,
+                  cache_dir: str | os.PathLike | None = None, merge: bool = False):
     """Load a base model and apply a trained adapter of any variant, ready for generation.
 
+    The one loader of a base model + adapter (evaluation, GRPO warm starts, the checkpoint study).
+
     Args:
-        model_spec: `embedded`, a hub id or a local folder (as for `models.load_model`).
+        model: a `ModelSpec` (id, dtype, trust_remote_code) or its id: `embedded`, a hub id or a folder.
         adapter_dir: a folder written by `save_adapter` / training (`runs/<cell>/adapter`), or None
             for the base model alone.
-        merge: fold LoRA-type updates into the base weights (faster generation).
+        merge: fold LoRA-type updates into the base weights (the same function, faster generation);
+            a variant that cannot merge stays unmerged.
 
     Returns:
         `models.LoadedModel` whose `.model` carries the adapter (eval mode, frozen).
@@ -452,17 +460,23 @@ def load_for_eval(model_spec: str, adapter_dir: str | os.PathLike | None, *, dty
 
     if adapter_dir is not None:
         meta = read_adapter_meta(adapter_dir)  # fail before loading a large model
-    loaded = load_model(model_spec, dtype=dtype, device=device, cache_dir=cache_dir)
+    loaded = load_model(model, device=device, cache_dir=cache_dir)
     if adapter_dir is None:
         return loaded
     want = meta.get("base_config_hash")
     if want and want != config_hash(loaded.model):
         logger.warning("adapter %s was trained on a model with another config (%s); shapes are checked next",
                        adapter_dir, meta.get("base_model"))
-    model = apply_adapter(loaded.model, adapter_dir, merge=merge)
-    model.eval()
-    model.requires_grad_(False)
-    loaded.model = model
+    m = apply_adapter(loaded.model, adapter_dir)
+    if merge and hasattr(m, "merge_and_unload") and hasattr(m, "peft_config"):
+        try:
+            m = m.merge_and_unload()
+            logger.info("merged the adapter into the base weights")
+        except Exception as exc:  # some variants cannot merge; use them unmerged
+            logger.info("using the adapter unmerged (%s)", str(exc).splitlines()[0][:120])
+    m.eval()
+    m.requires_grad_(False)
+    loaded.model = m
     return loaded
 
 

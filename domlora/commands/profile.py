@@ -21,6 +21,12 @@ def run(a: argparse.Namespace) -> int:
             raise ConfigError("`domlora profile use` needs a profile name")
         use_profile(a.params, a.name)
     active = load_params(a.params)
+    if a.action == "use":
+        from pathlib import Path
+
+        from domlora.pipeline.grid import write_grid
+
+        print(f"wrote {write_grid(active, Path(a.params).resolve().parent)}")
     for name in (read_params_file(a.params).get("profiles") or {}):
         p = load_params(a.params, profile=name)
         mark = "*" if name == active.profile else " "

@@ -32,13 +32,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-data", required=True, help="chat JSONL; for GRPO assistant turns end with `#### <int>`")
     p.add_argument("--eval-data", default=None, help="eval JSONL with question/answer rows (required for GRPO)")
     p.add_argument("--placement", default=None, help="placement JSON (default: every projection)")
-    p.add_argument("--out", required=True, help="output folder: adapter/, metrics.json, diagnostics.json")
+    p.add_argument("--out", required=True, help="output folder: adapter/ (with diagnostics.json), train_metrics.json")
     p.add_argument("--k", type=_k, required=True, help="trainable B entries in total, or `none` for full LoRA")
     p.add_argument("--selection", choices=SELECTIONS, default="informed", help="how the k entries are chosen")
     p.add_argument("--budget", choices=BUDGETS, default="global",
                    help="global: best k anywhere; per_module: k split over modules by B's size")
     p.add_argument("--seed", type=int, default=0, help="seeds A, data order, selection and sampling")
     p.add_argument("--probe-steps", type=int, default=4, help="probe gradients the scores average over")
+    p.add_argument("--params", default="params.yaml", help="params file of --profile")
+    p.add_argument("--profile", default="embedded", help="the recipe is this profile's `train:` section")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the profile's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the profile's)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
@@ -48,39 +50,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-per-step", type=int, default=2, help="GRPO prompts per optimizer step")
     p.add_argument("--max-completion-length", type=int, default=64, help="GRPO tokens per completion")
     p.add_argument("--system-prompt", default=None, help="GRPO: a system turn added to every prompt")
-    p.add_argument("--force", action="store_true", help="retrain even if a finished run with this configuration exists")
 
 
 def run(a: argparse.Namespace) -> int:
+    import dataclasses
+
+    from domlora.config import from_dict
+    from domlora.pipeline.params import load_params
+    from domlora.studies.sparse_b import SparseBSpec
+    from domlora.train import TrainConfig
+
+    over = {"rank": a.rank, "alpha": a.alpha, "seed": a.seed}
+    if a.steps is not None:
+        over["max_steps"] = a.steps
+    if a.lr is not None:
+        over["lr"] = a.lr
+    base = dataclasses.asdict(load_params(a.params, profile=a.profile).train)
+    cfg = from_dict(TrainConfig, base | over, where="train")
+    spec = None if a.k is None else SparseBSpec(k=a.k, selection=a.selection, budget=a.budget,
+                                                probe_steps=a.probe_steps, seed=a.seed)
     if a.regime == "grpo":
         from domlora.studies.grpo import GRPOSettings, grpo
 
         if a.eval_data is None:
             raise DomloraError("GRPO needs --eval-data (question/answer rows) to report accuracy; fix: pass the "
                                "arith eval split, e.g. data/arith/eval.jsonl")
-        kw = {"rank": a.rank, "alpha": a.alpha, "probe_steps": a.probe_steps, "budget": a.budget, "n_eval": a.n_eval,
-              "num_generations": a.num_generations, "prompts_per_step": a.prompts_per_step,
-              "max_completion_length": a.max_completion_length, "system_prompt": a.system_prompt}
-        if a.steps is not None:
-            kw["steps"] = a.steps
-        if a.lr is not None:
-            kw["learning_rate"] = a.lr
+        settings = GRPOSettings(n_eval=a.n_eval, num_generations=a.num_generations,
+                                prompts_per_step=a.prompts_per_step, max_completion_length=a.max_completion_length,
+                                system_prompt=a.system_prompt)
+        if spec is not None:
+            spec = dataclasses.replace(spec, probe_batch_size=1)  # one prompt (a group) per probe step
         m = grpo(model=a.model, train_data=a.train_data, eval_data=a.eval_data, placement=a.placement,
-                 out_dir=a.out, k=a.k, selection=a.selection, seed=a.seed, settings=GRPOSettings(**kw),
-                 force=a.force, show_progress=True)
+                 out_dir=a.out, cfg=cfg, settings=settings, sparse_b=spec, show_progress=True)
     else:
         from domlora.studies.sparse_b import sparse_b_sft
-        from domlora.train import embedded_config
 
-        over = {"rank": a.rank, "alpha": a.alpha}
-        if a.steps is not None:
-            over["max_steps"] = a.steps
-        if a.lr is not None:
-            over["lr"] = a.lr
-        m = sparse_b_sft(model=a.model, train_data=a.train_data, placement=a.placement, out_dir=a.out, k=a.k,
-                         selection=a.selection, seed=a.seed, train_cfg=embedded_config(dom=False, **over),
-                         budget=a.budget, probe_steps=a.probe_steps, eval_data=a.eval_data, n_eval=a.n_eval,
-                         force=a.force, show_progress=True)
+        m = sparse_b_sft(model=a.model, train_data=a.train_data, placement=a.placement, out_dir=a.out, cfg=cfg,
+                         spec=spec, eval_data=a.eval_data, n_eval=a.n_eval, show_progress=True)
     keys = ("method", "k", "trainable_entries", "steps", "score_seconds", "score_fraction", "train_seconds",
             "eval_accuracy", "loss_first", "loss_last", "reward_first", "reward_last", "vod_share", "warnings")
     print(json.dumps({k: m.get(k) for k in keys if k in m}, default=str))

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -34,31 +33,6 @@ def resolve_batch_size(batch_size: int | str, device: str) -> int | str:
             return batch_size if device.startswith(("cuda", "xpu", "npu", "hpu", "mps")) else CPU_BATCH_SIZE
         return int(batch_size)
     return int(batch_size)
-
-
-
-def load_model_for_eval(model: str, adapter: Path | None, *, dtype: str = "auto", device: str | None = None,
-                        cache_dir=None, merge: bool = True):
-    """Base model (+ adapter of any variant, via `domlora.adapters.variants.load_for_eval`) ready for evaluation.
-
-    LoRA-type adapters are merged into the base weights (the same function, faster decoding);
-    a variant that cannot merge is evaluated unmerged.
-
-    Raises:
-        ModelError: model or adapter cannot be loaded, or the adapter was trained for another base.
-    """
-    from domlora.adapters.variants import load_for_eval
-
-    loaded = load_for_eval(model, adapter, dtype=dtype, device=device, cache_dir=cache_dir, merge=False)
-    m = loaded.model
-    if merge and hasattr(m, "merge_and_unload") and hasattr(m, "peft_config"):
-        try:
-            loaded.model = m.merge_and_unload()
-            logger.info("merged the adapter into the base weights for evaluation")
-        except Exception as exc:  # some variants cannot merge; evaluate them unmerged
-            logger.info("evaluating the adapter unmerged (%s)", str(exc).splitlines()[0][:120])
-    loaded.model.eval()
-    return loaded
 
 
 

@@ -16,6 +16,7 @@ Run as: domlora evaluate --model embedded --adapter runs/X/adapter --tasks embed
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,10 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from domlora import __version__
+from domlora.adapters.variants import load_for_eval
+from domlora.config import ModelSpec
 from domlora.errors import ConfigError, DomloraError, ModelError
 from domlora.evaluate.lm import (
-    load_model_for_eval,
     make_lm,
     resolve_batch_size,
     run_lm_eval,
@@ -54,6 +55,7 @@ from domlora.evaluate.tasks import (
     task_spec,
 )
 from domlora.io import file_sha256, read_json, write_json
+from domlora.provenance import run_info
 
 logger = logging.getLogger(__name__)
 
@@ -271,18 +273,6 @@ def _read_previous(out: Path, run_key: str) -> dict:
 # the entry point
 # ------------------------------------------------------------------------------------------
 
-def _run_info() -> dict:
-    info = {"domlora": __version__, "lm_eval": lm_eval_version()}
-    for pkg in ("torch", "transformers", "peft"):
-        try:
-            from importlib.metadata import version
-
-            info[pkg] = version(pkg)
-        except Exception:  # pragma: no cover
-            pass
-    return info
-
-
 def _overall(tasks: dict) -> str:
     states = [r.get("status") for r in tasks.values()]
     if states and all(s == "success" for s in states):
@@ -290,16 +280,17 @@ def _overall(tasks: dict) -> str:
     return "partial" if any(s == "success" for s in states) else "failed"
 
 
-def evaluate(*, model: str, adapter: str | Path | None, tasks: list[str] | str, out: str | Path,
+def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[str] | str, out: str | Path,
              data_dir: str | Path | None = None, limit: int | None = None, batch_size: int | str = "auto",
              max_gen_toks: int | None = None, allow_code_exec: bool = False, judge: JudgeConfig | None = None,
              cache_dir=None, show_progress: bool = False, on_result: Callable[[str, dict], None] | None = None,
-             dtype: str = "auto", device: str | None = None, merge_adapter: bool = True,
+             dtype: str | None = None, device: str | None = None, merge_adapter: bool = True,
              num_threads: int | None = None) -> dict:
     """Evaluate `model` (+ `adapter`) on `tasks`; write and return the eval.json document.
 
     Args:
-        model: `embedded`, a hub id or a checkpoint folder.
+        model: a `ModelSpec` (id, dtype, trust_remote_code: loaded as every stage loads it) or its id:
+            `embedded`, a hub id or a checkpoint folder.
         adapter: adapter folder from the train stage, or None for the base model.
         tasks: suite names (`SUITES`) and/or task names, as a list or a comma string.
         out: the eval.json path (rewritten atomically after each task).
@@ -312,7 +303,7 @@ def evaluate(*, model: str, adapter: str | Path | None, tasks: list[str] | str, 
         cache_dir: where the embedded model's converted checkpoint lives.
         show_progress: progress bars.
         on_result: called as on_result(task, record) after each task (e.g. to log to MLflow).
-        dtype, device: model loading (see `domlora.models.load_model`).
+        dtype: overrides the spec's dtype; device: where to run (see `domlora.models.load_model`).
         merge_adapter: merge LoRA-type adapters into the weights before evaluating (faster, same function).
         num_threads: torch CPU threads while evaluating (restored afterwards); None leaves torch's setting.
             On a CPU shared with other jobs, 1 is much faster for decoding: with more threads every
@@ -327,6 +318,10 @@ def evaluate(*, model: str, adapter: str | Path | None, tasks: list[str] | str, 
     from domlora.evaluate.sandbox import code_exec_allowed
 
     t_start = time.perf_counter()
+    spec = ModelSpec.of(model)
+    if dtype is not None:
+        spec = dataclasses.replace(spec, dtype=dtype)
+    model, dtype = spec.id, spec.dtype
     out = Path(out)
     data_dir = Path(data_dir) if data_dir is not None else None
     _validate_settings(limit, batch_size, max_gen_toks)
@@ -373,7 +368,7 @@ def evaluate(*, model: str, adapter: str | Path | None, tasks: list[str] | str, 
         "adapter_base": _adapter_base(adapter_path) if adapter_path else None, "run_key": run_key,
         "settings": {"limit": limit, "batch_size": batch_size, "max_gen_toks": max_gen_toks, "dtype": dtype,
                      "code_exec": exec_ok, "decoding": "greedy (temperature 0)"},
-        "lm_eval_version": lm_eval_version(), "run_info": _run_info(), "tasks": records, "metrics": {},
+        "lm_eval_version": lm_eval_version(), "run_info": run_info(), "tasks": records, "metrics": {},
     }
     if records:
         logger.info("reusing %d task result(s) from %s: %s", len(records), out, ", ".join(records))
@@ -418,8 +413,7 @@ def evaluate(*, model: str, adapter: str | Path | None, tasks: list[str] | str, 
     with torch_threads(num_threads):
         import torch
 
-        loaded = load_model_for_eval(model, adapter_path, dtype=dtype, device=device, cache_dir=cache_dir,
-                                     merge=merge_adapter)
+        loaded = load_for_eval(spec, adapter_path, device=device, cache_dir=cache_dir, merge=merge_adapter)
         dev = str(next(loaded.model.parameters()).device)
         bs = resolve_batch_size(batch_size, dev)
         doc["settings"].update({"device": dev, "batch_size_used": bs, "threads": torch.get_num_threads()})

@@ -1,11 +1,12 @@
 """Running grid stages as DVC-recorded steps, safely side by side.
 
-A grid cell's stage runs as its own process (`python -m stages.<name> ...`, exactly the
-command dvc.yaml declares), so two cells can compute at once and a crash in one cannot
-take the others down. DVC itself is only touched to ask whether a stage is up to date
-(`dvc status`) and to record a finished one (`dvc commit`); those calls hold DVC's
-repository lock for a moment, so they are serialised here (and retried if someone else's
-`dvc` holds the lock), while the heavy work runs outside it.
+The stages, their commands and their order come from DVC's own index of dvc.yaml
+(`dvc_stages`), so an orchestrator never re-spells the pipeline. A stage runs as its own
+process, with exactly the command dvc.yaml declares, so two cells can compute at once and a
+crash in one cannot take the others down. DVC itself is only touched to ask whether a stage
+is up to date (`dvc status`) and to record a finished one (`dvc commit`); those calls hold
+DVC's repository lock for a moment, so they are serialised here (and retried if someone
+else's `dvc` holds the lock), while the heavy work runs outside it.
 """
 from __future__ import annotations
 
@@ -30,12 +31,51 @@ class StageFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class StageRef:
-    """A DVC stage instance and the command that computes it."""
+    """A DVC stage instance, the command that computes it and the stages it reads from."""
 
     name: str
-    """e.g. `train@smol-arith-domlora-0`"""
-    argv: tuple[str, ...]
-    """e.g. ("stages.train", "--cell", "smol-arith-domlora-0")"""
+    """DVC's address, e.g. `train@smol-arith-domlora-0`"""
+    cmd: str
+    """the command dvc.yaml declares, run by a shell in the repository root"""
+    upstream: tuple[str, ...] = ()
+    """names of the stages whose outputs it depends on"""
+
+    @property
+    def kind(self) -> str:
+        """The stage definition it comes from: `train` for `train@...`."""
+        return self.name.split("@", 1)[0]
+
+
+def dvc_stages(root: str | os.PathLike) -> list[StageRef]:
+    """Every stage of the repository's dvc.yaml, from DVC's own index, upstream stages first."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with _DVC_LOCK, Repo(str(root)) as repo:
+        graph = repo.index.graph  # an edge points from a stage to a stage it depends on
+        order = list(reversed(list(nx.topological_sort(graph))))
+        return [StageRef(s.addressing, s.cmd, tuple(sorted(d.addressing for d in graph.successors(s))))
+                for s in order if s.cmd]
+
+
+def with_upstream(stages: list[StageRef], targets) -> list[StageRef]:
+    """`targets` (stage names) and everything they depend on, in the order of `stages`.
+
+    Raises:
+        ValueError: a target that is not a stage of dvc.yaml.
+    """
+    by_name = {s.name: s for s in stages}
+    missing = [t for t in targets if t not in by_name]
+    if missing:
+        raise ValueError(f"not a stage of dvc.yaml: {missing[:5]} (is grid.yaml current? `domlora grid`)")
+    keep: set[str] = set()
+    todo = list(targets)
+    while todo:
+        name = todo.pop()
+        if name not in keep:
+            keep.add(name)
+            todo.extend(by_name[name].upstream)
+    return [s for s in stages if s.name in keep]
 
 
 def _dvc(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -79,10 +119,12 @@ def run_stage(root: Path, ref: StageRef, *, env: dict | None = None, skip_if_cur
     log_dir = log_dir or (root / ".domlora_logs")
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{ref.name.replace('@', '__')}.log"
-    cmd = [sys.executable, "-m", *ref.argv, "--no-progress"]
+    # dvc.yaml's `python` is this interpreter, as under `dvc repro` in the same environment
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=os.environ | (env or {}))
+        proc = subprocess.run(ref.cmd, shell=True, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                              env=os.environ | {"PATH": path} | (env or {}))
     if proc.returncode != 0:
         tail = log_path.read_text()[-2000:]
         raise StageFailed(f"{ref.name} failed (exit {proc.returncode}); log {log_path}:\n{tail}")

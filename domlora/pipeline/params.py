@@ -1,182 +1,173 @@
 """params.yaml: the grid and every hyper-parameter, per profile, validated before any work starts.
 
-params.yaml holds `profiles: {embedded: ..., paper: ...}` and `run:`, a YAML alias of the
-active profile (`run: *embedded`). DVC expands `run.grid` with `matrix:`; Python expands
-the same axes in the same order with `Params.cells()`, so stage names and cells agree.
-A cell is model x dataset x method x seed; a method is a whole recipe (placement
-strategy + adapter variant + overrides), so the variants, ablations and rank sweep of
-the paper are methods too.
+params.yaml holds `profiles: {embedded: ..., paper: ...}` and `run:`, a YAML alias of the active
+profile (`run: *embedded`). A cell is model x dataset x method x seed; a method is a whole recipe:
+a placement strategy plus overrides of the one training schema (`train.TrainConfig`: any of its
+fields, written flat beside the placement keys) and the typed sections of the studies
+(`sparse_b:`, `grpo:`), so the variants, ablations and rank sweep of the paper are methods too.
+A method may be restricted to some models (`models:`) and give its explicit layers per model.
+
+`Params.cells()` is the grid; `pipeline.grid` writes it to grid.yaml, which dvc.yaml expands, so
+DVC's stage names and the cells agree by construction.
 """
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import hashlib
 import itertools
 import json
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from domlora.config import ModelSpec, check_keys, close_matches, from_dict
 from domlora.errors import ConfigError
+from domlora.studies.grpo import GRPOSettings
+from domlora.studies.sparse_b import SparseBSpec
+from domlora.train import TrainConfig
+
+__all__ = ["Cell", "DatasetSpec", "EvalSpec", "GridSpec", "MethodSpec", "ModelSpec", "Params", "ProbeSpec",
+           "TrackingSpec", "load_params", "parse_profile", "read_params_file", "use_profile"]
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 PAPER_TABLES = (1, 2, 3, 4, 5, 10, 11, 12)
 
 
-def _close(word: str, options) -> str:
-    near = difflib.get_close_matches(word, list(options), n=3)
-    return f" (did you mean {', '.join(near)}?)" if near else ""
-
-
-def _check_keys(section: str, given: dict, allowed) -> None:
-    for key in given:
-        if key not in allowed:
-            raise ConfigError(f"params.yaml: unknown key `{section}.{key}`{_close(key, allowed)}; "
-                              f"allowed keys: {', '.join(sorted(allowed))}")
-
-
-def _typed(section: str, key: str, value, typ, *, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    ok = isinstance(value, typ) and not (typ in (int, float) and isinstance(value, bool))
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not ok:
-        name = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
-        raise ConfigError(f"params.yaml: `{section}.{key}` must be {name}, got {value!r}")
-    return value
-
-
-def _from_dict(cls, section: str, d: dict | None):
-    d = dict(d or {})
-    names = {f.name for f in fields(cls)}
-    _check_keys(section, d, names)
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in d:
-            continue
-        typ = f.metadata.get("type")
-        kwargs[f.name] = _typed(section, f.name, d[f.name], typ, allow_none=f.metadata.get("none", False)) if typ else d[f.name]
-    return cls(**kwargs)
-
-
-def _f(default, typ, *, none: bool = False, doc: str = ""):
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"type": typ, "none": none, "doc": doc})
-    return field(default=default, metadata={"type": typ, "none": none, "doc": doc})
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    id: str = _f("embedded", str, doc="`embedded`, a hub id or a local folder")
-    dtype: str = _f("auto", str, doc="auto | float32 | bfloat16")
-    trust_remote_code: bool = _f(False, bool)
-    label: str | None = _f(None, str, none=True, doc="name in reports")
-
-
 @dataclass(frozen=True)
 class DatasetSpec:
-    source: str = _f("arith", str, doc="a name in domlora.data.DATASETS")
-    path: str | None = _f(None, str, none=True, doc="local file or hub id override")
-    n_train: int = _f(256, int)
-    n_probe: int = _f(32, int)
-    n_eval: int = _f(50, int)
-    tasks: list = _f([], list, doc="evaluation tasks or suites for cells trained on this dataset")
-    label: str | None = _f(None, str, none=True)
+    """A training dataset and the evaluation tasks of the cells trained on it."""
+
+    source: str = "arith"
+    """a name in `domlora.data.DATASETS`"""
+    path: str | None = None
+    """a local file or hub id overriding the source's default"""
+    n_train: int = 256
+    """training samples"""
+    n_probe: int = 32
+    """probe samples (PAGE's N)"""
+    n_eval: int = 50
+    """held-out evaluation samples (generated tasks)"""
+    tasks: list[str] = field(default_factory=list)
+    """evaluation tasks or suites for cells trained on this dataset"""
+    label: str | None = None
+    """name in reports"""
 
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    samples: int = _f(32, int)
-    max_length: int = _f(256, int)
-    alpha: float = _f(16.0, float)
-    rank: int = _f(8, int)
-    batch_size: int = _f(4, int)
-    nfn: bool = _f(True, bool)
+    """The step-0 probe (PAGE, NFN) of every model on every probe set."""
+
+    samples: int = 32
+    """probe samples N"""
+    max_length: int | None = None
+    """tokens per sample; None = the training max_length (what the adapter will be trained on)"""
+    alpha: float = 16.0
+    """LoRA alpha PAGE is computed for (the ranking does not depend on it)"""
+    rank: int = 8
+    """LoRA rank PAGE is computed for"""
+    batch_size: int = 4
+    """samples per forward/backward"""
+    nfn: bool = True
+    """also compute PLoP's NFN"""
+    reuse_from: str | None = None
+    """a probe set whose scores every dataset of a backbone selects from (the paper's rule: find the dominant
+    module once per backbone, reuse it across tasks); None = each dataset's own probe"""
 
     def __post_init__(self):
-        if self.samples < 1 or self.max_length < 2 or self.rank < 1 or self.alpha <= 0 or self.batch_size < 1:
-            raise ConfigError(f"params.yaml: probe values out of range: {self}")
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    variant: str = _f("lora", str)
-    rank: int = _f(64, int)
-    alpha: float = _f(128.0, float)
-    dropout: float = _f(0.0, float)
-    lr: float = _f(2e-5, float)
-    epochs: int = _f(1, int)
-    max_steps: int = _f(-1, int)
-    batch_size: int = _f(4, int)
-    grad_accum: int = _f(8, int)
-    max_length: int = _f(3072, int)
-    warmup_ratio: float = _f(0.03, float)
-    weight_decay: float = _f(0.0, float)
-    gradient_checkpointing: bool = _f(True, bool)
-    save_every: int = _f(0, int)
-    dtype: str = _f("auto", str)
-    deepspeed: str | None = _f(None, str, none=True)
-
-    def __post_init__(self):
-        bad = [k for k in ("rank", "batch_size", "grad_accum", "max_length", "epochs") if getattr(self, k) < 1]
-        bad += [k for k in ("alpha", "lr") if getattr(self, k) <= 0]
-        if bad:
-            raise ConfigError(f"params.yaml: train values out of range: {', '.join(f'{k}={getattr(self, k)}' for k in bad)}")
+        if self.samples < 1 or (self.max_length is not None and self.max_length < 2) or self.rank < 1 \
+                or self.alpha <= 0 or self.batch_size < 1:
+            raise ConfigError(f"probe values out of range (samples, rank, batch_size >= 1; max_length >= 2; "
+                              f"alpha > 0): {self}")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     """A training recipe: where adapters go and how they are trained."""
 
-    placement: str = _f("dom", str, doc="placement strategy (domlora.placement.STRATEGIES)")
-    k: int = _f(3, int)
-    types: list = _f([], list)
-    layers: list = _f([], list)
-    variant: str | None = _f(None, str, none=True, doc="overrides train.variant")
-    rank: int | None = _f(None, int, none=True)
-    alpha: float | None = _f(None, float, none=True)
-    lr: float | None = _f(None, float, none=True)
-    ist: bool = _f(False, bool, doc="IST: train a sampled subset of layers each step")
-    sparse_b: dict | None = _f(None, dict, none=True, doc="budgeted sparse-B LoRA settings")
-    grpo: bool = _f(False, bool, doc="train with GRPO instead of SFT")
-    tables: list = _f([], list, doc="paper tables this method belongs to")
-    label: str | None = _f(None, str, none=True)
+    placement: str = "dom"
+    """placement strategy (`domlora.placement.STRATEGIES`)"""
+    k: int = 3
+    """modules for page_topk / random; module types for plop"""
+    types: list[str] = field(default_factory=list)
+    """module types (or ffn_all / attn_all) for `types` and `explicit`"""
+    layers: list[int] | dict[str, list[int]] = field(default_factory=list)
+    """layers for `explicit` (negative counts from the end), or per model slug"""
+    models: list[str] = field(default_factory=list)
+    """run only on these model slugs (empty: every model of the grid)"""
+    tables: list[int] = field(default_factory=list)
+    """paper tables this method belongs to"""
+    label: str | None = None
+    """name in reports"""
+    train: dict[str, Any] = field(default_factory=dict)
+    """overrides of `train.TrainConfig` (written flat in params.yaml, beside the keys above)"""
+    sparse_b: SparseBSpec | None = None
+    """budgeted entries of B (A frozen): the k entries and how they are chosen"""
+    grpo: GRPOSettings | None = None
+    """train with GRPO (verifiable arithmetic reward) instead of SFT"""
 
     def __post_init__(self):
-        if self.k < 1 or (self.rank is not None and self.rank < 1) or (self.alpha is not None and self.alpha <= 0) \
-                or (self.lr is not None and self.lr <= 0):
-            raise ConfigError(f"params.yaml: a method has k/rank/alpha/lr out of range (k, rank >= 1; alpha, lr > 0): {self}")
+        if self.k < 1:
+            raise ConfigError(f"a method's k must be >= 1, got {self.k}")
+
+    def layers_for(self, model: str) -> list[int]:
+        return list(self.layers.get(model, [])) if isinstance(self.layers, dict) else list(self.layers)
+
+    def runs_on(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+
+METHOD_KEYS = tuple(f.name for f in dataclasses.fields(MethodSpec) if f.name != "train")
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+# a cell's seed is the grid's, never a method's
+_CELL_OWNED = ("seed",)
 
 
 @dataclass(frozen=True)
 class EvalSpec:
-    limit: int | None = _f(None, int, none=True)
-    batch_size: Any = _f("auto", (int, str))
-    max_gen_toks: int | None = _f(None, int, none=True)
-    allow_code_exec: bool = _f(False, bool)
+    """Evaluation settings shared by every cell."""
+
+    limit: int | None = None
+    """examples per task (None = all; smoke runs only)"""
+    batch_size: int | str = "auto"
+    """examples per forward pass, or auto"""
+    max_gen_toks: int | None = None
+    """cap on generated tokens (None = each task's own)"""
+    allow_code_exec: bool = False
+    """run generated code (HumanEval) in the sandbox"""
 
 
 @dataclass(frozen=True)
 class TrackingSpec:
-    enabled: bool = _f(True, bool)
-    uri: str = _f("sqlite:///mlflow.db", str)
-    experiment: str = _f("domlora", str)
+    """MLflow."""
+
+    enabled: bool = True
+    """log to MLflow"""
+    uri: str = "sqlite:///mlflow.db"
+    """tracking URI ($MLFLOW_TRACKING_URI wins)"""
+    experiment: str = "domlora"
+    """experiment name"""
 
 
 @dataclass(frozen=True)
 class GridSpec:
-    models: list = _f([], list)
-    probe_datasets: list = _f([], list, doc="datasets prepared and probed (a superset of `datasets`)")
-    datasets: list = _f([], list, doc="datasets trained on")
-    methods: list = _f([], list)
-    seeds: list = _f([0], list)
+    """The axes of the grid."""
+
+    models: list[str] = field(default_factory=list)
+    """model slugs"""
+    probe_datasets: list[str] = field(default_factory=list)
+    """datasets prepared and probed (a superset of `datasets`)"""
+    datasets: list[str] = field(default_factory=list)
+    """datasets trained on"""
+    methods: list[str] = field(default_factory=list)
+    """method slugs"""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """seeds"""
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell; `id` is exactly DVC's matrix suffix (values joined by `-`)."""
+    """One grid cell; `id` is its DVC stage suffix (`train@<id>`) and its run folder."""
 
     model: str
     dataset: str
@@ -190,7 +181,7 @@ class Cell:
     @classmethod
     def parse(cls, cell_id: str) -> Cell:
         parts = cell_id.split("-")
-        if len(parts) != 4 or not parts[3].lstrip("-").isdigit():
+        if len(parts) != 4 or not parts[3].isdigit():
             raise ConfigError(f"cell id {cell_id!r} must be MODEL-DATASET-METHOD-SEED")
         return cls(parts[0], parts[1], parts[2], int(parts[3]))
 
@@ -204,7 +195,7 @@ class Params:
     datasets: dict[str, DatasetSpec]
     methods: dict[str, MethodSpec]
     probe: ProbeSpec
-    train: TrainSpec
+    train: TrainConfig
     eval: EvalSpec
     tracking: TrackingSpec
     grid: GridSpec
@@ -212,7 +203,8 @@ class Params:
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     def cells(self, *, models=None, datasets=None, methods=None, seeds=None) -> list[Cell]:
-        """The grid in DVC's matrix order (model, dataset, method, seed), optionally a subset."""
+        """The grid (model, dataset, method, seed in that order), optionally a subset; a method restricted to
+        some models has cells on those models only."""
         axes = [self.grid.models, self.grid.datasets, self.grid.methods, self.grid.seeds]
         picks = [models, datasets, methods, seeds]
         for name, axis, pick in zip(("models", "datasets", "methods", "seeds"), axes, picks):
@@ -221,86 +213,140 @@ class Params:
                 if bad:
                     raise ConfigError(f"{name} {bad} not in this profile's grid; choose from {axis}")
         axes = [[v for v in axis if not pick or v in pick] for axis, pick in zip(axes, picks)]
-        return [Cell(*t) for t in itertools.product(*axes)]
+        return [Cell(*t) for t in itertools.product(*axes) if self.methods[t[2]].runs_on(t[0])]
 
-    def method_train(self, method: str) -> TrainSpec:
-        """train settings with a method's overrides applied."""
+    def methods_in_tables(self, tables) -> list[str]:
+        """The grid's methods that belong to any of the paper `tables` (e.g. [5]: the ablations)."""
+        bad = [t for t in tables if t not in PAPER_TABLES]
+        if bad:
+            raise ConfigError(f"tables {bad} are not paper tables; choose from {list(PAPER_TABLES)}")
+        return [m for m in self.grid.methods if set(self.methods[m].tables) & set(tables)]
+
+    def train_config(self, method: str, *, seed: int = 0) -> TrainConfig:
+        """The resolved `TrainConfig` of a method: the profile's `train:` with the method's overrides and the seed."""
         m = self.methods[method]
-        over = {k: getattr(m, k) for k in ("variant", "rank", "alpha", "lr") if getattr(m, k) is not None}
-        return TrainSpec(**{f.name: getattr(self.train, f.name) for f in fields(TrainSpec)} | over)
+        base = dataclasses.asdict(self.train)
+        return from_dict(TrainConfig, base | m.train | {"seed": seed}, where=f"methods.{method}")
+
+    def select_probe(self, dataset: str) -> str:
+        """The probe set a dataset's placements are selected from."""
+        return self.probe.reuse_from or dataset
+
+    def probe_max_length(self) -> int:
+        """The probe's tokens per sample: its own setting, else what training uses."""
+        return self.probe.max_length if self.probe.max_length is not None else self.train.max_length
 
     def grid_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-PROFILE_KEYS = {"profile", "models", "datasets", "methods", "probe", "train", "eval", "tracking", "grid", "seed_data"}
+PROFILE_KEYS = ("profile", "models", "datasets", "methods", "probe", "train", "eval", "tracking", "grid",
+                "seed_data")
 
 
-def parse_profile(d: dict, *, name: str = "run") -> Params:
-    """Validate one profile dict; errors name the key and the allowed values."""
+def _table(name: str, d: dict, key: str, parse) -> dict:
+    raw = d[key]
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"params.yaml: `{name}.{key}` must be a non-empty mapping of slug -> settings")
+    out = {}
+    for slug, v in raw.items():
+        if not SLUG.match(str(slug)):
+            raise ConfigError(f"params.yaml: `{name}.{key}.{slug}`: slugs are lowercase letters, digits and _ "
+                              "(no `-` or `@`, which DVC uses in stage names)")
+        out[str(slug)] = parse(f"{name}.{key}.{slug}", v)
+    return out
+
+
+def _parse_method(where: str, d, base: TrainConfig) -> MethodSpec:
     from domlora.placement import STRATEGIES
 
     if not isinstance(d, dict):
+        raise ConfigError(f"params.yaml: `{where}` must be a mapping of settings")
+    check_keys(where, d, METHOD_KEYS + tuple(k for k in TRAIN_KEYS if k not in _CELL_OWNED))
+    own = {k: v for k, v in d.items() if k in METHOD_KEYS}
+    over = {k: v for k, v in d.items() if k not in METHOD_KEYS}
+    m = from_dict(MethodSpec, own, where=where)
+    # the overrides are checked here, with the base they apply to, before any work starts
+    from_dict(TrainConfig, dataclasses.asdict(base) | over, where=where)
+    if m.placement not in STRATEGIES:
+        raise ConfigError(f"params.yaml: `{where}.placement` is {m.placement!r}{close_matches(m.placement, STRATEGIES)}; "
+                          f"allowed: {', '.join(sorted(STRATEGIES))}")
+    bad = [t for t in m.tables if t not in PAPER_TABLES]
+    if bad:
+        raise ConfigError(f"params.yaml: `{where}.tables` has {bad}; allowed: {list(PAPER_TABLES)}")
+    if m.grpo is not None and m.placement not in ("all", "explicit", "types", "dom", "page_argmax", "page_topk"):
+        raise ConfigError(f"params.yaml: `{where}`: GRPO trains a LoRA on a fixed placement; {m.placement!r} is not one")
+    return dataclasses.replace(m, train=over)
+
+
+def parse_profile(d: dict, *, name: str = "run") -> Params:
+    """Validate one profile dict; errors name the key, the allowed values and the closest match."""
+    if not isinstance(d, dict):
         raise ConfigError(f"params.yaml: profile `{name}` must be a mapping")
-    _check_keys(name, d, PROFILE_KEYS)
-    for key in ("models", "datasets", "methods", "grid"):
-        if key not in d:
-            raise ConfigError(f"params.yaml: profile `{name}` lacks `{key}`")
-    def table(key, cls):
-        raw = d[key]
-        if not isinstance(raw, dict) or not raw:
-            raise ConfigError(f"params.yaml: `{name}.{key}` must be a non-empty mapping of slug -> settings")
-        out = {}
-        for slug, v in raw.items():
-            if not SLUG.match(str(slug)):
-                raise ConfigError(f"params.yaml: `{name}.{key}.{slug}`: slugs are lowercase letters, digits and _ "
-                                  "(no `-` or `@`, which DVC uses in stage names)")
-            out[str(slug)] = _from_dict(cls, f"{name}.{key}.{slug}", v)
-        return out
-    models, datasets, methods = table("models", ModelSpec), table("datasets", DatasetSpec), table("methods", MethodSpec)
-    for slug, m in methods.items():
-        if m.placement not in STRATEGIES:
-            raise ConfigError(f"params.yaml: `{name}.methods.{slug}.placement` is {m.placement!r}{_close(m.placement, STRATEGIES)}; "
-                              f"allowed: {', '.join(sorted(STRATEGIES))}")
-        bad = [t for t in m.tables if t not in PAPER_TABLES]
-        if bad:
-            raise ConfigError(f"params.yaml: `{name}.methods.{slug}.tables` has {bad}; allowed: {list(PAPER_TABLES)}")
-    grid = _from_dict(GridSpec, f"{name}.grid", d["grid"])
-    if not grid.probe_datasets:
-        grid = GridSpec(grid.models, list(grid.datasets), grid.datasets, grid.methods, grid.seeds)
-    missing = [x for x in grid.datasets if x not in grid.probe_datasets]
+    try:
+        check_keys(name, d, PROFILE_KEYS)
+        for key in ("models", "datasets", "methods", "grid"):
+            if key not in d:
+                raise ConfigError(f"profile `{name}` lacks `{key}`")
+        train = from_dict(TrainConfig, d.get("train"), where=f"{name}.train")
+        models = _table(name, d, "models", lambda w, v: from_dict(ModelSpec, v, where=w))
+        datasets = _table(name, d, "datasets", lambda w, v: from_dict(DatasetSpec, v, where=w))
+        methods = _table(name, d, "methods", lambda w, v: _parse_method(w, v, train))
+        grid = from_dict(GridSpec, d["grid"], where=f"{name}.grid")
+        _check_grid(name, grid, models, datasets, methods)
+        probe = from_dict(ProbeSpec, d.get("probe"), where=f"{name}.probe")
+        if probe.reuse_from is not None and probe.reuse_from not in (grid.probe_datasets or grid.datasets):
+            raise ConfigError(f"`{name}.probe.reuse_from` is {probe.reuse_from!r}"
+                              f"{close_matches(probe.reuse_from, grid.probe_datasets)}, which is not a probe set of the "
+                              f"grid; allowed: {', '.join(grid.probe_datasets or grid.datasets)}")
+        if not grid.probe_datasets:
+            grid = dataclasses.replace(grid, probe_datasets=list(grid.datasets))
+        return Params(profile=str(d.get("profile", name)), models=models, datasets=datasets, methods=methods,
+                      probe=probe, train=train,
+                      eval=from_dict(EvalSpec, d.get("eval"), where=f"{name}.eval"),
+                      tracking=from_dict(TrackingSpec, d.get("tracking"), where=f"{name}.tracking"), grid=grid,
+                      seed_data=from_dict(_SeedData, {"seed_data": d.get("seed_data", 0)}, where=name).seed_data,
+                      raw=d)
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith("params.yaml") else f"params.yaml: {msg}") from None
+
+
+@dataclass(frozen=True)
+class _SeedData:
+    seed_data: int = 0
+
+
+def _check_grid(name: str, grid: GridSpec, models: dict, datasets: dict, methods: dict) -> None:
+    probe_sets = grid.probe_datasets or grid.datasets
+    missing = [x for x in grid.datasets if x not in probe_sets]
     if missing:
-        raise ConfigError(f"params.yaml: `{name}.grid.datasets` {missing} must also be in `grid.probe_datasets` "
+        raise ConfigError(f"`{name}.grid.datasets` {missing} must also be in `grid.probe_datasets` "
                           "(every trained dataset is prepared and probed)")
     for axis, known in (("models", models), ("probe_datasets", datasets), ("datasets", datasets), ("methods", methods)):
-        values = getattr(grid, axis)
+        values = getattr(grid, axis) if axis != "probe_datasets" else probe_sets
         if not values:
-            raise ConfigError(f"params.yaml: `{name}.grid.{axis}` is empty")
+            raise ConfigError(f"`{name}.grid.{axis}` is empty")
         for v in values:
             if v not in known:
-                raise ConfigError(f"params.yaml: `{name}.grid.{axis}` names {v!r}{_close(str(v), known)}, "
-                                  f"which is not defined; defined: {', '.join(known)}")
+                raise ConfigError(f"`{name}.grid.{axis}` names {v!r}{close_matches(str(v), known)}, which is not "
+                                  f"defined; defined: {', '.join(known)}")
     for s in grid.seeds:
-        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
-            raise ConfigError(f"params.yaml: `{name}.grid.seeds` must be non-negative integers, got {s!r}")
-    train = _from_dict(TrainSpec, f"{name}.train", d.get("train"))
-    _check_variants(name, train, methods)
-    return Params(profile=str(d.get("profile", name)), models=models, datasets=datasets, methods=methods,
-                  probe=_from_dict(ProbeSpec, f"{name}.probe", d.get("probe")), train=train,
-                  eval=_from_dict(EvalSpec, f"{name}.eval", d.get("eval")),
-                  tracking=_from_dict(TrackingSpec, f"{name}.tracking", d.get("tracking")), grid=grid,
-                  seed_data=int(d.get("seed_data", 0)), raw=d)
-
-
-def _check_variants(name: str, train: TrainSpec, methods: dict[str, MethodSpec]) -> None:
-    try:
-        from domlora.adapters.variants import VARIANTS
-    except ImportError:  # adapters not importable (e.g. a partial install): skip this check
-        return
-    for where, v in [(f"{name}.train.variant", train.variant)] + [
-            (f"{name}.methods.{s}.variant", m.variant) for s, m in methods.items() if m.variant]:
-        if v not in VARIANTS:
-            raise ConfigError(f"params.yaml: `{where}` is {v!r}{_close(v, VARIANTS)}; allowed: {', '.join(VARIANTS)}")
+        if s < 0:
+            raise ConfigError(f"`{name}.grid.seeds` must be non-negative integers, got {s!r}")
+    for slug, m in methods.items():
+        unknown = [x for x in m.models if x not in models]
+        if unknown:
+            raise ConfigError(f"`{name}.methods.{slug}.models` names {unknown[0]!r}{close_matches(unknown[0], models)}, "
+                              f"which is not a model of this profile; defined: {', '.join(models)}")
+        if isinstance(m.layers, dict):
+            unknown = [x for x in m.layers if x not in models]
+            if unknown:
+                raise ConfigError(f"`{name}.methods.{slug}.layers` is given for {unknown[0]!r}"
+                                  f"{close_matches(unknown[0], models)}, which is not a model of this profile")
+        if slug in grid.methods and not any(m.runs_on(x) for x in grid.models):
+            raise ConfigError(f"`{name}.methods.{slug}` runs only on {m.models}, none of which is in "
+                              f"`grid.models` {grid.models}; fix: add one of them to the grid or drop the method")
 
 
 def read_params_file(path: str | Path = "params.yaml") -> dict:
@@ -321,13 +367,17 @@ def read_params_file(path: str | Path = "params.yaml") -> dict:
 def load_params(path: str | Path = "params.yaml", *, profile: str | None = None) -> Params:
     """Load and validate a profile (default: the active one, `run`)."""
     doc = read_params_file(path)
+    try:
+        check_keys("params.yaml", doc, ("profiles", "run"))
+    except ConfigError as exc:
+        raise ConfigError(f"params.yaml: {exc}") from None
     if profile is None:
         if "run" not in doc:
             raise ConfigError("params.yaml has no `run:` (the active profile, e.g. `run: *embedded`)")
         return parse_profile(doc["run"], name="run")
     profiles = doc.get("profiles") or {}
     if profile not in profiles:
-        raise ConfigError(f"unknown profile {profile!r}{_close(profile, profiles)}; defined: {', '.join(profiles)}")
+        raise ConfigError(f"unknown profile {profile!r}{close_matches(profile, profiles)}; defined: {', '.join(profiles)}")
     return parse_profile(profiles[profile], name=f"profiles.{profile}")
 
 

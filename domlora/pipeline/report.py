@@ -296,10 +296,9 @@ def figures(col: Collected, out: Path) -> list[Path]:
     fig.tight_layout()
     made.append(save_figure(fig, out / "page_by_layer.png"))
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    from domlora.pipeline.tracking import _loss_points
 
     for c in col.cells:
-        pts = _loss_points(col.train.get(c.id) or {})
+        pts = [(i, v) for i, v in enumerate((col.train.get(c.id) or {}).get("loss") or [], 1) if v is not None]
         if pts:
             ax.plot([s for s, _ in pts], [v for _, v in pts], label=c.id)
     ax.set_xlabel("step")
@@ -384,7 +383,8 @@ def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections
     if sparse:
         from domlora.studies.sparse_b import render_report_section
 
-        docs = [d for d in (_read(layout.run_dir(c) / "metrics.json") for c in sparse) if d]
+        docs = [(d.get("study") or {}).get("outcome") for d in (col.train.get(c.id) for c in sparse) if d]
+        docs = [d for d in docs if d]
         sections.append(render_report_section(docs))
     dom_md, dom_rows = dominant_table(col)
     all_rows["dominant"] = dom_rows

@@ -117,7 +117,8 @@ def probe_stage(params, model: str, dataset: str, *, layout, tracker=None, show_
     spec, p = params.models[model], params.probe
     out_dir = layout.probe_dir(model, dataset)
     doc = probe(model=spec.id, data=layout.split(dataset, "probe"), out_dir=out_dir, samples=p.samples,
-                max_length=p.max_length, alpha=p.alpha, rank=p.rank, batch_size=p.batch_size, dtype=spec.dtype,
+                max_length=params.probe_max_length(), alpha=p.alpha, rank=p.rank, batch_size=p.batch_size,
+                dtype=spec.dtype,
                 nfn=p.nfn, trust_remote_code=spec.trust_remote_code, show_progress=show_progress,
                 model_name=spec.id)
     write_layer_csv(doc, out_dir / "page_layers.csv")
@@ -141,81 +142,60 @@ def write_layer_csv(doc: dict, path) -> None:
 def select_stage(params, model: str, dataset: str, method: str, *, layout) -> dict:
     """select: placements/<model>/<dataset>/<method>.json."""
     m = params.methods[method]
-    return select_placement(probe_path=layout.page_json(model, dataset), strategy=m.placement,
+    return select_placement(probe_path=layout.page_json(model, params.select_probe(dataset)), strategy=m.placement,
                             out=layout.placement(model, dataset, method), k=m.k, types=tuple(m.types),
-                            layers=tuple(m.layers), seed=0)
-
-
-def _train_config(params, cell):
-    from dataclasses import fields
-
-    from domlora.train import TrainConfig
-
-    spec = params.method_train(cell.method)
-    names = {f.name for f in fields(TrainConfig)}
-    values = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name in names}
-    values["seed"] = cell.seed
-    return TrainConfig(**values)
+                            layers=tuple(m.layers_for(model)), seed=0)
 
 
 def train_stage(params, cell, *, layout, tracker=None, show_progress: bool = False) -> dict:
-    """train: runs/<cell>/adapter/, train_metrics.json, loss.csv."""
+    """train: runs/<cell>/adapter/, train_metrics.json (the run's `TrainRecord`), loss.csv.
+
+    One resolved `TrainConfig` (the profile's `train:` + the method's overrides + the cell's seed) drives
+    every regime: plain SFT (`train.train`), sparse-B SFT and GRPO (the method's `sparse_b:` / `grpo:`).
+    """
     from domlora.pipeline.tracking import NullTracker
+    from domlora.train import train
 
     tracker = tracker or NullTracker()
     m = params.methods[cell.method]
     spec = params.models[cell.model]
+    cfg = params.train_config(cell.method, seed=cell.seed)
     out_dir = layout.run_dir(cell)
     placement = layout.placement(cell.model, cell.dataset, cell.method)
+    data = layout.split(cell.dataset, "train")
     try:
-        if m.grpo:
-            metrics = _grpo_cell(params, cell, layout=layout, placement=placement, show_progress=show_progress)
-        elif m.sparse_b:
+        if m.grpo is not None:
+            from domlora.studies.grpo import grpo
+
+            grpo(model=spec, train_data=data, eval_data=layout.split(cell.dataset, "eval"), placement=placement,
+                 out_dir=out_dir, cfg=cfg, settings=m.grpo, sparse_b=m.sparse_b, show_progress=show_progress)
+        elif m.sparse_b is not None:
             from domlora.studies.sparse_b import sparse_b_sft
 
-            kw = dict(m.sparse_b)
-            metrics = sparse_b_sft(model=spec.id, train_data=layout.split(cell.dataset, "train"), placement=placement,
-                                   out_dir=out_dir, seed=cell.seed, train_cfg=_train_config(params, cell),
-                                   eval_data=None, show_progress=show_progress, **kw)
+            sparse_b_sft(model=spec, train_data=data, placement=placement, out_dir=out_dir, cfg=cfg, spec=m.sparse_b,
+                         show_progress=show_progress)
         else:
-            from domlora.train import train
-
-            metrics = train(model=spec.id, train_data=layout.split(cell.dataset, "train"), placement=placement,
-                            out_dir=out_dir, cfg=_train_config(params, cell), method="ist" if m.ist else None,
-                            show_progress=show_progress)
+            train(model=spec, train_data=data, placement=placement, out_dir=out_dir, cfg=cfg,
+                  show_progress=show_progress)
     except Exception as exc:
         tracker.mark_failed(cell=cell, error=f"{type(exc).__name__}: {exc}")
         raise
     write_loss_csv(layout.train_metrics(cell), layout.loss_csv(cell))
     tracker.log_cell(cell=cell, params=params, layout=layout, stage="train")
-    return metrics
+    return read_json(layout.train_metrics(cell))
 
 
-def _grpo_cell(params, cell, *, layout, placement, show_progress: bool) -> dict:
-    """GRPO (TRL) with a verifiable reward; train_metrics.json mirrors its metrics for the grid."""
-    from domlora.studies.grpo import GRPOSettings, grpo
-
-    m = params.methods[cell.method]
-    kw = dict(m.sparse_b or {})
-    settings = GRPOSettings(**kw.pop("settings", {}))
-    metrics = grpo(model=params.models[cell.model].id, train_data=layout.split(cell.dataset, "train"),
-                   eval_data=layout.split(cell.dataset, "eval"), placement=placement, out_dir=layout.run_dir(cell),
-                   k=kw.pop("k", None), seed=cell.seed, settings=settings, show_progress=show_progress, **kw)
-    curve = metrics.get("reward_curve") or []
-    write_json(layout.train_metrics(cell), {
-        "status": metrics.get("status", "success"), "regime": "grpo", "method": metrics.get("method"),
-        "trainable_params": metrics.get("trainable_entries"), "train_time_s": metrics.get("train_seconds"),
-        "wall_time_s": metrics.get("total_seconds"), "reward": [c.get("reward") for c in curve],
-        "eval_accuracy": metrics.get("eval_accuracy"), "score_fraction": metrics.get("score_fraction")})
-    return metrics
-
-
-def write_loss_csv(metrics_path, csv_path) -> None:
+def write_loss_csv(record_path, csv_path) -> None:
+    """The loss curve of a `TrainRecord` (and GRPO's reward) as `step,loss[,reward]` rows for DVC plots."""
     from domlora.io import write_text
-    from domlora.pipeline.tracking import _loss_points
+    from domlora.train import TrainRecord
 
-    tm = read_json(metrics_path) if Path(metrics_path).is_file() else {}
-    rows = ["step,loss"] + [f"{s},{v:.6g}" for s, v in _loss_points(tm)]
+    rec = TrainRecord.read(record_path)
+    cols = ["loss"] + (["reward"] if rec.reward else [])
+    rows = [",".join(["step"] + cols)]
+    for i in range(max(len(rec.loss), len(rec.reward))):
+        vals = [rec.loss[i] if i < len(rec.loss) else None, rec.reward[i] if i < len(rec.reward) else None]
+        rows.append(",".join([str(i + 1)] + ["" if v is None or v != v else f"{v:.6g}" for v in vals[:len(cols)]]))
     write_text(csv_path, "\n".join(rows) + "\n")
 
 
@@ -230,7 +210,7 @@ def evaluate_stage(params, cell_or_base, *, layout, model: str | None = None, da
         cell = cell_or_base
         model, dataset, run_id, adapter = cell.model, cell.dataset, cell.id, layout.adapter(cell)
     spec, e = params.models[model], params.eval
-    doc = evaluate(model=spec.id, adapter=adapter, tasks=list(params.datasets[dataset].tasks),
+    doc = evaluate(model=spec, adapter=adapter, tasks=list(params.datasets[dataset].tasks),
                    out=layout.eval_json(run_id), data_dir=layout.root / "data", limit=e.limit,
                    batch_size=e.batch_size, max_gen_toks=e.max_gen_toks, allow_code_exec=e.allow_code_exec,
                    show_progress=show_progress)

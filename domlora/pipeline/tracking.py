@@ -15,6 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from domlora.config import flatten
+from domlora.train import TrainRecord
+
 logger = logging.getLogger(__name__)
 
 PENDING = ".tracking_pending"
@@ -28,17 +31,6 @@ def grid_id_for(profile: str, params_hash: str) -> str:
 
 def _scrub(d: dict) -> dict:
     return {k: v for k, v in d.items() if not any(w in k.lower() for w in SECRET_WORDS)}
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out |= _flat(v, key + ".")
-        else:
-            out[key] = v
-    return out
 
 
 class NullTracker:
@@ -137,47 +129,41 @@ class MlflowTracker:
         from mlflow.entities import Metric, Param
 
         m = params.methods[cell.method]
-        tcfg = params.method_train(cell.method)
         tags = {"model": cell.model, "dataset": cell.dataset, "method": cell.method, "seed": str(cell.seed),
-                "variant": tcfg.variant, "placement": m.placement, "paper_tables": ",".join(map(str, m.tables)),
+                "placement": m.placement, "paper_tables": ",".join(map(str, m.tables)),
                 "dvc_stage": f"train@{cell.id}"}
         rid = self.cell_run_id(cell.id, tags)
         for k, v in tags.items():
             self.client.set_tag(rid, f"domlora.{k}" if k in ("model", "dataset", "method") else k, v)
         placement_path = layout.placement(cell.model, cell.dataset, cell.method)
-        placement = json.loads(placement_path.read_text()) if placement_path.is_file() else {}
-        p = {"model": params.models[cell.model].id, "dataset": cell.dataset, "method": cell.method,
-             "variant": tcfg.variant, "r": tcfg.rank, "alpha": tcfg.alpha, "lr": tcfg.lr, "seed": cell.seed,
-             "placement": m.placement, "ist": m.ist, "max_steps": tcfg.max_steps,
-             "batch_size": tcfg.batch_size, "grad_accum": tcfg.grad_accum, "max_length": tcfg.max_length,
-             "n_target_modules": len(placement.get("modules", [])),
-             "target_modules": ",".join(placement.get("modules", []))[:6000]}
         metrics: list = []
+        p: dict[str, Any] = {}
         tm_path = layout.train_metrics(cell)
-        ts = 0
         if tm_path.is_file():
-            tm = json.loads(tm_path.read_text())
-            for key in ("trainable_params", "total_params"):
-                if key in tm:
-                    p[key] = tm[key]
-            for step, loss in _loss_points(tm):
-                metrics.append(Metric("train/loss", float(loss), ts, int(step)))
-            for key, value in train_summary(tm).items():
+            rec = TrainRecord.read(tm_path)
+            p = record_params(rec) | {"dataset": cell.dataset, "method": cell.method}
+            for step, loss in enumerate(rec.loss, 1):
+                if loss is not None:
+                    metrics.append(Metric("train/loss", float(loss), 0, step))
+            for step, r in enumerate(rec.reward, 1):
+                metrics.append(Metric("train/reward", float(r), 0, step))
+            for key, value in train_summary(rec).items():
                 if isinstance(value, (int, float)):
-                    metrics.append(Metric(f"train/{key}", float(value), ts, 0))
-            self.client.set_tag(rid, "domlora.train_status", str(tm.get("status", "unknown")))
+                    metrics.append(Metric(f"train/{key}", float(value), 0, 0))
+            self.client.set_tag(rid, "variant", rec.variant)
+            self.client.set_tag(rid, "domlora.train_status", rec.status)
         ev_path = layout.scores_json(cell)
         if ev_path.is_file():
             for k, v in json.loads(ev_path.read_text()).items():
                 if isinstance(v, (int, float)):
-                    metrics.append(Metric(f"eval/{k}".replace("@", "_at_"), float(v), ts, 0))
+                    metrics.append(Metric(f"eval/{k}".replace("@", "_at_"), float(v), 0, 0))
         params_list = [Param(k, str(v)[:6000]) for k, v in _scrub(p).items()]
         existing = self.client.get_run(rid).data.params
         params_list = [x for x in params_list if x.key not in existing]
         for i in range(0, len(metrics), 900):
             self.client.log_batch(rid, metrics=metrics[i:i + 900])
-        if params_list:
-            self.client.log_batch(rid, params=params_list)
+        for i in range(0, len(params_list), 90):
+            self.client.log_batch(rid, params=params_list[i:i + 90])
         for f in (placement_path, tm_path, layout.eval_json(cell), layout.page_json(cell.model, cell.dataset),
                   layout.probe_dir(cell.model, cell.dataset) / "page.png"):
             if Path(f).is_file():
@@ -217,30 +203,33 @@ class MlflowTracker:
         self._safe("report tables", go)
 
 
-def _loss_points(tm: dict) -> list[tuple[int, float]]:
-    curve = tm.get("loss_curve") or tm.get("losses") or tm.get("loss") or []
-    if not isinstance(curve, list):
-        return []
-    out = []
-    for i, item in enumerate(curve):
-        if isinstance(item, dict):
-            out.append((int(item.get("step", i)), float(item.get("loss"))))
-        elif isinstance(item, (list, tuple)):
-            out.append((int(item[0]), float(item[1])))
-        else:
-            out.append((i + 1, float(item)))
-    return out
+def record_params(rec: TrainRecord) -> dict[str, Any]:
+    """MLflow params of a cell, all read from its training record: the TrainConfig as trained (every field
+    by its name), the model as loaded, the placement, and the study sections (`grpo.*`, `sparse_b.*`)."""
+    study = {k: v for k, v in rec.study.items() if k != "outcome" and v is not None}
+    modules = rec.placement.get("modules", [])
+    return (dict(rec.config) | {"model": rec.model.get("id"), "model_dtype": rec.model.get("dtype"),
+                                "regime": rec.regime, "placement": rec.placement.get("strategy"),
+                                "n_target_modules": len(modules), "target_modules": ",".join(modules)[:6000],
+                                "trainable_params": rec.trainable_params, "total_params": rec.total_params,
+                                "samples_per_step": rec.samples_per_step, "world_size": rec.world_size,
+                                "backend": rec.backend}
+            | flatten(study))
 
 
-def train_summary(tm: dict) -> dict:
-    """Scalars of a train_metrics.json: params, wall time, mean step time, tokens/s, memory, final loss."""
-    pts = _loss_points(tm)
-    steps = tm.get("step_time_s")
-    step_time = (sum(steps) / len(steps)) if isinstance(steps, list) and steps else steps
-    return {"trainable_params": tm.get("trainable_params"), "wall_time_s": tm.get("wall_time_s"),
-            "train_time_s": tm.get("train_time_s"), "step_time_s": step_time, "tokens_per_s": tm.get("tokens_per_s"),
-            "peak_memory_mb": tm.get("peak_memory_mb"), "final_loss": pts[-1][1] if pts else None,
-            "first_loss": pts[0][1] if pts else None}
+def train_summary(rec: TrainRecord | dict) -> dict:
+    """Scalars of a training record: params, wall time, mean step time, tokens/s, memory, first and last loss."""
+    if isinstance(rec, dict):
+        if not rec:
+            return {}
+        rec = TrainRecord(**rec)
+    losses = [x for x in rec.loss if x is not None]
+    steps = rec.step_time_s
+    return {"trainable_params": rec.trainable_params, "wall_time_s": rec.wall_time_s,
+            "train_time_s": rec.train_time_s, "step_time_s": (sum(steps) / len(steps)) if steps else None,
+            "tokens_per_s": rec.tokens_per_s, "peak_memory_mb": rec.peak_memory_mb,
+            "final_loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None,
+            "samples_per_step": rec.samples_per_step or None}
 
 
 def make_tracker(params, *, enabled: bool | None = None, grid_id: str | None = None):

@@ -246,7 +246,7 @@ def finetune_checkpoints(*, model, train_data: str | os.PathLike, out_dir: str |
     out.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(variant="full", lr=lr, max_steps=steps, batch_size=batch_size, grad_accum=1,
                       max_length=max_length, seed=seed, warmup_ratio=warmup_ratio, save_every=0,
-                      gradient_checkpointing=False, dtype="float32")
+                      gradient_checkpointing=False)
     state: dict = {}
     saved: list[dict] = []
 

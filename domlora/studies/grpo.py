@@ -14,6 +14,7 @@ contain a parsable answer (a warning, and the parse rate in the metrics).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 import time
@@ -22,7 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from domlora.config import ModelSpec
 from domlora.errors import ConfigError, DataError
+from domlora.provenance import run_info
 from domlora.studies.arith import arith_accuracy, as_int, generate, parse_int_answer, read_prompts
 from domlora.studies.sparse_b import method_label
 
@@ -209,10 +212,10 @@ def policy_probe_loss(model, tokenizer, rows: Sequence[dict], *, reward: ArithRe
 
 @dataclass(frozen=True)
 class GRPOSettings:
-    """GRPO run size and optimisation (defaults: a few minutes of the embedded model on a CPU)."""
+    """GRPO's own settings (a method's `grpo:` section). The LoRA shape, learning rate, schedule,
+    steps and seed come from the method's `TrainConfig`, and sparse-B from its `sparse_b:` section,
+    so the one configuration says what ran."""
 
-    steps: int = 12
-    """optimizer steps"""
     prompts_per_step: int = 2
     """distinct prompts per step (each gets `num_generations` completions)"""
     num_generations: int = 4
@@ -220,51 +223,43 @@ class GRPOSettings:
     max_completion_length: int = 64
     """tokens generated per completion"""
     temperature: float = 1.0
-    learning_rate: float = 2e-3
-    rank: int = 8
-    alpha: float = 16.0
+    """sampling temperature of the rollouts"""
     reward_answer_weight: float = 1.0
+    """reward of a correct final answer"""
     reward_format_weight: float = 0.2
-    probe_steps: int = 4
-    """probe rollouts for the informed / magnitude selection"""
-    probe_prompts_per_step: int = 1
+    """reward of a parsable `#### <int>` line"""
     probe_max_tries: int = 4
-    """redraw a probe step on new prompts (up to this many times) while all its groups have constant rewards"""
-    budget: str = "global"
-    """global | per_module (see domlora.studies.sparse_b)"""
+    """sparse-B probe: redraw a probe step on new prompts (up to this many times) while all its groups have
+    constant rewards"""
     n_train: int | None = None
     """use only the first n training prompts"""
     n_eval: int | None = 40
     """evaluate on the first n eval rows"""
     eval_max_new_tokens: int = 96
+    """greedy tokens per evaluation answer"""
     eval_batch_size: int = 8
+    """evaluation prompts per generation batch"""
     eval_base: bool = False
     """also evaluate the model before training (same rows)"""
     system_prompt: str | None = None
     """prepended as a system turn to every prompt (training and evaluation)"""
 
     def __post_init__(self):
-        checks = {"steps": self.steps, "prompts_per_step": self.prompts_per_step,
-                  "max_completion_length": self.max_completion_length, "rank": self.rank,
-                  "probe_steps": self.probe_steps, "probe_prompts_per_step": self.probe_prompts_per_step,
-                  "probe_max_tries": self.probe_max_tries,
-                  "eval_max_new_tokens": self.eval_max_new_tokens, "eval_batch_size": self.eval_batch_size}
+        checks = {"prompts_per_step": self.prompts_per_step, "max_completion_length": self.max_completion_length,
+                  "probe_max_tries": self.probe_max_tries, "eval_max_new_tokens": self.eval_max_new_tokens,
+                  "eval_batch_size": self.eval_batch_size}
         for k, v in checks.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{k} must be an integer >= 1, got {v!r}")
+                raise ConfigError(f"grpo.{k} must be an integer >= 1, got {v!r}")
         if self.num_generations < 2:
-            raise ConfigError(f"num_generations must be >= 2 (GRPO compares completions within a group), "
+            raise ConfigError(f"grpo.num_generations must be >= 2 (GRPO compares completions within a group), "
                               f"got {self.num_generations}")
         if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0 for sampling, got {self.temperature}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.alpha <= 0:
-            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
+            raise ConfigError(f"grpo.temperature must be > 0 for sampling, got {self.temperature}")
         for k in ("n_train", "n_eval"):
             v = getattr(self, k)
             if v is not None and (not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{k} must be None or an integer >= 1, got {v!r}")
+                raise ConfigError(f"grpo.{k} must be None or an integer >= 1, got {v!r}")
         ArithReward(self.reward_answer_weight, self.reward_format_weight)
 
     def to_dict(self) -> dict:
@@ -308,7 +303,7 @@ def check_signal(log: RewardLog, state: RunState) -> dict:
     return s
 
 
-def train_grpo(peft_model, tokenizer, rows: list[dict], *, settings: GRPOSettings, seed: int, work_dir: Path,
+def train_grpo(peft_model, tokenizer, rows: list[dict], *, settings: GRPOSettings, cfg, steps: int, work_dir: Path,
                recorder=None, log: RewardLog | None = None, state: RunState | None = None,
                show_progress: bool = False) -> dict:
     """Run TRL's GRPOTrainer on an already-prepared PEFT model (masks, if any, installed).
@@ -324,15 +319,17 @@ def train_grpo(peft_model, tokenizer, rows: list[dict], *, settings: GRPOSetting
     reward = ArithReward(settings.reward_answer_weight, settings.reward_format_weight)
     ds = Dataset.from_list(rows)
     per_device = settings.prompts_per_step * settings.num_generations
-    cfg = GRPOConfig(
-        output_dir=str(work_dir), max_steps=settings.steps, per_device_train_batch_size=per_device,
+    schedule = {"cosine": "cosine", "linear": "linear",
+                "constant": "constant_with_warmup" if cfg.warmup_ratio > 0 else "constant"}[cfg.lr_schedule]
+    targs = GRPOConfig(
+        output_dir=str(work_dir), max_steps=steps, per_device_train_batch_size=per_device,
         gradient_accumulation_steps=1, num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length, temperature=settings.temperature, top_p=1.0,
-        learning_rate=settings.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        beta=0.0, num_iterations=1, loss_type="dapo", scale_rewards="group", max_grad_norm=1.0,
-        use_cpu=not _on_gpu(peft_model), bf16=False, fp16=False, report_to=[], save_strategy="no",
-        logging_steps=1, disable_tqdm=not show_progress, seed=seed, data_seed=seed, dataloader_num_workers=0,
-        log_completions=False, remove_unused_columns=False)
+        learning_rate=cfg.lr, lr_scheduler_type=schedule, warmup_ratio=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, beta=0.0, num_iterations=1, loss_type="dapo", scale_rewards="group",
+        max_grad_norm=cfg.max_grad_norm, use_cpu=not _on_gpu(peft_model), bf16=False, fp16=False, report_to=[],
+        save_strategy="no", logging_steps=1, disable_tqdm=not show_progress, seed=cfg.seed, data_seed=cfg.seed,
+        dataloader_num_workers=0, log_completions=False, remove_unused_columns=False)
 
     class _Hooks(TrainerCallback):
         def on_step_end(self, args, tstate, control, **kw):
@@ -343,11 +340,12 @@ def train_grpo(peft_model, tokenizer, rows: list[dict], *, settings: GRPOSetting
             if logs and "reward" in logs:
                 nan = float("nan")
                 state.reward_curve.append({"step": tstate.global_step, "reward": float(logs["reward"]),
+                                           "loss": float(logs.get("loss", nan)),
                                            "reward_std": float(logs.get("reward_std", nan)),
                                            "frac_reward_zero_std": float(logs.get("frac_reward_zero_std", nan)),
                                            "completion_length": float(logs.get("completions/mean_length", nan))})
 
-    trainer = GRPOTrainer(model=peft_model, reward_funcs=[reward.reward_func(log)], args=cfg, train_dataset=ds,
+    trainer = GRPOTrainer(model=peft_model, reward_funcs=[reward.reward_func(log)], args=targs, train_dataset=ds,
                           processing_class=tokenizer, callbacks=[_Hooks()])
     trainer.remove_callback(PrinterCallback)
     if not show_progress:
@@ -367,10 +365,21 @@ def _load(model):
 
     if isinstance(model, LoadedModel):
         return model, getattr(model, "spec", "model")
-    if isinstance(model, str):
-        return load_model(model), model
+    if isinstance(model, (str, ModelSpec)):
+        spec = ModelSpec.of(model)
+        return load_model(spec), spec.id
     raise ConfigError(f"model must be a model spec (`embedded`, a hub id, a folder) or a LoadedModel, "
                       f"got {type(model).__name__}")
+
+
+def _peak_memory_mb(model) -> float:
+    import torch
+
+    if next(model.parameters()).is_cuda:
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _adapter_digest(adapter_dir) -> str:
@@ -392,82 +401,71 @@ def _adapter_digest(adapter_dir) -> str:
 
 
 def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, placement, out_dir: str | os.PathLike,
-         k: int | None, selection: str = "informed", seed: int = 0, settings: GRPOSettings | None = None,
-         init_adapter: str | os.PathLike | None = None, force: bool = False, show_progress: bool = False) -> dict:
-    """GRPO stage: train a full-LoRA (k=None) or sparse-B (k entries) adapter with TRL, evaluate it.
+         cfg, settings: GRPOSettings | None = None, sparse_b=None, init_adapter: str | os.PathLike | None = None,
+         show_progress: bool = False) -> dict:
+    """GRPO stage: train a full-LoRA or sparse-B adapter with TRL, evaluate it, write its record.
 
-    Writes `out_dir/adapter/` (PEFT adapter, plus the sparse-B masks), `out_dir/diagnostics.json`
-    and, last, `out_dir/metrics.json`. A rerun with the same configuration finds the finished
-    metrics and returns them without training (pass `force` to retrain); a failed run leaves
-    the previous outputs as they were.
+    Writes `out_dir/adapter/` (PEFT adapter, plus the sparse-B masks and the study's `diagnostics.json`)
+    and `out_dir/train_metrics.json` (a `train.TrainRecord`, regime `grpo`, whose `study` holds the
+    GRPO and sparse-B settings as run and their outcome), all together and atomically: a failed run
+    leaves the previous outputs as they were.
 
     Args:
-        model: `embedded`, a hub id, a folder, or a LoadedModel (its model gets the adapter).
+        model: a `ModelSpec` or its id, or a LoadedModel (its model gets the adapter).
         train_data: chat JSONL whose assistant turns end with `#### <int>` (or eval-style rows).
         eval_data: rows with `question` + `answer` (the arith eval split).
         placement: a Placement, its dict / JSON path, module names, or None (every projection).
-        k: trainable B entries; None trains full LoRA (A and B) on the placement.
-        selection: random | informed | magnitude (ignored for full LoRA).
-        seed: seeds LoRA's A, the selection, the sampling and the data order.
-        settings: run size and optimisation.
+        cfg: the `train.TrainConfig`: LoRA rank and alpha, learning rate and schedule, max_steps (or epochs
+            over the prompts), seed (A's init, the selection, the sampling, the data order).
+        settings: GRPO's own settings (group size, completion length, rewards, evaluation).
+        sparse_b: a `sparse_b.SparseBSpec` (k entries of B, A frozen), or None for full LoRA.
         init_adapter: an adapter folder (e.g. an SFT run's `adapter/`) merged into the base model
             before the GRPO adapter is attached: GRPO from a warm start instead of the base model.
 
     Returns:
-        The metrics dict written to metrics.json.
+        The study's outcome (also in the record's `study["outcome"]`).
     """
+    import dataclasses
+
     import torch
 
     from domlora.adapters.variants import save_adapter
     from domlora.io import atomic_outputs, write_json
+    from domlora.models import hub_id
     from domlora.studies.sparse_b import (
         GradRecorder,
-        SparseBSpec,
+        DIAGNOSTICS,
         attach_lora,
         b_sizes,
-        config_digest,
-        file_digest,
-        finished,
         install,
         landing,
         make_masks,
         module_info,
         outside_mask_nonzero,
         resolve_placement,
-        run_info,
         save_masks,
     )
+    from domlora.train import TrainRecord
 
     settings = settings or GRPOSettings()
+    if cfg.variant != "lora":
+        raise ConfigError(f"GRPO trains a plain LoRA adapter, but the method's variant is {cfg.variant!r}; "
+                          "fix: variant lora for GRPO methods")
+    seed = cfg.seed
+    spec = None if sparse_b is None else dataclasses.replace(sparse_b, seed=seed)
+    k, selection = (None, None) if spec is None else (spec.k, spec.selection)
     modules = None if placement is None else resolve_placement(placement)
-    spec = None
-    if k is not None:
-        spec = SparseBSpec(k=k, selection=selection, budget=settings.budget, probe_steps=settings.probe_steps,
-                           probe_batch_size=settings.probe_prompts_per_step, seed=seed)
     label = method_label("grpo", k, selection)
-    config = {"regime": "grpo", "method": label, "k": k, "selection": None if k is None else selection, "seed": seed,
-              "modules": modules, "train_data": str(train_data), "eval_data": str(eval_data),
-              "data_digests": [file_digest(train_data), file_digest(eval_data)],
-              "model": model if isinstance(model, str) else getattr(model, "spec", None),
-              "init_adapter": None if init_adapter is None else str(init_adapter),
-              "init_adapter_digest": None if init_adapter is None else _adapter_digest(init_adapter),
-              "settings": settings.to_dict()}
-    if spec is None or spec.selection == "random":
-        # no probe rollouts in this run: the probe's redraw limit does not change what is trained
-        config["settings"].pop("probe_max_tries")
-    digest = config_digest(config)
     out_dir = Path(out_dir)
-    if not force:
-        done = finished(out_dir, digest)
-        if done is not None:
-            logger.info("%s: finished run with the same configuration found, not retraining", out_dir)
-            return done
     # read and validate all inputs before the model loads
+    if init_adapter is not None:
+        _adapter_digest(init_adapter)
     rows = _with_system(read_prompts(train_data, limit=settings.n_train), settings.system_prompt)
     eval_rows = _with_system(read_prompts(eval_data, limit=settings.n_eval), settings.system_prompt)
     if len(rows) < settings.prompts_per_step:
         raise DataError(f"{train_data} has {len(rows)} usable prompts, fewer than prompts_per_step="
                         f"{settings.prompts_per_step}; fix: more training rows or fewer prompts per step")
+    steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(rows) / settings.prompts_per_step))
 
     loaded, model_name = _load(model)
     tok = loaded.tokenizer
@@ -479,12 +477,12 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
     if modules is None:  # no placement: every projection (vanilla LoRA's placement)
         modules = list(info)
     t_start = time.perf_counter()
-    pm = attach_lora(loaded.model, modules, rank=settings.rank, alpha=settings.alpha, seed=seed)
+    pm = attach_lora(loaded.model, modules, rank=cfg.rank, alpha=cfg.alpha, seed=seed)
     sizes = b_sizes(pm)
     state = RunState()
     log = RewardLog()
     probe_log = RewardLog()
-    recorder = GradRecorder(max_steps=settings.steps, seed=seed)
+    recorder = GradRecorder(max_steps=steps, seed=seed)
     reward = ArithReward(settings.reward_answer_weight, settings.reward_format_weight)
     base_eval = None
     if settings.eval_base:
@@ -496,7 +494,7 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
         loss_fn = None
         if spec.selection != "random":
             loss_fn = policy_probe_loss(pm, tok, rows, reward=reward, num_generations=settings.num_generations,
-                                        prompts_per_step=settings.probe_prompts_per_step,
+                                        prompts_per_step=spec.probe_batch_size,
                                         max_new_tokens=settings.max_completion_length,
                                         temperature=settings.temperature, seed=seed,
                                         max_tries=settings.probe_max_tries, log=probe_log)
@@ -514,8 +512,8 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="grpo-") as work:
-            tr = train_grpo(pm, tok, rows, settings=settings, seed=seed, work_dir=Path(work), recorder=recorder,
-                            log=log, state=state, show_progress=show_progress)
+            tr = train_grpo(pm, tok, rows, settings=settings, cfg=cfg, steps=steps, work_dir=Path(work),
+                            recorder=recorder, log=log, state=state, show_progress=show_progress)
     finally:
         handle.remove()
     signal = check_signal(log, state)
@@ -534,7 +532,7 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
     half = max(1, len(curve) // 2)
     metrics = {
         "status": "success", "regime": "grpo", "method": label, "k": k,
-        "selection": None if k is None else selection, "budget": None if k is None else settings.budget,
+        "selection": None if k is None else selection, "budget": None if spec is None else spec.budget,
         "seed": seed, "model": model_name, "n_modules": len(modules),
         "trainable_entries": trainable, "b_entries": sum(sizes.values()),
         "train_seconds": tr["seconds"], "steps": tr["steps"],
@@ -553,21 +551,35 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
         "grad": recorder.summary(),
         "total_seconds": total_s,
         "warnings": state.warnings,
-        "config": config, "config_digest": digest, "run_info": run_info(),
     }
     diagnostics = {"regime": "grpo", "method": label, "landing": land, "scoring": scoring,
                    "grad_steps": recorder.steps, "grad_summary": recorder.summary(),
                    "reward_log": log.calls, "eval_samples": ev["samples"],
                    "base_eval_samples": None if base_eval is None else base_eval["samples"]}
+    peak = _peak_memory_mb(pm)
+    record = TrainRecord(
+        config=dataclasses.asdict(cfg), regime="grpo",
+        model={"id": model_name, "hub_id": hub_id(model_name), "path": getattr(loaded, "path", None)},
+        placement={"strategy": "explicit" if placement is not None else "all", "modules": list(modules),
+                   "n_modules": len(modules)},
+        study={"grpo": settings.to_dict(), "sparse_b": None if spec is None else spec.to_dict(),
+               "init_adapter": None if init_adapter is None else str(init_adapter), "outcome": metrics},
+        status="success", steps=steps, completed_steps=tr["steps"],
+        samples_per_step=settings.prompts_per_step * settings.num_generations, device=str(pm.device),
+        loss=[c.get("loss") for c in curve], reward=[c["reward"] for c in curve],
+        train_time_s=round(tr["seconds"], 3), wall_time_s=round(total_s, 3), peak_memory_mb=peak,
+        trainable_params=trainable, total_params=sum(p.numel() for p in pm.parameters()), n_modules=len(modules),
+        data={"path": str(train_data), "n_samples": len(rows)}, run_info=run_info())
     with atomic_outputs(out_dir) as stage:
         save_adapter(pm, stage / "adapter", variant="lora",
-                     meta={"base_model": model_name, "rank": settings.rank, "alpha": settings.alpha,
-                           "method": label, "placement": modules, "trainable_params": trainable})
+                     meta={"base_model": hub_id(model_name), "base_model_local": getattr(loaded, "path", None),
+                           "rank": cfg.rank, "alpha": cfg.alpha, "method": label, "placement": modules,
+                           "trainable_params": trainable})
         if masks is not None:
             save_masks(stage / "adapter", masks, meta={"spec": spec.to_dict(), "modules": modules,
                                                        "regime": "grpo"})
-        write_json(stage / "diagnostics.json", diagnostics)
-        write_json(stage / "metrics.json", metrics)
+        write_json(stage / "adapter" / DIAGNOSTICS, diagnostics)
+        record.write(stage / "train_metrics.json")
     logger.info("%s: reward %.3f -> %.3f, eval accuracy %.3f (n=%d), %.1fs", label, metrics["reward_first"] or 0,
                 metrics["reward_last"] or 0, ev["accuracy"], ev["n"], total_s)
     return metrics

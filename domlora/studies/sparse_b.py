@@ -701,46 +701,12 @@ def make_masks(peft_model, spec: SparseBSpec, loss_fn: Callable[[int], Any] | No
     return masks, report
 
 
-def run_info(**extra) -> dict:
-    try:
-        from domlora.provenance import run_info as _ri
-    except ImportError:  # pragma: no cover - provenance is part of the pipeline package
-        return dict(extra)
-    return _ri(**extra)
-
-
-def config_digest(config: dict) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_digest(path: str | os.PathLike | None) -> str | None:
-    """Content hash of a data file (a finished run is reused only on the same bytes)."""
-    from domlora.io import file_sha256
-
-    return file_sha256(path)[:16] if path is not None and Path(path).is_file() else None
-
-
-def finished(out_dir: str | os.PathLike, digest: str) -> dict | None:
-    """The metrics of a finished run with the same configuration in `out_dir`, else None."""
-    p = Path(out_dir) / "metrics.json"
-    if not p.is_file() or not (Path(out_dir) / "adapter" / "adapter_config.json").is_file():
-        return None
-    try:
-        doc = read_json(p)
-    except (OSError, ValueError):
-        return None
-    if doc.get("status") == "success" and doc.get("config_digest") == digest:
-        return doc
-    return None
-
-
 # ---------------------------------------------------------------- the SFT stage
 
 # LoRA variants whose adapter is a plain (A, B) pair while training
 SFT_VARIANTS = ("lora", "rslora")
+# the study's diagnostics travel with the adapter (landing, scoring, gradient structure, eval samples)
+DIAGNOSTICS = "diagnostics.json"
 _WORK = ".sparse_b"
 
 
@@ -751,75 +717,59 @@ def _loss_summary(losses: list[float], n: int = 5) -> tuple[float | None, float 
     return sum(losses[:n]) / n, sum(losses[-n:]) / n
 
 
-def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: str | os.PathLike, k: int | None,
-                 selection: str = "informed", seed: int = 0, train_cfg=None, budget: str = "global",
-                 probe_steps: int = 4, probe_batch_size: int = 4, eval_data: str | os.PathLike | None = None,
-                 n_eval: int | None = 40, eval_max_new_tokens: int = 96, eval_batch_size: int = 8,
-                 force: bool = False, show_progress: bool = False) -> dict:
+def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: str | os.PathLike, cfg,
+                 spec: SparseBSpec | None, eval_data: str | os.PathLike | None = None, n_eval: int | None = 40,
+                 eval_max_new_tokens: int = 96, eval_batch_size: int = 8, show_progress: bool = False) -> dict:
     """SFT stage for sparse-B LoRA: score + select k entries of B, train them through `train.train`.
 
     Writes `out_dir/adapter/` (the PEFT adapter `train` writes, plus the masks), `out_dir/train_metrics.json`
-    (from `train`), `out_dir/diagnostics.json` and, last, `out_dir/metrics.json`. A killed run resumes:
-    `train` continues from its checkpoint and the chosen masks are reused (kept in `out_dir/.sparse_b/`
-    until the run finishes); a rerun of a finished run with the same configuration returns its metrics.
+    (`train`'s record, whose `study` holds the sparse-B settings as run and their outcome) and
+    `out_dir/adapter/diagnostics.json`. A killed run resumes: `train` continues from its checkpoint and the
+    chosen masks are reused (kept in `out_dir/.sparse_b/` until the run finishes).
 
     Args:
-        model: `embedded`, a hub id or a folder.
+        model: a `ModelSpec` or its id (`embedded`, a hub id, a folder), or a LoadedModel.
         train_data: chat JSONL (`{"messages": [...]}` per line).
         placement: a Placement, its dict / JSON path, module names, or None (every projection).
-        k: trainable B entries; None trains full LoRA (A and B) for reference.
-        selection: random | informed | magnitude.
-        seed: seeds everything (replaces `train_cfg.seed`): A's init, data order, selection, probe batches.
-        train_cfg: a `train.TrainConfig` (default: the embedded profile for broad placements);
-            its variant must be lora or rslora.
-        budget: global | per_module.
-        probe_steps, probe_batch_size: the S probe batches the gradient scores average over.
+        cfg: the `train.TrainConfig` (variant lora or rslora); its seed seeds everything: A's init, the
+            data order, the selection and the probe batches.
+        spec: the k entries of B and how they are chosen, or None for full LoRA (reference).
         eval_data: optional rows with `question` + `answer`: greedy exact match after training.
 
     Returns:
-        The metrics dict written to metrics.json.
+        The study's outcome (also in the record's `study["outcome"]`).
     """
+    import dataclasses
+    import hashlib
+    import json
     import shutil
 
-    from domlora.studies.arith import arith_accuracy, read_prompts
     from domlora.io import write_json
     from domlora.models import load_model
     from domlora.samples import encode_samples, read_samples
-    from domlora.train import embedded_config, train
+    from domlora.studies.arith import arith_accuracy, read_prompts
+    from domlora.train import train
 
-    cfg = (train_cfg if train_cfg is not None else embedded_config(dom=False)).replace(seed=seed)
     if cfg.variant not in SFT_VARIANTS:
         raise ConfigError(f"sparse-B training needs a plain LoRA (A, B) pair, but the train config has variant "
                           f"{cfg.variant!r}; fix: variant one of {', '.join(SFT_VARIANTS)}")
-    spec = None
-    if k is not None:
-        spec = SparseBSpec(k=k, selection=selection, budget=budget, probe_steps=probe_steps,
-                           probe_batch_size=probe_batch_size, seed=seed)
+    seed = cfg.seed
+    spec = None if spec is None else dataclasses.replace(spec, seed=seed)
+    k, selection = (None, None) if spec is None else (spec.k, spec.selection)
     out_dir = Path(out_dir)
     label = method_label("sft", k, selection)
-    place_key = None if placement is None else resolve_placement(placement)
-    config = {"regime": "sft", "method": label, "k": k, "selection": None if k is None else selection,
-              "budget": None if k is None else budget, "probe_steps": probe_steps,
-              "probe_batch_size": probe_batch_size, "seed": seed, "modules": place_key,
-              "train_data": str(train_data), "eval_data": None if eval_data is None else str(eval_data),
-              "data_digests": [file_digest(train_data), file_digest(eval_data)],
-              "n_eval": n_eval, "eval_max_new_tokens": eval_max_new_tokens,
-              "model": model if isinstance(model, str) else getattr(model, "spec", None),
-              "train_cfg": {k_: v for k_, v in asdict(cfg).items() if k_ not in ("save_every", "keep_checkpoints")}}
-    digest = config_digest(config)
-    if not force:
-        done = finished(out_dir, digest)
-        if done is not None:
-            logger.info("%s: finished run with the same configuration found, not retraining", out_dir)
-            return done
+    study = {"sparse_b": None if spec is None else spec.to_dict()}
+    # the masks a killed run chose are reused only by a run of the same configuration
+    digest = hashlib.sha256(json.dumps({"study": study, "cfg": dataclasses.asdict(cfg), "data": str(train_data)},
+                                       sort_keys=True, default=str).encode()).hexdigest()[:16]
     # validate the inputs before the model loads
     samples = read_samples(train_data, limit=cfg.limit_samples)
     eval_rows = read_prompts(eval_data, limit=n_eval) if eval_data is not None else None
 
     from domlora.models import LoadedModel
 
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=cfg.dtype, device=cfg.device)
-    model_name = model if isinstance(model, str) else getattr(loaded, "spec", "model")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=cfg.device)
+    model_name = getattr(loaded, "spec", "model")
     tok = loaded.tokenizer
     info = module_info(loaded.model)
     recorder = GradRecorder(max_steps=64, seed=seed)
@@ -851,7 +801,7 @@ def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: st
 
     try:
         tdoc = train(model=loaded, train_data=train_data, placement=placement, out_dir=out_dir, cfg=cfg,
-                     on_step=on_step, model_hook=hook, show_progress=show_progress)
+                     on_step=on_step, model_hook=hook, study=study, show_progress=show_progress)
     finally:
         if "handle" in held:
             held["handle"].remove()
@@ -876,7 +826,7 @@ def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: st
     first, last = _loss_summary(tdoc.get("loss", []))
     metrics = {
         "status": "success", "regime": "sft", "method": label, "k": k,
-        "selection": None if k is None else selection, "budget": None if k is None else budget, "seed": seed,
+        "selection": None if k is None else selection, "budget": None if spec is None else spec.budget, "seed": seed,
         "model": model_name, "n_modules": len(modules),
         "trainable_entries": (int(sum(int(m.sum()) for m in masks.values())) if masks is not None
                               else int(tdoc.get("trainable_params", 0))),
@@ -889,13 +839,13 @@ def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: st
         "outside_mask_nonzero": leaked, "vod_share": land["vod_share"] if land else None,
         "landing_by_type": None if land is None else {t: r["share_selected"] for t, r in land["by_type"].items()},
         "grad": recorder.summary(), "warnings": warnings,
-        "config": config, "config_digest": digest, "run_info": run_info(),
     }
     diagnostics = {"regime": "sft", "method": label, "landing": land, "scoring": scoring,
                    "grad_steps": recorder.steps, "grad_summary": recorder.summary(),
                    "eval_samples": None if ev is None else ev["samples"]}
-    write_json(out_dir / "diagnostics.json", diagnostics)
-    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "adapter" / DIAGNOSTICS, diagnostics)
+    tdoc["study"] = study | {"outcome": metrics}
+    write_json(out_dir / "train_metrics.json", tdoc)
     shutil.rmtree(work, ignore_errors=True)
     logger.info("%s: loss %.4f -> %.4f, eval accuracy %s, scoring %.2fs = %.2f%% of training", label,
                 first or float("nan"), last or float("nan"), None if ev is None else f"{ev['accuracy']:.3f}",
