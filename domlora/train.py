@@ -800,21 +800,13 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
                             norm_step=cfg.norm_step, norm_range_start=cfg.norm_range_start)
         if cfg.variant == "norm":
             doc["norm"] = adoc["norm"]
-            doc["params_after_norm"] = sum(r["kept"] * (_d(unwrapped, n)) for n, r in adoc["norm"].items())
+            doc["params_after_norm"] = adoc["params_after_norm"]
         if cfg.variant == "adalora":
             doc["adalora_rank_pattern"] = _rank_summary(unwrapped)
         write_json(out_dir / METRICS, doc)
         shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
     accelerator.wait_for_everyone()
     return doc
-
-
-def _d(model, name: str) -> int:
-    """d_in + d_out of a module (a rank-c LoRA pair has c * (d_in + d_out) parameters)."""
-    from domlora.adapters.variants import _projection_shapes
-
-    d_in, d_out, _ = _projection_shapes(model, [name])[name]
-    return d_in + d_out
 
 
 def _rank_summary(model) -> dict:

@@ -286,7 +286,9 @@ def save_adapter(model, out_dir: str | os.PathLike, *, variant: str, meta: dict 
 
     `full` writes the placed modules' weights (`full_weights.safetensors`) instead. `norm`
     reduces every LoRA pair with Sim-Search first (`domlora.adapters.norm.reduce_model`) and writes
-    the reduced LoRA (per-module ranks in `rank_pattern`). Returns the metadata written.
+    the reduced LoRA (per-module ranks and alphas in `rank_pattern` / `alpha_pattern`, scaling 1);
+    its metadata gains `norm` (per module: trained and kept rank, parameters, scale, similarities)
+    and `params_after_norm`. Returns the metadata written.
     """
     check_variant(variant)
     from safetensors.torch import save_file
@@ -318,11 +320,12 @@ def save_adapter(model, out_dir: str | os.PathLike, *, variant: str, meta: dict 
             doc["tensors"] = {k: list(v.shape) for k, v in tensors.items()}
             doc["tied"] = tied
         elif variant == "norm":
-            from domlora.adapters.norm import reduce_model, save_reduced
+            from domlora.adapters.norm import params_after, reduce_model, save_reduced
 
             reduced = reduce_model(model, step=norm_step, range_start=norm_range_start)
             save_reduced(model, reduced, tmp)
             doc["norm"] = {n: r.summary() for n, r in reduced.items()}
+            doc["params_after_norm"] = params_after(reduced)
         else:
             model.save_pretrained(str(tmp))
         write_json(tmp / META_FILE, doc)
