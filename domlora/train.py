@@ -36,7 +36,7 @@ from domlora.io import atomic_dir, file_sha256, read_json, write_json
 logger = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
-METHODS = ("ist",)
+METHODS = ("ist", "rst")
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 METRICS = "train_metrics.json"
@@ -113,11 +113,17 @@ class TrainConfig:
     norm_range_start: int = 1
     """NoRM Sim-Search: first fraction = step * range_start"""
     ist_active_layers: float = 0.25
-    """IST: layers updated per step (fraction < 1 or count)"""
+    """IST/RST: layers updated per step (fraction < 1 of the adapted layers, floored, at least 1; or a count)"""
     ist_update_every: int = 10
-    """IST: steps between importance updates"""
-    ist_beta: float = 0.9
-    ist_temperature: float = 1.0
+    """IST: optimizer steps between importance updates"""
+    ist_rollouts: int = 3
+    """IST: rollouts per importance update, each suppressing a different set of layers"""
+    ist_suppressed_layers: float = 0.5
+    """IST: layers suppressed per rollout (fraction < 1, floored, at least 1; or a count)"""
+    ist_suppression_factor: float = 0.25
+    """IST: scale of a suppressed layer's adapters during a rollout (0 = switched off)"""
+    ist_score_lr: float = 10.0
+    """IST: step size of the score update (centred exp(-loss) reward x p(1 - p) x ist_score_lr)"""
     deepspeed: str | None = None
     """DeepSpeed config JSON (e.g. configs/deepspeed_zero2.json); None = no DeepSpeed"""
     limit_samples: int | None = None
@@ -171,11 +177,13 @@ class TrainConfig:
             bad("device", self.device, "cpu, cuda or cuda:N")
         self.ist_config()  # validates the ist_* fields
 
-    def ist_config(self):
+    def ist_config(self, mode: str = "ist"):
+        """The `ist_*` fields as an `ISTConfig`; `mode` is the training method, ist or rst."""
         from domlora.adapters.ist import ISTConfig
 
-        return ISTConfig(active_layers=self.ist_active_layers, update_every=self.ist_update_every,
-                         beta=self.ist_beta, temperature=self.ist_temperature)
+        return ISTConfig(mode=mode, active_layers=self.ist_active_layers, update_every=self.ist_update_every,
+                         rollouts=self.ist_rollouts, suppressed_layers=self.ist_suppressed_layers,
+                         suppression_factor=self.ist_suppression_factor, score_lr=self.ist_score_lr)
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -324,6 +332,24 @@ def _forward_loss(net, batch: dict, *, full_logits: bool = False):
     logits = net(input_ids=ids, attention_mask=att, use_cache=False, logits_to_keep=predicts).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:][target[:, 1:]])
 
+
+# seed offset of the order IST draws its fresh batches from (independent of the training order)
+_PROBE_SEED_OFFSET = 1_000_003
+
+
+def _batches_loss(net, batches: list[dict], *, accelerator, world: int) -> float:
+    """Token-weighted mean training loss over micro-batches (and all ranks), without gradients."""
+    import torch
+
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    with torch.no_grad():
+        for b in batches:
+            n = (b["loss_mask"] * b["attention_mask"])[:, 1:].sum()
+            if n > 0:  # a micro-batch without target tokens has no loss (and would give NaN)
+                total += torch.stack([_forward_loss(net, b).double() * n, n.double()])
+    if world > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / total[1].clamp(min=1))
 
 
 def enable_checkpointing(model) -> None:
@@ -517,7 +543,8 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
         placement: a placement JSON path, its dict, a list of module names, or None (every projection).
         out_dir: gets `adapter/`, `train_metrics.json` and (while running) `checkpoints/`.
         cfg: the recipe.
-        method: None, or "ist" (adapters on the whole placement, a sampled subset of layers per step).
+        method: None, "ist" (adapters on the whole placement, a subset of layers per step sampled by
+            learnt importance) or "rst" (the same, sampled uniformly).
         on_step: called after every optimizer step as `on_step(step, metrics)` (step counts from 1).
         model_hook: called with the model after the adapter is attached and before the optimizer is
             built (e.g. to freeze A or mask entries of B).
@@ -539,15 +566,15 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     out_dir = Path(out_dir)
     if method is not None and method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose none or one of {', '.join(METHODS)}")
-    if method == "ist" and cfg.variant in ("full", "adalora"):
-        raise ConfigError(f"IST switches adapter layers on and off per step, which variant {cfg.variant!r} does "
-                          "not support; fix: use lora, dora, lora_plus, rslora, gralora or norm with IST")
+    if method in ("ist", "rst") and cfg.variant in ("full", "adalora"):
+        raise ConfigError(f"IST/RST switches adapter layers on and off per step, which variant {cfg.variant!r} does "
+                          "not support; fix: use lora, dora, lora_plus, rslora, gralora or norm with IST/RST")
     if cfg.deepspeed and cfg.variant == "adalora":
         raise ConfigError("AdaLoRA's rank allocation reads full gradients, which ZeRO-2 partitions; "
                           "fix: train AdaLoRA without --deepspeed (DDP via accelerate launch)")
-    if cfg.deepspeed and method == "ist":
-        raise ConfigError("IST toggles which adapters train each step, which ZeRO-2's fixed buckets do not allow; "
-                          "fix: run IST without --deepspeed")
+    if cfg.deepspeed and method in ("ist", "rst"):
+        raise ConfigError("IST/RST toggle which adapters train each step, which ZeRO-2's fixed buckets do not allow; "
+                          "fix: run IST/RST without --deepspeed")
     device = _resolve_device(cfg)
     samples = read_samples(train_data, limit=cfg.limit_samples)  # validate before loading a model
     data_digest = file_sha256(train_data)[:16]
@@ -594,10 +621,10 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     sched_name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_schedule]
     scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=plan.total_steps)
     ist = None
-    if method == "ist":
+    if method in ("ist", "rst"):
         from domlora.adapters.ist import ISTController
 
-        ist = ISTController(net, cfg.ist_config(), seed=cfg.seed)
+        ist = ISTController(net, cfg.ist_config(method), seed=cfg.seed)
     net.train()
     # note: the scheduler stays outside `prepare` (accelerate would step it once per process)
     net, optimizer = accelerator.prepare(net, optimizer)
@@ -654,6 +681,8 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=plan.total_steps, initial=start_step, desc=f"train {cfg.variant}", unit="step")
+    # IST's fresh batches: the data in another seeded order, one global batch per importance update
+    probe_plan = dataclasses.replace(plan, seed=plan.seed + _PROBE_SEED_OFFSET)
     step = start_step
     try:
         for step in range(start_step, plan.total_steps):
@@ -664,11 +693,8 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
                 ist.activate(active)
             mbs = plan.micro_batches(step, rank=rank, world=world, batch_size=cfg.batch_size, lengths=lengths)
             losses, ntok, gnorm = [], 0, None
-            first_batch = None
             for j, idx in enumerate(mbs):
                 batch = collate([encoded[i] for i in idx], pad_id=pad_id, device=accelerator.device)
-                if first_batch is None:
-                    first_batch = batch
                 with accelerator.accumulate(net):
                     loss = _forward_loss(net, batch, full_logits=full_logits)
                     if not torch.isfinite(loss.detach()).all():
@@ -690,12 +716,14 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
             if world > 1:
                 step_loss = accelerator.reduce(step_loss, reduction="mean")
                 ntok = int(accelerator.reduce(torch.tensor(ntok, device=accelerator.device), reduction="sum"))
-            if ist is not None and (step + 1) % ist.cfg.update_every == 0:
-                with torch.no_grad():
-                    full = float(_forward_loss(net, first_batch, full_logits=full_logits))
-                    with ist.suppressed(active):
-                        sup = float(_forward_loss(net, first_batch, full_logits=full_logits))
-                ist.update(active, full, sup)
+            if ist is not None and ist.due(step + 1, plan.total_steps):
+                # a fresh batch: update u takes batch u of an independent seeded order of the data
+                u = (step + 1) // ist.cfg.update_every - 1
+                fresh = [collate([encoded[i] for i in idx], pad_id=pad_id, device=accelerator.device)
+                         for idx in probe_plan.micro_batches(u, rank=rank, world=world, batch_size=cfg.batch_size,
+                                                             lengths=lengths)]
+                ist.update_importance(lambda b=fresh: _batches_loss(net, b, accelerator=accelerator, world=world),
+                                      step=step + 1)
             dt = time.perf_counter() - t0
             train_time += dt
             history["loss"].append(round(float(step_loss), 6))

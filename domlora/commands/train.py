@@ -1,4 +1,4 @@
-"""`domlora train`: train an adapter at a placement (DomLoRA, vanilla LoRA, variants, IST)."""
+"""`domlora train`: train an adapter at a placement (DomLoRA, vanilla LoRA, variants, IST, RST)."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "projection, i.e. vanilla LoRA)")
     p.add_argument("--out", required=True, help="output folder: adapter/, train_metrics.json, checkpoints/")
     p.add_argument("--variant", default=None, choices=VARIANTS, help="adapter variant (default lora)")
-    p.add_argument("--method", default=None, choices=["ist"], help="training-time placement method")
+    p.add_argument("--method", default=None, choices=["ist", "rst"],
+                   help="training-time layer sampling: ist (by learnt importance) or rst (uniform)")
     p.add_argument("--profile", default="paper", choices=["paper", "embedded"],
                    help="defaults: the paper's recipe, or the small-CPU embedded one (placements of <= 4 "
                    "modules get its single-adapter learning rate)")
