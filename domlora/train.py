@@ -91,8 +91,9 @@ class TrainConfig:
     """optimizer steps between checkpoints (0 = none)"""
     keep_checkpoints: int = 2
     """checkpoints kept (oldest removed)"""
-    layer_sampling: Literal["none", "ist"] = "none"
-    """train every adapter each step (none), or a sampled subset of layers per step (ist)"""
+    layer_sampling: Literal["none", "ist", "rst"] = "none"
+    """train every adapter each step (none), or a subset of layers per step sampled by learnt importance
+    (ist, the reference IST) or uniformly (rst, IST's random-sampling ablation)"""
     lora_plus_ratio: float = 16.0
     """LoRA+: lr(B) / lr(A)"""
     adalora_target_r: int | None = None
@@ -116,13 +117,17 @@ class TrainConfig:
     norm_range_start: int = 1
     """NoRM Sim-Search: first fraction = step * range_start"""
     ist_active_layers: float = 0.25
-    """IST: layers updated per step (fraction < 1 or count)"""
+    """IST/RST: layers updated per step (fraction < 1 of the adapted layers, floored, at least 1; or a count)"""
     ist_update_every: int = 10
-    """IST: steps between importance updates"""
-    ist_beta: float = 0.9
-    """IST: EMA factor of the layer scores"""
-    ist_temperature: float = 1.0
-    """IST: sampling temperature on the layer scores"""
+    """IST: optimizer steps between importance updates"""
+    ist_rollouts: int = 3
+    """IST: rollouts per importance update, each suppressing a different set of layers"""
+    ist_suppressed_layers: float = 0.5
+    """IST: layers suppressed per rollout (fraction < 1, floored, at least 1; or a count)"""
+    ist_suppression_factor: float = 0.25
+    """IST: scale of a suppressed layer's adapters during a rollout (0 = switched off)"""
+    ist_score_lr: float = 10.0
+    """IST: step size of the score update (centred exp(-loss) reward x p(1 - p) x ist_score_lr)"""
     deepspeed: str | None = None
     """DeepSpeed config JSON (e.g. configs/deepspeed_zero2.json); None = no DeepSpeed"""
     limit_samples: int | None = None
@@ -172,13 +177,15 @@ class TrainConfig:
             bad("layer_sampling", self.layer_sampling, f"none with variant {self.variant!r} (IST switches adapter "
                 "layers on and off per step, which full-parameter training and AdaLoRA's rank allocator do not "
                 "support); fix: use lora, dora, lora_plus, rslora, gralora or norm with IST")
-        self.ist_config()  # validates the ist_* fields
+        self.ist_config(self.layer_sampling if self.layer_sampling != "none" else "ist")  # validates ist_*
 
-    def ist_config(self):
+    def ist_config(self, mode: str = "ist"):
+        """The `ist_*` fields as an `ISTConfig`; `mode` is the training method, ist or rst."""
         from domlora.adapters.ist import ISTConfig
 
-        return ISTConfig(active_layers=self.ist_active_layers, update_every=self.ist_update_every,
-                         beta=self.ist_beta, temperature=self.ist_temperature)
+        return ISTConfig(mode=mode, active_layers=self.ist_active_layers, update_every=self.ist_update_every,
+                         rollouts=self.ist_rollouts, suppressed_layers=self.ist_suppressed_layers,
+                         suppression_factor=self.ist_suppression_factor, score_lr=self.ist_score_lr)
 
     @classmethod
     def from_dict(cls, data: dict | None, *, where: str = "train") -> TrainConfig:
@@ -384,6 +391,24 @@ def _forward_loss(net, batch: dict, *, full_logits: bool = False):
     logits = net(input_ids=ids, attention_mask=att, use_cache=False, logits_to_keep=predicts).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:][target[:, 1:]])
 
+
+# seed offset of the order IST draws its fresh batches from (independent of the training order)
+_PROBE_SEED_OFFSET = 1_000_003
+
+
+def _batches_loss(net, batches: list[dict], *, accelerator, world: int) -> float:
+    """Token-weighted mean training loss over micro-batches (and all ranks), without gradients."""
+    import torch
+
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    with torch.no_grad():
+        for b in batches:
+            n = (b["loss_mask"] * b["attention_mask"])[:, 1:].sum()
+            if n > 0:  # a micro-batch without target tokens has no loss (and would give NaN)
+                total += torch.stack([_forward_loss(net, b).double() * n, n.double()])
+    if world > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / total[1].clamp(min=1))
 
 
 def enable_checkpointing(model) -> None:
@@ -599,13 +624,13 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
 
     t_call = time.perf_counter()
     out_dir = Path(out_dir)
-    method = "ist" if cfg.layer_sampling == "ist" else None
+    method = None if cfg.layer_sampling == "none" else cfg.layer_sampling
     if cfg.deepspeed and cfg.variant == "adalora":
         raise ConfigError("AdaLoRA's rank allocation reads full gradients, which ZeRO-2 partitions; "
                           "fix: train AdaLoRA on plain DDP (`deepspeed: null` in the method)")
-    if cfg.deepspeed and method == "ist":
-        raise ConfigError("IST toggles which adapters train each step, which ZeRO-2's fixed buckets do not allow; "
-                          "fix: run IST on plain DDP (`deepspeed: null` in the method)")
+    if cfg.deepspeed and method is not None:
+        raise ConfigError(f"{method.upper()} toggles which adapters train each step, which ZeRO-2's fixed buckets do "
+                          "not allow; fix: run it on plain DDP (`deepspeed: null` in the method)")
     spec = model.spec if isinstance(model, LoadedModel) else ModelSpec.of(model)
     spec = ModelSpec.of(spec)
     device = _resolve_device(cfg, spec.dtype)
@@ -648,10 +673,10 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     sched_name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_schedule]
     scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=plan.total_steps)
     ist = None
-    if method == "ist":
+    if method in ("ist", "rst"):
         from domlora.adapters.ist import ISTController
 
-        ist = ISTController(net, cfg.ist_config(), seed=cfg.seed)
+        ist = ISTController(net, cfg.ist_config(method), seed=cfg.seed)
     net.train()
     # note: the scheduler stays outside `prepare` (accelerate would step it once per process)
     net, optimizer = accelerator.prepare(net, optimizer)
@@ -708,6 +733,8 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=plan.total_steps, initial=start_step, desc=f"train {cfg.variant}", unit="step")
+    # IST's fresh batches: the data in another seeded order, one global batch per importance update
+    probe_plan = dataclasses.replace(plan, seed=plan.seed + _PROBE_SEED_OFFSET)
     step = start_step
     try:
         for step in range(start_step, plan.total_steps):
@@ -718,11 +745,8 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
                 ist.activate(active)
             mbs = plan.micro_batches(step, rank=rank, world=world, batch_size=cfg.batch_size, lengths=lengths)
             losses, ntok, gnorm = [], 0, None
-            first_batch = None
             for j, idx in enumerate(mbs):
                 batch = collate([encoded[i] for i in idx], pad_id=pad_id, device=accelerator.device)
-                if first_batch is None:
-                    first_batch = batch
                 with accelerator.accumulate(net):
                     loss = _forward_loss(net, batch, full_logits=full_logits)
                     if not torch.isfinite(loss.detach()).all():
@@ -744,12 +768,14 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
             if world > 1:
                 step_loss = accelerator.reduce(step_loss, reduction="mean")
                 ntok = int(accelerator.reduce(torch.tensor(ntok, device=accelerator.device), reduction="sum"))
-            if ist is not None and (step + 1) % ist.cfg.update_every == 0:
-                with torch.no_grad():
-                    full = float(_forward_loss(net, first_batch, full_logits=full_logits))
-                    with ist.suppressed(active):
-                        sup = float(_forward_loss(net, first_batch, full_logits=full_logits))
-                ist.update(active, full, sup)
+            if ist is not None and ist.due(step + 1, plan.total_steps):
+                # a fresh batch: update u takes batch u of an independent seeded order of the data
+                u = (step + 1) // ist.cfg.update_every - 1
+                fresh = [collate([encoded[i] for i in idx], pad_id=pad_id, device=accelerator.device)
+                         for idx in probe_plan.micro_batches(u, rank=rank, world=world, batch_size=cfg.batch_size,
+                                                             lengths=lengths)]
+                ist.update_importance(lambda b=fresh: _batches_loss(net, b, accelerator=accelerator, world=world),
+                                      step=step + 1)
             dt = time.perf_counter() - t0
             train_time += dt
             history["loss"].append(round(float(step_loss), 6))

@@ -279,33 +279,70 @@ class TestTrain:
 
 
 class TestIST:
-    def test_ist_trains_sampled_layers_and_stops_below(self, base_dir, data, tmp_path):
-        seen: dict[int, list] = {0: [], 1: [], 2: []}
-        actives = []
-
+    @staticmethod
+    def _watch(seen: dict, inputs: list):
+        """A model_hook recording, per forward, whether each layer's output needs grad, and the input ids."""
         def hook(net):
-            for i, layer in enumerate(net.get_base_model().model.layers):
+            base = net.get_base_model().model
+            base.embed_tokens.register_forward_hook(lambda m, a, o: inputs.append(a[0].clone()))
+            for i, layer in enumerate(base.layers):
                 layer.register_forward_hook(lambda m, a, o, i=i: seen[i].append(
                     (o[0] if isinstance(o, tuple) else o).requires_grad))
+        return hook
+
+    def test_ist_trains_sampled_layers_and_stops_below(self, base_dir, data, tmp_path):
+        seen: dict[int, list] = {0: [], 1: [], 2: []}
+        inputs: list = []
+        actives, forwards_after = [], []
 
         def record(step, m):
             actives.append(m["active_layers"])
+            forwards_after.append(len(seen[0]))
 
         doc = train(model=str(base_dir), train_data=data, placement=None, out_dir=tmp_path / "r", method="ist",
                     cfg=tiny_cfg(max_steps=8, grad_accum=1, ist_active_layers=1, ist_update_every=1,
-                                 save_every=0), model_hook=hook, on_step=record)
+                                 save_every=0), model_hook=self._watch(seen, inputs), on_step=record)
         assert all(len(a) == 1 for a in actives) and len({a[0] for a in actives}) > 1
         ist = doc["ist"]
-        assert sum(ist["times_selected"]) == 8 and ist["active_per_step"] == 1
-        assert any(s != 0 for s in ist["scores"])  # scores were updated from the loss
-        # per step: one training forward, then two importance probes without grad
-        assert all(len(v) == 8 * 3 for v in seen.values())
+        assert ist["mode"] == "ist" and ist["active_per_step"] == 1 and ist["suppressed_per_rollout"] == 1
+        assert sum(ist["times_selected"]) == 8 and len(ist["times_selected"]) == len(ist["scores"]) == 3
+        assert ist["times_selected"] == [sum(a == [layer] for a in actives) for layer in range(3)]
+        # an importance update after every step but the last, 3 rollouts each, with scores learnt from them
+        assert ist["importance_updates"] == 7 and any(s != 0 for s in ist["scores"])
+        last = ist["last_update"]
+        assert last["step"] == 7 and len(last["losses"]) == 3 and len({tuple(x) for x in last["suppressed"]}) == 3
+        # per step: one training forward, then (steps 1-7) three rollouts without grad
+        assert forwards_after == [4 * s for s in range(1, 8)] + [29]
+        assert all(len(v) == 29 for v in seen.values())
+        fresh_differs = 0
         for step, (layer,) in enumerate(actives):
-            on_path = [seen[i][3 * step] for i in range(3)]
+            at = 0 if step == 0 else forwards_after[step - 1]
+            on_path = [seen[i][at] for i in range(3)]
             assert on_path == [i >= layer for i in range(3)], (step, layer, on_path)
+            if step < 7:
+                rollouts = inputs[at + 1: at + 4]
+                assert not any(seen[i][at + j] for i in range(3) for j in (1, 2, 3))
+                assert all(torch.equal(r, rollouts[0]) for r in rollouts)  # one fresh batch per update
+                fresh_differs += not torch.equal(rollouts[0], inputs[at])
+        assert fresh_differs >= 5  # measured on other samples than the step's own batch
+
+    def test_rst_samples_layers_uniformly_without_rollouts(self, base_dir, data, tmp_path):
+        seen: dict[int, list] = {0: [], 1: [], 2: []}
+        actives: list = []
+        doc = train(model=str(base_dir), train_data=data, placement=None, out_dir=tmp_path / "r", method="rst",
+                    cfg=tiny_cfg(max_steps=8, grad_accum=1, ist_active_layers=1, ist_update_every=1,
+                                 save_every=0), model_hook=self._watch(seen, []),
+                    on_step=lambda step, m: actives.append(m["active_layers"]))
+        rst = doc["ist"]
+        assert doc["method"] == "rst" and rst["mode"] == "rst"
+        assert rst["scores"] == [0.0] * 3 and rst["importance_updates"] == 0 and rst["last_update"] is None
+        assert rst["times_selected"] == [sum(a == [layer] for a in actives) for layer in range(3)]
+        assert sum(rst["times_selected"]) == 8 and len({a[0] for a in actives}) > 1
+        assert all(len(v) == 8 for v in seen.values())  # training forwards only
 
     def test_ist_resume_equals_uninterrupted(self, base_dir, data, tmp_path):
-        cfg = tiny_cfg(max_steps=6, grad_accum=1, ist_active_layers=1, ist_update_every=2, save_every=2)
+        # updates after steps 2, 4 and 6: the last one happens after the resume from step 4
+        cfg = tiny_cfg(max_steps=8, grad_accum=1, ist_active_layers=1, ist_update_every=2, save_every=2)
         full, part = tmp_path / "full", tmp_path / "part"
         train(model=str(base_dir), train_data=data, placement=None, out_dir=full, cfg=cfg, method="ist")
 
@@ -318,7 +355,12 @@ class TestIST:
                   on_step=crash)
         doc = train(model=str(base_dir), train_data=data, placement=None, out_dir=part, cfg=cfg, method="ist")
         assert doc["resumed_from"] == 4
-        assert doc["ist"]["scores"] == json.loads((full / "train_metrics.json").read_text())["ist"]["scores"]
+        want = json.loads((full / "train_metrics.json").read_text())["ist"]
+        got = doc["ist"]
+        assert want["importance_updates"] == got["importance_updates"] == 3 and any(s != 0 for s in want["scores"])
+        assert got["scores"] == pytest.approx(want["scores"], abs=1e-5)
+        assert got["times_selected"] == want["times_selected"]
+        assert got["last_update"]["suppressed"] == want["last_update"]["suppressed"]
         a, b = adapter_tensors(full), adapter_tensors(part)
         for k in a:
             assert torch.allclose(a[k], b[k], atol=RESUME_ATOL, rtol=0), k

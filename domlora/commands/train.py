@@ -1,4 +1,4 @@
-"""`domlora train`: train an adapter at a placement (DomLoRA, vanilla LoRA, variants, IST).
+"""`domlora train`: train an adapter at a placement (DomLoRA, vanilla LoRA, variants, IST, RST).
 
 The recipe is one `TrainConfig`, built the way the pipeline builds it: the `train:` section of a
 params.yaml profile (`--profile`), a method's overrides (`--method`), then flags (`--lr 1e-3`) and
