@@ -27,7 +27,8 @@ from typing import Any, Literal, Union
 
 from domlora.errors import ConfigError
 
-__all__ = ["ModelSpec", "from_dict", "replace", "flatten", "close_matches", "check_keys", "field_docs"]
+__all__ = ["ModelSpec", "check_fields", "check_keys", "close_matches", "field_docs", "flatten", "from_dict",
+           "replace"]
 
 
 def close_matches(word: str, options: Iterable[str]) -> str:
@@ -155,6 +156,13 @@ def from_dict(cls, data: Mapping | None, *, where: str):
         if missing:
             raise ConfigError(f"`{where}` lacks the required key(s) {', '.join(missing)}") from None
         raise
+
+
+def check_fields(obj, *, where: str) -> None:
+    """Check every field of a dataclass instance against its type (for instances built directly)."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        _convert(getattr(obj, f.name), hints.get(f.name, Any), f"{where}.{f.name}")
 
 
 def replace(obj, *, where: str = "config", **changes):

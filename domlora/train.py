@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from domlora.adapters.variants import Variant, attach, count_params, disable_input_grads, save_adapter
-from domlora.config import from_dict, replace
+from domlora.config import check_fields, from_dict, replace
 from domlora.errors import ConfigError, DomloraError
 from domlora.io import atomic_dir, file_sha256, read_json, write_json
 from domlora.provenance import run_info
@@ -136,6 +136,8 @@ class TrainConfig:
     def __post_init__(self):
         def bad(field: str, value, allowed: str):
             raise ConfigError(f"train.{field} = {value!r} is invalid; allowed: {allowed}")
+
+        check_fields(self, where="train")  # types and closed choices, also when built directly
 
         for name in ("rank", "batch_size", "grad_accum", "epochs", "keep_checkpoints", "adalora_delta_t"):
             if int(getattr(self, name)) < 1:

@@ -76,13 +76,16 @@ def run_dvc_stage(stage: str, cmd: str, root: str, grid_id: str) -> str:
 
 
 def grid_targets(params, *, models=None, datasets=None, methods=None, seeds=None, tables=None) -> list[str]:
-    """The DVC stages that finish the chosen cells (and their base evaluations), then the report."""
+    """The DVC stages that finish the chosen cells and their base evaluations (the report comes after them:
+    it reads whatever is there, so its own DVC dependencies, the whole grid, are not pulled in)."""
     if tables:
         methods = [m for m in params.methods_in_tables(tables) if not methods or m in methods]
     cells = params.cells(models=models, datasets=datasets, methods=methods, seeds=seeds)
     targets = [f"{kind}@{c.id}" for c in cells for kind in ("train", "evaluate")]
     targets += sorted({f"evaluate_base@{c.model}-{c.dataset}" for c in cells})
-    return targets + ["report"]
+    # every probe set of the chosen models (the report compares them), unless datasets were picked
+    probe_sets = datasets or params.grid.probe_datasets
+    return targets + [f"probe@{m}-{d}" for m in dict.fromkeys(c.model for c in cells) for d in probe_sets]
 
 
 @flow(name="domlora", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
@@ -105,21 +108,20 @@ def domlora(profile: str | None = None, root: str = ".", models: list[str] | Non
         raise ValueError(f"profile {profile!r} is not the active one ({params.profile!r}); "
                          f"run `domlora profile use {profile}` in {root} first")
     check_grid(params, root)
-    stages = with_upstream(dvc_stages(root), grid_targets(params, models=models, datasets=datasets,
-                                                          methods=methods, seeds=seeds, tables=tables))
+    every = dvc_stages(root)
+    stages = with_upstream(every, grid_targets(params, models=models, datasets=datasets, methods=methods,
+                                                seeds=seeds, tables=tables))
+    report = next(s for s in every if s.name == "report")
     grid_id = f"prefect-{flow_run.get_id() or 'local'}"
     _share_cpu_threads(_slots())
     tracker = make_tracker(params, grid_id=grid_id)
-    log.info("grid %s: %d DVC stages of profile %s", grid_id, len(stages), params.profile)
+    log.info("grid %s: %d DVC stages of profile %s, then the report", grid_id, len(stages), params.profile)
     futures = {}
     for s in stages:
-        if s.name == "report":
-            continue
         futures[s.name] = run_dvc_stage.submit(s.name, s.cmd, root, grid_id,
                                                wait_for=[futures[u] for u in s.upstream if u in futures])
     wait(list(futures.values()))
     # the report shows what finished and what did not: it runs after every stage, failed ones included
-    report = next(s for s in stages if s.name == "report")
     run_dvc_stage.submit(report.name, report.cmd, root, grid_id,
                          wait_for=[allow_failure(f) for f in futures.values()]).wait()
     failed_cells = sorted({n.split("@", 1)[1] for n, f in futures.items()
@@ -129,7 +131,7 @@ def domlora(profile: str | None = None, root: str = ".", models: list[str] | Non
         log.error("cell %s failed: %s", cid, (bad.message or bad.name)[:2000])
         tracker.mark_failed(cell=Cell.parse(cid), error=bad.message or bad.name)
     done = sorted({n.split("@", 1)[1] for n in futures if n.startswith("evaluate@")} - set(failed_cells))
-    summary = {"grid_id": grid_id, "stages": len(stages), "succeeded": done, "failed": failed_cells}
+    summary = {"grid_id": grid_id, "stages": len(stages) + 1, "succeeded": done, "failed": failed_cells}
     log.info("grid summary: %s", summary)
     if failed_cells:
         return Failed(message=f"{len(failed_cells)} cells failed: {', '.join(failed_cells)}", data=summary)

@@ -26,10 +26,12 @@ def test_every_profile_parses(raw):
             assert Cell.parse(c.id) == c
 
 
-def test_active_profile_is_embedded_and_offline(raw):
-    p = load_params(ROOT / "params.yaml")
-    assert p.profile == "embedded"
-    assert all(m.id == "embedded" for m in p.models.values())
+def test_embedded_profiles_are_offline(raw):
+    """The profiles a fresh clone runs (and CI) load nothing from the hub, whichever profile is active."""
+    for name in ("embedded", "ci"):
+        p = load_params(ROOT / "params.yaml", profile=name)
+        assert all(m.id.startswith("embedded") for m in p.models.values()), name
+    assert raw["run"]["profile"] in raw["profiles"]
 
 
 def test_paper_profile_covers_the_paper_tables(raw):
@@ -38,7 +40,59 @@ def test_paper_profile_covers_the_paper_tables(raw):
     assert {1, 2, 3, 4, 5, 10, 11, 12} <= tables
     assert set(p.grid.models) == {"qwen3_8b", "llama31_8b"}
     assert p.train.lr == 2e-5 and p.train.rank == 64 and p.train.alpha == 128
-    assert p.method_train("domlora_r16").rank == 16 and p.method_train("domlora_r16").alpha == 32
+    assert p.train_config("domlora_r16").rank == 16 and p.train_config("domlora_r16").alpha == 32
+    # IST and AdaLoRA run on plain DDP, everything else on the profile's ZeRO-2
+    assert p.train_config("ist").deepspeed is None and p.train_config("adalora_dom").deepspeed is None
+    assert p.train_config("domlora").deepspeed == "configs/deepspeed_zero2.json"
+
+
+def test_method_overrides_are_any_train_field(raw):
+    p = load_params(ROOT / "params.yaml", profile="embedded")
+    c = p.train_config("grpo_random", seed=3)
+    assert (c.rank, c.alpha, c.lr, c.max_steps, c.lr_schedule, c.seed) == (8, 16.0, 2e-3, 12, "constant", 3)
+    assert p.methods["grpo_random"].sparse_b.k == 12000 and p.methods["grpo_random"].grpo is not None
+    assert p.train_config("ist").layer_sampling == "ist"
+    d = copy.deepcopy(raw["profiles"]["embedded"])
+    d["methods"]["domlora"].update(max_grad_norm=0.5, lora_plus_ratio=8.0, adalora_beta2=0.5)
+    q = parse_profile(d, name="run")
+    assert (q.train_config("domlora").max_grad_norm, q.train_config("domlora").lora_plus_ratio) == (0.5, 8.0)
+
+
+# every section a user can mistype: (mutation, the key named in the error, a word of the allowed / closest values)
+MISTYPES = {
+    "top level": (lambda d: d.update(profils={}), "params.yaml.profils", "profiles"),
+    "profile": (lambda d: d["profiles"]["embedded"].update(trian={}), "trian", "train"),
+    "models": (lambda d: d["profiles"]["embedded"]["models"]["smol"].update(dtpye="float32"), "dtpye", "dtype"),
+    "models value": (lambda d: d["profiles"]["embedded"]["models"]["smol"].update(dtype="fp8"), "dtype", "bfloat16"),
+    "datasets": (lambda d: d["profiles"]["embedded"]["datasets"]["arith"].update(n_trian=3), "n_trian", "n_train"),
+    "probe": (lambda d: d["profiles"]["embedded"]["probe"].update(sample=3), "sample", "samples"),
+    "methods": (lambda d: d["profiles"]["embedded"]["methods"]["lora"].update(placment="all"), "placment", "placement"),
+    "methods train key": (lambda d: d["profiles"]["embedded"]["methods"]["lora"].update(lr_shedule="linear"),
+                          "lr_shedule", "lr_schedule"),
+    "methods sparse_b": (lambda d: d["profiles"]["embedded"]["methods"]["sparseb_random"]["sparse_b"].update(
+        selction="random"), "sparse_b.selction", "selection"),
+    "methods sparse_b value": (lambda d: d["profiles"]["embedded"]["methods"]["sparseb_random"]["sparse_b"].update(
+        selection="randm"), "selection", "random"),
+    "methods grpo": (lambda d: d["profiles"]["embedded"]["methods"]["grpo_lora"]["grpo"].update(num_generation=4),
+                     "grpo.num_generation", "num_generations"),
+    "train": (lambda d: d["profiles"]["embedded"]["train"].update(warmup=0.1), "warmup", "warmup_ratio"),
+    "train value": (lambda d: d["profiles"]["embedded"]["train"].update(lr_schedule="cosin"), "lr_schedule", "cosine"),
+    "eval": (lambda d: d["profiles"]["embedded"]["eval"].update(limt=3), "limt", "limit"),
+    "tracking": (lambda d: d["profiles"]["embedded"]["tracking"].update(experiement="x"), "experiement", "experiment"),
+    "grid": (lambda d: d["profiles"]["embedded"]["grid"].update(seed=[0]), "seed", "seeds"),
+}
+
+
+@pytest.mark.parametrize("section", sorted(MISTYPES))
+def test_every_section_names_a_mistyped_key(raw, tmp_path, section):
+    mutate, key, near = MISTYPES[section]
+    doc = copy.deepcopy(raw)
+    mutate(doc)
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError) as e:
+        load_params(f, profile=None if section == "top level" else "embedded")
+    assert key in str(e.value) and near in str(e.value), str(e.value)
 
 
 def _bad(raw, mutate):

@@ -1,4 +1,4 @@
-"""DVC and Python expand the grid the same way: stage names and templated paths agree."""
+"""DVC, Python and the Prefect flow see one grid: stage names, templated paths and commands agree."""
 from __future__ import annotations
 
 import os
@@ -39,6 +39,30 @@ def test_stage_names_match_cells(dvc_stages):
         f"select@{c.model}-{c.dataset}-{c.method}" for c in p.cells() if c.seed == p.grid.seeds[0]}
 
 
+def test_grid_file_is_current():
+    """The committed grid.yaml is the one params.yaml gives (else every stage refuses to run)."""
+    from domlora.pipeline.grid import check_grid
+
+    check_grid(load_params(ROOT / "params.yaml"), ROOT)
+
+
+def test_grid_skips_cells_of_methods_restricted_to_other_models(tmp_path):
+    """A method restricted to some models has no cells (and so no DVC stages) on the others."""
+    import yaml
+
+    from domlora.pipeline.grid import grid_doc
+    from domlora.pipeline.params import parse_profile
+
+    d = yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]["paper"]
+    p = parse_profile(d, name="paper")
+    doc = grid_doc(p)
+    assert "qwen3_8b-tulu-domlora-0" in doc["cells"] and "llama31_8b-tulu-domlora-0" in doc["cells"]
+    restricted = [m for m in p.grid.methods if p.methods[m].models]
+    assert restricted, "the paper profile restricts its LLaMA-only tables to LLaMA"
+    for m in restricted:
+        assert not any(c["method"] == m and c["model"] not in p.methods[m].models for c in doc["cells"].values())
+
+
 def test_templated_outs_match_layout(dvc_stages):
     p = load_params(ROOT / "params.yaml")
     lay = Layout(Path("."))
@@ -55,16 +79,30 @@ def test_templated_outs_match_layout(dvc_stages):
             assert str(lay.scores_json(lay.base_id(m, d))) in _outs(dvc_stages[f"evaluate_base@{m}-{d}"])
 
 
-def test_flow_and_dvc_stage_names_agree():
-    """The Prefect tasks address the same DVC stages the matrix creates."""
-    import ast
+def test_flow_runs_exactly_dvcs_stages_and_commands(dvc_stages):
+    """The flow's stage list and commands come from DVC's index: the whole grid reaches every stage of
+    dvc.yaml, with the very command DVC runs, upstream stages first."""
+    pytest.importorskip("prefect")
+    from flows.domlora_flow import grid_targets
 
-    src = (ROOT / "flows" / "domlora_flow.py").read_text()
-    names = {n.value.split("@")[0] for n in ast.walk(ast.parse(src))
-             if isinstance(n, ast.Constant) and isinstance(n.value, str) and "@" in n.value}
-    fstrings = {v.split("@")[0] for n in ast.walk(ast.parse(src)) if isinstance(n, ast.JoinedStr)
-                for v in [ast.unparse(n)[2:]] if "@" in v}
-    assert {"prepare_data", "probe", "select", "train", "evaluate", "evaluate_base"} <= names | fstrings
+    from domlora.pipeline.orchestrate import dvc_stages as flow_stages
+    from domlora.pipeline.orchestrate import with_upstream
+
+    p = load_params(ROOT / "params.yaml")
+    every = flow_stages(ROOT)
+    refs = with_upstream(every, grid_targets(p)) + [next(r for r in every if r.name == "report")]
+    assert {r.name: r.cmd for r in refs} == {n: s.cmd for n, s in dvc_stages.items()}
+    seen: set[str] = set()
+    for r in refs:  # in the flow's order every stage comes after what it reads
+        assert set(r.upstream) <= seen, r.name
+        seen.add(r.name)
+    for c in p.cells():
+        assert dvc_stages[f"train@{c.id}"].cmd == f"python -m stages.train --cell {c.id} --no-progress"
+        assert f"select@{c.model}-{c.dataset}-{c.method}" in next(r for r in refs if r.name == f"train@{c.id}").upstream
+    # a subset (one paper table) runs only what its cells need, and the report
+    sub = with_upstream(every, grid_targets(p, methods=[p.grid.methods[0]]))
+    assert {r.name for r in sub} < {r.name for r in refs}
+    assert not any(r.name.endswith(f"-{p.grid.methods[1]}-0") for r in sub)
 
 
 def test_metrics_are_the_scores(dvc_stages):

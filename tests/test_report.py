@@ -8,6 +8,7 @@ import pytest
 
 from domlora.pipeline.params import load_params
 from domlora.pipeline.paths import Layout
+from domlora.train import TrainRecord
 from domlora.pipeline.report import primary_metric, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,13 +44,14 @@ def grid(tmp_path):
     lora, dom = params.cells()
     # lora: trained and evaluated; domlora: training failed
     lay.run_dir(lora).mkdir(parents=True)
-    lay.train_metrics(lora).write_text(json.dumps({"status": "success", "trainable_params": 4_883_456,
-                                                    "loss": [2.0, 1.0], "step_time_s": [1.0, 3.0], "wall_time_s": 9.0}))
+    TrainRecord(config={}, model={"id": "embedded"}, placement={}, status="success", trainable_params=4_883_456,
+                loss=[2.0, 1.0], step_time_s=[1.0, 3.0], wall_time_s=9.0).write(lay.train_metrics(lora))
     lay.scores_json(lora).write_text(json.dumps({"arith/exact_match": 0.25}))
     lay.eval_json(lora).write_text(json.dumps({"tasks": {"arith": {"status": "success", "metrics": {
         "exact_match": {"value": 0.25, "stderr": 0.0559, "n": 60}}}}}))
     lay.run_dir(dom).mkdir(parents=True)
-    lay.train_metrics(dom).write_text(json.dumps({"status": "failed", "error": "loss became NaN at step 3"}))
+    TrainRecord(config={}, model={"id": "embedded"}, placement={}, status="failed",
+                error="loss became NaN at step 3").write(lay.train_metrics(dom))
     base = lay.run_dir(lay.base_id("smol", "arith"))
     base.mkdir(parents=True)
     (base / "scores.json").write_text(json.dumps({"arith/exact_match": 0.1}))

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import chat_samples, make_tiny_llama
 from domlora.errors import ConfigError, DataError, ModelError
+from domlora.config import ModelSpec
 from domlora.train import TrainConfig, TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ class TestConfig:
     @pytest.mark.parametrize("field,value,allowed", [
         ("variant", "qlora", "dora"), ("lr_schedule", "step", "cosine"), ("rank", 0, ">= 1"),
         ("lr", -1.0, "> 0"), ("warmup_ratio", 1.5, "warmup_ratio <"), ("max_steps", 0, "-1"),
-        ("dtype", "int8", "bfloat16"), ("device", "tpu", "cuda"), ("ist_active_layers", 0, "fraction"),
+        ("layer_sampling", "lisa", "rst"), ("device", "tpu", "cuda"), ("ist_active_layers", 0, "fraction"),
         ("adalora_tinit", 0.9, "adalora_tfinal")])
     def test_errors_name_field_and_allowed(self, field, value, allowed):
         with pytest.raises(ConfigError, match=field) as e:
@@ -299,9 +300,10 @@ class TestIST:
             actives.append(m["active_layers"])
             forwards_after.append(len(seen[0]))
 
-        doc = train(model=str(base_dir), train_data=data, placement=None, out_dir=tmp_path / "r", method="ist",
+        doc = train(model=str(base_dir), train_data=data, placement=None, out_dir=tmp_path / "r",
                     cfg=tiny_cfg(max_steps=8, grad_accum=1, ist_active_layers=1, ist_update_every=1,
-                                 save_every=0), model_hook=self._watch(seen, inputs), on_step=record)
+                                 save_every=0, layer_sampling="ist"), model_hook=self._watch(seen, inputs),
+                    on_step=record)
         assert all(len(a) == 1 for a in actives) and len({a[0] for a in actives}) > 1
         ist = doc["ist"]
         assert ist["mode"] == "ist" and ist["active_per_step"] == 1 and ist["suppressed_per_rollout"] == 1
@@ -329,12 +331,12 @@ class TestIST:
     def test_rst_samples_layers_uniformly_without_rollouts(self, base_dir, data, tmp_path):
         seen: dict[int, list] = {0: [], 1: [], 2: []}
         actives: list = []
-        doc = train(model=str(base_dir), train_data=data, placement=None, out_dir=tmp_path / "r", method="rst",
+        doc = train(model=str(base_dir), train_data=data, placement=None, out_dir=tmp_path / "r",
                     cfg=tiny_cfg(max_steps=8, grad_accum=1, ist_active_layers=1, ist_update_every=1,
-                                 save_every=0), model_hook=self._watch(seen, []),
+                                 save_every=0, layer_sampling="rst"), model_hook=self._watch(seen, []),
                     on_step=lambda step, m: actives.append(m["active_layers"]))
         rst = doc["ist"]
-        assert doc["method"] == "rst" and rst["mode"] == "rst"
+        assert doc["config"]["layer_sampling"] == "rst" and rst["mode"] == "rst"
         assert rst["scores"] == [0.0] * 3 and rst["importance_updates"] == 0 and rst["last_update"] is None
         assert rst["times_selected"] == [sum(a == [layer] for a in actives) for layer in range(3)]
         assert sum(rst["times_selected"]) == 8 and len({a[0] for a in actives}) > 1
@@ -342,18 +344,18 @@ class TestIST:
 
     def test_ist_resume_equals_uninterrupted(self, base_dir, data, tmp_path):
         # updates after steps 2, 4 and 6: the last one happens after the resume from step 4
-        cfg = tiny_cfg(max_steps=8, grad_accum=1, ist_active_layers=1, ist_update_every=2, save_every=2)
+        cfg = tiny_cfg(max_steps=8, grad_accum=1, ist_active_layers=1, ist_update_every=2, save_every=2,
+                       layer_sampling="ist")
         full, part = tmp_path / "full", tmp_path / "part"
-        train(model=str(base_dir), train_data=data, placement=None, out_dir=full, cfg=cfg, method="ist")
+        train(model=str(base_dir), train_data=data, placement=None, out_dir=full, cfg=cfg)
 
         def crash(step, m):
             if step == 5:
                 raise RuntimeError("stop")
 
         with pytest.raises(RuntimeError):
-            train(model=str(base_dir), train_data=data, placement=None, out_dir=part, cfg=cfg, method="ist",
-                  on_step=crash)
-        doc = train(model=str(base_dir), train_data=data, placement=None, out_dir=part, cfg=cfg, method="ist")
+            train(model=str(base_dir), train_data=data, placement=None, out_dir=part, cfg=cfg, on_step=crash)
+        doc = train(model=str(base_dir), train_data=data, placement=None, out_dir=part, cfg=cfg)
         assert doc["resumed_from"] == 4
         want = json.loads((full / "train_metrics.json").read_text())["ist"]
         got = doc["ist"]
@@ -367,8 +369,7 @@ class TestIST:
 
     def test_ist_rejects_full(self, base_dir, data, tmp_path):
         with pytest.raises(ConfigError, match="IST"):
-            train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=tmp_path / "r", method="ist",
-                  cfg=tiny_cfg(variant="full"))
+            tiny_cfg(variant="full", layer_sampling="ist")
 
 
 class TestBadInput:
@@ -393,13 +394,12 @@ class TestBadInput:
             train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=tmp_path / "r",
                   cfg=tiny_cfg(device="cuda"))
         with pytest.raises(ConfigError, match="float16 training needs a GPU"):
-            train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=tmp_path / "r",
-                  cfg=tiny_cfg(dtype="float16"))
+            train(model=ModelSpec(str(base_dir), dtype="float16"), train_data=data, placement=DOWN2,
+                  out_dir=tmp_path / "r", cfg=tiny_cfg())
 
-    def test_unknown_method(self, base_dir, data, tmp_path):
-        with pytest.raises(ConfigError, match="unknown method"):
-            train(model=str(base_dir), train_data=data, placement=DOWN2, out_dir=tmp_path / "r", cfg=tiny_cfg(),
-                  method="lisa")
+    def test_unknown_layer_sampling(self):
+        with pytest.raises(ConfigError, match="layer_sampling.*allowed values: none, ist, rst"):
+            TrainConfig.from_dict({"layer_sampling": "lisa"})
 
 
 def test_cli_train(base_dir, data, tmp_path, capsys):
@@ -415,6 +415,32 @@ def test_cli_train(base_dir, data, tmp_path, capsys):
     assert (tmp_path / "r" / "adapter" / "adapter_model.safetensors").is_file()
     assert main(["train", "--model", str(base_dir), "--data", str(tmp_path / "x.jsonl"), "--out",
                  str(tmp_path / "r2")]) == 2
+
+
+def test_cli_train_reads_a_profile_through_the_one_schema(base_dir, data, tmp_path, capsys):
+    """`--profile/--method` give exactly the pipeline's TrainConfig; flags and --set override any field."""
+    from domlora.cli import main
+    from domlora.commands.train import add_arguments, resolve_config
+    from domlora.pipeline.params import load_params
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--model", "m", "--data", "d", "--out", "o", "--params", str(ROOT / "params.yaml")]
+    want = load_params(ROOT / "params.yaml", profile="embedded").train_config("domlora")
+    assert resolve_config(parser.parse_args(base + ["--profile", "embedded", "--method", "domlora"])) == want
+    got = resolve_config(parser.parse_args(base + ["--profile", "embedded", "--method", "domlora", "--lr", "1e-3",
+                                                   "--set", "lr_schedule=linear", "--set", "adalora_beta1=0.5"]))
+    assert (got.lr, got.lr_schedule, got.adalora_beta1, got.rank) == (1e-3, "linear", 0.5, want.rank)
+    assert resolve_config(parser.parse_args(base)) == TrainConfig()  # no profile: the paper's recipe
+    # a mistyped field is named with its closest match before any model loads
+    rc = main(["train", "--model", str(base_dir), "--data", str(data), "--out", str(tmp_path / "r"),
+               "--set", "lr_shedule=linear"])
+    assert rc == 2 and "lr_shedule" in capsys.readouterr().err
+    rc = main(["train", "--model", str(base_dir), "--data", str(data), "--out", str(tmp_path / "r"),
+               "--params", str(ROOT / "params.yaml"), "--profile", "embedded", "--method", "domlor"])
+    assert rc == 2 and "did you mean domlora" in capsys.readouterr().err
 
 
 @pytest.mark.slow

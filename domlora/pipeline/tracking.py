@@ -220,9 +220,7 @@ def record_params(rec: TrainRecord) -> dict[str, Any]:
 def train_summary(rec: TrainRecord | dict) -> dict:
     """Scalars of a training record: params, wall time, mean step time, tokens/s, memory, first and last loss."""
     if isinstance(rec, dict):
-        if not rec:
-            return {}
-        rec = TrainRecord(**rec)
+        rec = TrainRecord(**({"config": {}, "model": {}, "placement": {}} | rec))
     losses = [x for x in rec.loss if x is not None]
     steps = rec.step_time_s
     return {"trainable_params": rec.trainable_params, "wall_time_s": rec.wall_time_s,

@@ -325,7 +325,7 @@ def train_grpo(peft_model, tokenizer, rows: list[dict], *, settings: GRPOSetting
         output_dir=str(work_dir), max_steps=steps, per_device_train_batch_size=per_device,
         gradient_accumulation_steps=1, num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length, temperature=settings.temperature, top_p=1.0,
-        learning_rate=cfg.lr, lr_scheduler_type=schedule, warmup_ratio=cfg.warmup_ratio,
+        learning_rate=cfg.lr, lr_scheduler_type=schedule, warmup_steps=math.ceil(cfg.warmup_ratio * steps),
         weight_decay=cfg.weight_decay, beta=0.0, num_iterations=1, loss_type="dapo", scale_rewards="group",
         max_grad_norm=cfg.max_grad_norm, use_cpu=not _on_gpu(peft_model), bf16=False, fp16=False, report_to=[],
         save_strategy="no", logging_steps=1, disable_tqdm=not show_progress, seed=cfg.seed, data_seed=cfg.seed,
