@@ -12,7 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="`embedded`, a hub id or a local checkpoint folder (required)")
     p.add_argument("--adapter", default=None, help="adapter folder from the train stage (omit for the base model)")
     p.add_argument("--tasks", default=None,
-                   help="suites (embedded, instruct, math, code, chat) and/or task names, comma-separated")
+                   help="suites (embedded, instruct, instruct_loglik, math, code, chat) and/or task names, "
+                        "comma-separated")
     p.add_argument("--out", default=None, help="eval.json path (a rerun evaluates only missing/failed tasks)")
     p.add_argument("--data-dir", default="data", help="folder with <dataset>/eval.jsonl from `domlora prepare`")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task (smoke runs only)")

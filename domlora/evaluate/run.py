@@ -5,12 +5,12 @@ model, so one failing task never loses the others, and eval.json is rewritten (a
 after every task. A rerun with the same model, adapter and settings evaluates only the tasks
 that are missing, failed or skipped, or whose configuration changed.
 
-Protocols (see `TASKS` and docs/evaluate.md): generative tasks decode greedily (the paper:
-temperature 0 for every benchmark) under the model's chat template and extract the answer;
-multiple-choice benchmarks (MMLU, CommonsenseQA, TruthfulQA, LogiQA) compare the
-log-likelihoods of the options, which is what greedy decoding of a single answer letter picks
-when the model answers in the expected format, without the parsing failures. Code is executed
-only when allowed (`allow_code_exec=True` or HF_ALLOW_CODE_EVAL=1), in `domlora.evaluate.sandbox`.
+Protocols (see `TASKS` and docs/evaluate.md): every task decodes greedily (the paper: temperature
+0 for every benchmark) under the model's chat template and extracts the answer; the `instruct`
+suite answers the multiple-choice benchmarks (MMLU, CommonsenseQA, TruthfulQA, LogiQA) by
+generation and reads the answer letter, as the paper does (`instruct_loglik` compares the options'
+log-likelihoods instead). Code is executed only when allowed (`allow_code_exec=True` or
+HF_ALLOW_CODE_EVAL=1), in `domlora.evaluate.sandbox`.
 
 Run as: domlora evaluate --model embedded --adapter runs/X/adapter --tasks embedded --data-dir data --out eval.json
 """
