@@ -243,7 +243,7 @@ class TestTasks:
         cmp2 = T.compare_with_paper({"dom": doc}, table=2, backbone="qwen3_8b")
         assert cmp2["rows"][-1]["MT-Bench"] is None and cmp2["rows"][-1]["Avg."] is None
         assert "| ours | dom |" in cmp2["markdown"] and "92.7" in cmp2["markdown"]
-        assert "log-likelihood" not in cmp2["markdown"]
+        assert "STAND-IN" not in cmp2["markdown"] and "log-likelihood" not in cmp2["markdown"]
         with pytest.raises(ConfigError):
             T.compare_with_paper(doc, table=3, backbone="qwen3_8b")
         with pytest.raises(ConfigError):
@@ -265,6 +265,10 @@ class TestTasks:
         assert T.column_source({"tasks": tasks}, "CQA") == ("commonsense_qa", "acc")
         md = T.compare_with_paper({"tasks": tasks}, table=1, backbone="qwen3_8b")["markdown"]
         assert "log-likelihood alternative" in md and "CQA: commonsense_qa/acc" in md and "MMLU:" not in md
+        # results on stand-in data are labelled as such, never as ours
+        cmp = T.compare_with_paper({"dom": {"tasks": tasks, "stand_in_data": {"path": "x"}}}, table=1,
+                                   backbone="qwen3_8b")
+        assert cmp["markdown"].startswith("**STAND-IN DATA") and cmp["rows"][-1]["source"] == "ours (STAND-IN DATA)"
 
 
 # ------------------------------------------------------------------------------------------

@@ -282,7 +282,8 @@ def compare_with_paper(results: Mapping, *, table: int, backbone: str) -> dict:
     Returns:
         {"table", "backbone", "columns", "rows": [{"source", "method", "params", <columns>, "Avg."}],
          "markdown"}; our rows have None where a task is missing (and then no average). A column
-        filled by a log-likelihood alternative (`PAPER_COLUMNS`) is named in a note under the table.
+        filled by a log-likelihood alternative (`PAPER_COLUMNS`) is named in a note under the table;
+        rows from stand-in data are labelled `ours (STAND-IN DATA)` and the table starts with a warning.
     """
     bb = _backbone_key(backbone)
     spec = PAPER_TABLES.get(table)
@@ -294,11 +295,14 @@ def compare_with_paper(results: Mapping, *, table: int, backbone: str) -> dict:
         rows.append({"source": "paper", "method": method, "params": params, **dict(zip(cols, vals)), "Avg.": avg})
     docs = {"ours": results} if "tasks" in results else dict(results)
     alternatives: dict[str, set] = {}
+    stand_in = False
     for label, doc in docs.items():
         ours = paper_columns(doc, table)
         avg = paper_average(ours)
-        rows.append({"source": "ours", "method": str(label), "params": doc.get("trainable_params"), **ours,
-                     "Avg.": None if avg is None else round(avg, 2)})
+        marked = is_stand_in(doc)
+        stand_in |= marked
+        rows.append({"source": "ours (STAND-IN DATA)" if marked else "ours", "method": str(label),
+                     "params": doc.get("trainable_params"), **ours, "Avg.": None if avg is None else round(avg, 2)})
         for c in cols:
             src = column_source(doc, c)
             if src is not None and src != PAPER_COLUMNS[c][0]:
@@ -314,7 +318,21 @@ def compare_with_paper(results: Mapping, *, table: int, backbone: str) -> dict:
     if alternatives:
         lines += ["", "Read from the log-likelihood alternative, not the paper's generative protocol: "
                   + "; ".join(f"{c}: {', '.join(sorted(v))}" for c, v in alternatives.items()) + "."]
+    if stand_in:
+        lines = [f"**{STAND_IN_WARNING}**", ""] + lines
     return {"table": table, "backbone": bb, "columns": cols, "rows": rows, "markdown": "\n".join(lines)}
+
+
+
+STAND_IN_WARNING = ("STAND-IN DATA: our rows come from synthetic stand-in rows (a rehearsal of the pipeline), "
+                    "not from the benchmarks; they are not results")
+
+
+
+def is_stand_in(doc: Mapping) -> bool:
+    """Whether an eval.json document was computed on stand-in data (`evaluate(stand_in_data=...)`)."""
+    return bool(doc.get("stand_in_data")) or any(
+        isinstance(r, Mapping) and r.get("stand_in") for r in (doc.get("tasks") or {}).values())
 
 
 
