@@ -76,9 +76,9 @@ def rehearsal(stand_in, tiny_model_dir, tmp_path_factory):
             mp.delenv(k, raising=False)
         mp.setenv("OPENAI_API_KEY", REAL_KEY)
         with stand_in_judge() as judge:
-            kw = dict(model=str(tiny_model_dir), adapter=None, tasks=tasks, out=out, stand_in_data=stand_in,
-                      max_gen_toks=4, batch_size=32, allow_code_exec=True, num_threads=1, dtype="float32",
-                      device="cpu")
+            kw = {"model": str(tiny_model_dir), "adapter": None, "tasks": tasks, "out": out,
+                  "stand_in_data": stand_in, "max_gen_toks": 4, "batch_size": 32, "allow_code_exec": True,
+                  "num_threads": 1, "dtype": "float32", "device": "cpu"}
             doc = ev.evaluate(**kw)
         env_after = {k: os.environ.get(k) for k in ("DOMLORA_JUDGE_URL", "DOMLORA_JUDGE_MODEL")}
     return {"doc": doc, "judge": judge, "out": out, "kw": kw, "env_after": env_after}
@@ -249,9 +249,8 @@ def test_stand_in_judge_alone(monkeypatch):
     assert os.environ["DOMLORA_JUDGE_URL"] == "https://judge.example/v1"
     with stand_in_judge(rating=7, set_env=False) as judge:
         assert parse_rating(chat_completion(judge.config, msgs)) == 7.0
-    with pytest.raises(ConfigError):
-        with stand_in_judge(rating=11):
-            pass
+    with pytest.raises(ConfigError), stand_in_judge(rating=11):
+        pass
 
 
 def test_stand_in_bad_input_fails_before_loading(stand_in, tmp_path, monkeypatch):

@@ -81,8 +81,14 @@ def _task_index():
     from lm_eval.tasks import TaskManager
 
     root = Path(lm_eval.tasks.__file__).resolve().parent
-    logging.getLogger("lm_eval.tasks._index").setLevel(logging.ERROR)  # a duplicate tag in benchmarks/
-    tm = TaskManager(include_path=[root / f for f in LM_EVAL_FOLDERS] + [TASKS_DIR], include_defaults=False)
+    # indexing these folders one by one, lm-eval warns that a tag they share "overrides" itself
+    log = logging.getLogger("lm_eval.tasks._index")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        tm = TaskManager(include_path=[root / f for f in LM_EVAL_FOLDERS] + [TASKS_DIR], include_defaults=False)
+    finally:
+        log.setLevel(level)
     return tm.task_index
 
 
@@ -106,6 +112,7 @@ def _leaf(name: str, entry) -> Leaf:
 @dataclass
 class _Plan:
     leaves: dict[str, Leaf] = field(default_factory=dict)
+    """stand-in task name -> the real task it replaces the data of"""
     groups: dict[str, dict] = field(default_factory=dict)
     """stand-in group name -> its YAML document"""
 
