@@ -187,8 +187,10 @@ class _FakeTM:
 
 class TestTasks:
     def test_suites_expand_once(self):
-        assert T.expand_tasks("math,instruct") == ["gsm8k_cot_llama", "minerva_math", "mmlu", "tydiqa",
-                                                    "commonsense_qa", "truthfulqa_mc2", "logiqa"]
+        assert T.expand_tasks("math,instruct") == ["gsm8k_cot_llama", "minerva_math", "mmlu_gen", "tydiqa",
+                                                    "commonsense_qa_gen", "truthfulqa_mc1_gen", "logiqa_gen"]
+        assert T.expand_tasks("instruct_loglik") == ["mmlu", "tydiqa", "commonsense_qa", "truthfulqa_mc2",
+                                                     "gsm8k_cot_llama", "logiqa"]
         assert T.expand_tasks(["embedded"]) == ["arith", "strings", "humaneval_local"]
         with pytest.raises(ConfigError):
             T.expand_tasks(" , ")
@@ -204,13 +206,18 @@ class TestTasks:
         for suite, names in T.SUITES.items():
             for n in names:
                 assert n in T.TASKS, (suite, n)
-        for col, (task, metric) in T.PAPER_COLUMNS.items():
-            assert T.TASKS[task].headline == metric, col
+        for col, sources in T.PAPER_COLUMNS.items():
+            for task, metric in sources:
+                assert T.TASKS[task].headline == metric, col
+        # the paper's protocol fills the multiple-choice columns first: the generative tasks of `instruct`
+        for col in ("MMLU", "CQA", "TruthfulQA", "LogiQA"):
+            assert T.PAPER_COLUMNS[col][0][0] in T.SUITES["instruct"], col
+            assert T.PAPER_COLUMNS[col][1][0] in T.SUITES["instruct_loglik"], col
 
     def test_domlora_task_yamls_are_indexed(self, data_dir):
         tm = T.local_task_manager(data_dir)
         assert {"arith", "strings", "humaneval_local", "humaneval_sandbox", "humaneval_plus_sandbox",
-                "tydiqa"} <= set(tm.all_tasks)
+                "tydiqa", "mmlu_gen", "commonsense_qa_gen", "truthfulqa_mc1_gen", "logiqa_gen"} <= set(tm.all_tasks)
 
     def test_paper_tables_average_as_printed(self):
         # cells are rounded to 0.1 before averaging here, the paper averaged unrounded values and rounded
@@ -237,10 +244,32 @@ class TestTasks:
         cmp2 = T.compare_with_paper({"dom": doc}, table=2, backbone="qwen3_8b")
         assert cmp2["rows"][-1]["MT-Bench"] is None and cmp2["rows"][-1]["Avg."] is None
         assert "| ours | dom |" in cmp2["markdown"] and "92.7" in cmp2["markdown"]
+        assert "STAND-IN" not in cmp2["markdown"] and "log-likelihood" not in cmp2["markdown"]
         with pytest.raises(ConfigError):
             T.compare_with_paper(doc, table=3, backbone="qwen3_8b")
         with pytest.raises(ConfigError):
             T.compare_with_paper(doc, table=1, backbone="mistral-7b")
+
+
+    def test_paper_columns_prefer_the_generative_protocol(self):
+        def ok(v, metric):
+            return {"status": "success", "metrics": {metric: {"value": v}}}
+
+        tasks = {"mmlu_gen": ok(0.7, "exact_match"), "mmlu": ok(0.6, "acc"), "tydiqa": ok(0.5, "exact_match"),
+                 "commonsense_qa": ok(0.8, "acc"), "commonsense_qa_gen": {"status": "failed", "error": "x"},
+                 "truthfulqa_mc1_gen": ok(0.4, "exact_match"),
+                 "gsm8k_cot_llama": ok(0.9, "exact_match_flexible_extract"), "logiqa": ok(0.3, "acc")}
+        cols = T.paper_columns({"tasks": tasks}, 1)
+        # MMLU: both ran, the generative one counts; CQA: the generative one failed, the log-likelihood one is read
+        assert cols == pytest.approx({"MMLU": 70.0, "TyDiQA": 50.0, "CQA": 80.0, "TruthfulQA": 40.0,
+                                      "GSM8K": 90.0, "LogiQA": 30.0})
+        assert T.column_source({"tasks": tasks}, "CQA") == ("commonsense_qa", "acc")
+        md = T.compare_with_paper({"tasks": tasks}, table=1, backbone="qwen3_8b")["markdown"]
+        assert "log-likelihood alternative" in md and "CQA: commonsense_qa/acc" in md and "MMLU:" not in md
+        # results on stand-in data are labelled as such, never as ours
+        cmp = T.compare_with_paper({"dom": {"tasks": tasks, "stand_in_data": {"path": "x"}}}, table=1,
+                                   backbone="qwen3_8b")
+        assert cmp["markdown"].startswith("**STAND-IN DATA") and cmp["rows"][-1]["source"] == "ours (STAND-IN DATA)"
 
 
 # ------------------------------------------------------------------------------------------

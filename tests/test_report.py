@@ -80,6 +80,22 @@ def test_report_marks_failed_and_missing_and_fills_tables(grid):
     assert "smol-arith-lora-0" in csv and "train/step_time_s,2.0" in csv
 
 
+def test_report_marks_results_from_stand_in_data(grid):
+    params, lay = grid
+    write_report(params, lay)
+    assert "STAND-IN" not in (lay.reports / "tables.md").read_text()
+    assert "stand_in_runs" not in json.loads((lay.reports / "metrics.json").read_text())
+    lora = params.cells()[0]
+    doc = json.loads(lay.eval_json(lora).read_text())
+    doc["tasks"]["arith"]["stand_in"] = True
+    lay.eval_json(lora).write_text(json.dumps(doc))
+    write_report(params, lay)
+    for name in ("README.md", "tables.md"):
+        text = (lay.reports / name).read_text()
+        assert "**STAND-IN DATA" in text and f"stand-in data: {lora.id}" in text, name
+    assert json.loads((lay.reports / "metrics.json").read_text())["stand_in_runs"] == 1
+
+
 def test_report_with_nothing_present(tmp_path):
     params = load_params(ROOT / "params.yaml", profile="ci")
     out = write_report(params, Layout(tmp_path))

@@ -12,7 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="`embedded`, a hub id or a local checkpoint folder (required)")
     p.add_argument("--adapter", default=None, help="adapter folder from the train stage (omit for the base model)")
     p.add_argument("--tasks", default=None,
-                   help="suites (embedded, instruct, math, code, chat) and/or task names, comma-separated")
+                   help="suites (embedded, instruct, instruct_loglik, math, code, chat) and/or task names, "
+                        "comma-separated")
     p.add_argument("--out", default=None, help="eval.json path (a rerun evaluates only missing/failed tasks)")
     p.add_argument("--data-dir", default="data", help="folder with <dataset>/eval.jsonl from `domlora prepare`")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task (smoke runs only)")
@@ -25,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is fastest on a CPU shared with other jobs); default: torch's")
     p.add_argument("--no-merge", action="store_true", help="keep the adapter unmerged (slower; same function)")
+    p.add_argument("--stand-in-data", default=None, metavar="DIR",
+                   help="rehearsal only: run the lm-eval tasks and MT-Bench on the synthetic stand-in rows in DIR "
+                        "(written by `python -m domlora.evaluate.stand_in DIR`); eval.json is marked, never results")
     p.add_argument("--list-tasks", action="store_true", help="list suites and tasks with their protocols, then exit")
 
 
@@ -42,7 +46,7 @@ def run(a: argparse.Namespace) -> int:
     doc = evaluate(model=a.model, adapter=a.adapter, tasks=a.tasks, out=a.out, data_dir=a.data_dir, limit=a.limit,
                    batch_size=a.batch_size, max_gen_toks=a.max_gen_toks, allow_code_exec=a.allow_code_exec,
                    dtype=a.dtype, device=a.device, merge_adapter=not a.no_merge, num_threads=a.threads,
-                   show_progress=True)
+                   stand_in_data=a.stand_in_data, show_progress=True)
     summary = {t: ({"status": r["status"], **{m: v["value"] for m, v in r.get("metrics", {}).items()}}
                    if r["status"] == "success" else {"status": r["status"], "why": r.get("error") or r.get("reason")})
                for t, r in doc["tasks"].items()}

@@ -5,21 +5,25 @@ model, so one failing task never loses the others, and eval.json is rewritten (a
 after every task. A rerun with the same model, adapter and settings evaluates only the tasks
 that are missing, failed or skipped, or whose configuration changed.
 
-Protocols (see `TASKS` and docs/evaluate.md): generative tasks decode greedily (the paper:
-temperature 0 for every benchmark) under the model's chat template and extract the answer;
-multiple-choice benchmarks (MMLU, CommonsenseQA, TruthfulQA, LogiQA) compare the
-log-likelihoods of the options, which is what greedy decoding of a single answer letter picks
-when the model answers in the expected format, without the parsing failures. Code is executed
-only when allowed (`allow_code_exec=True` or HF_ALLOW_CODE_EVAL=1), in `domlora.evaluate.sandbox`.
+Protocols (see `TASKS` and docs/evaluate.md): every task decodes greedily (the paper: temperature
+0 for every benchmark) under the model's chat template and extracts the answer; the `instruct`
+suite answers the multiple-choice benchmarks (MMLU, CommonsenseQA, TruthfulQA, LogiQA) by
+generation and reads the answer letter, as the paper does (`instruct_loglik` compares the options'
+log-likelihoods instead). Code is executed only when allowed (`allow_code_exec=True` or
+HF_ALLOW_CODE_EVAL=1), in `domlora.evaluate.sandbox`. With `stand_in_data`, the lm-eval tasks read
+a few synthetic rows instead of the benchmarks (`domlora.evaluate.stand_in`; a rehearsal, marked
+as such in eval.json).
 
 Run as: domlora evaluate --model embedded --adapter runs/X/adapter --tasks embedded --data-dir data --out eval.json
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,8 +45,17 @@ from domlora.evaluate.mt_bench import (
     run_mt_bench,
     why_unconfigured,
 )
+from domlora.evaluate.stand_in import NOTE as STAND_IN_NOTE
+from domlora.evaluate.stand_in import (
+    STAND_IN_TASKS,
+    check_stand_in_dir,
+    stand_in_digest,
+    stand_in_task_manager,
+    stand_in_tasks,
+)
 from domlora.evaluate.tasks import (
     SELF_CONTAINED,
+    TASKS,
     TaskSpec,
     expand_tasks,
     full_task_manager,
@@ -240,8 +253,10 @@ def flat_metrics(doc: dict) -> dict[str, float]:
 
 
 
-def _run_key(model: str, adapter_fp: str | None, dtype: str) -> str:
+def _run_key(model: str, adapter_fp: str | None, dtype: str, *, stand_in: bool = False) -> str:
     doc = {"model": model, "adapter": adapter_fp, "dtype": dtype, "schema": SCHEMA_VERSION}
+    if stand_in:  # stand-in and real results never share an eval.json
+        doc["stand_in"] = True
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -273,6 +288,26 @@ def _read_previous(out: Path, run_key: str) -> dict:
 # the entry point
 # ------------------------------------------------------------------------------------------
 
+def _check_stand_in_names(names: list[str]) -> None:
+    local = {n for n, t in TASKS.items() if t.local_data} | {"mt_bench"}
+    bad = [n for n in names if n not in STAND_IN_TASKS and n not in local]
+    if bad:
+        raise ConfigError(f"no stand-in for {', '.join(bad)}; stand-ins exist for {', '.join(STAND_IN_TASKS)} "
+                          "(the embedded tasks and mt_bench read local data anyway); fix: drop those tasks, or "
+                          "evaluate without stand_in_data")
+
+
+def _quiet_custom_dataset(record: logging.LogRecord) -> bool:
+    return "Custom kwargs can be passed" not in record.getMessage()
+
+
+def _stand_in_mark(spec: TaskSpec, stand_in_dir: Path | None) -> dict:
+    """`stand_in: true` on a task record that ran on stand-in data (the embedded tasks read their own data)."""
+    if stand_in_dir is None or spec.local_data:
+        return {}
+    return {"stand_in": True, "protocol": f"STAND-IN DATA (not a result): {spec.protocol}"}
+
+
 def _overall(tasks: dict) -> str:
     states = [r.get("status") for r in tasks.values()]
     if states and all(s == "success" for s in states):
@@ -285,7 +320,7 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
              max_gen_toks: int | None = None, allow_code_exec: bool = False, judge: JudgeConfig | None = None,
              cache_dir=None, show_progress: bool = False, on_result: Callable[[str, dict], None] | None = None,
              dtype: str | None = None, device: str | None = None, merge_adapter: bool = True,
-             num_threads: int | None = None) -> dict:
+             num_threads: int | None = None, stand_in_data: str | Path | None = None) -> dict:
     """Evaluate `model` (+ `adapter`) on `tasks`; write and return the eval.json document.
 
     Args:
@@ -308,6 +343,11 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
         num_threads: torch CPU threads while evaluating (restored afterwards); None leaves torch's setting.
             On a CPU shared with other jobs, 1 is much faster for decoding: with more threads every
             small matmul waits for all of them to be scheduled.
+        stand_in_data: a folder from `domlora.evaluate.stand_in.write_stand_in_data`: every lm-eval task
+            runs as its stand-in (lm-eval's task, its data source replaced by those synthetic rows) and
+            MT-Bench reads its questions from there. For rehearsing the pipeline offline; eval.json is
+            marked (`stand_in_data`, and `stand_in: true` on each task) and these are never results.
+            The embedded tasks read `data_dir` as usual.
 
     Returns:
         The eval.json document: {"status", "model", "adapter", "tasks": {name: record}, "metrics", ...}.
@@ -329,7 +369,12 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
         raise ConfigError(f"num_threads must be a positive integer, got {num_threads!r}")
     # 1. names (the full lm-eval index is built only when a name is not domlora's own)
     names = expand_tasks(tasks)
-    tm = None if all(n in SELF_CONTAINED for n in names) else full_task_manager(data_dir)
+    stand_in_dir = check_stand_in_dir(stand_in_data) if stand_in_data is not None else None
+    if stand_in_dir is not None:
+        _check_stand_in_names(names)
+        tm = None
+    else:
+        tm = None if all(n in SELF_CONTAINED for n in names) else full_task_manager(data_dir)
     names = resolve_tasks(names, task_manager=tm)
     specs = {n: task_spec(n) for n in names}
     # 2. adapter and local data, before the model is loaded
@@ -349,13 +394,16 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
     exec_ok = code_exec_allowed(allow_code_exec)
     judge_cfg = judge if judge is not None else JudgeConfig.from_env()
     # 3. resume
-    run_key = _run_key(model, adapter_fingerprint(adapter_path), dtype)
+    run_key = _run_key(model, adapter_fingerprint(adapter_path), dtype, stand_in=stand_in_dir is not None)
     previous = _read_previous(out, run_key)
+    stand_in_fp = stand_in_digest(stand_in_dir) if stand_in_dir is not None else None
     hashes = {}
     for n, s in specs.items():
-        extra = {"judge": judge_cfg.describe()["model"]} if n == "mt_bench" and judge_cfg else None
+        extra = {"judge": judge_cfg.describe()["model"]} if n == "mt_bench" and judge_cfg else {}
+        if stand_in_fp and not s.local_data:
+            extra["stand_in"] = stand_in_fp
         hashes[n] = task_config_hash(s, limit=limit, max_gen_toks=max_gen_toks, data_file=data_files.get(n),
-                                     extra=extra)
+                                     extra=extra or None)
     records: dict[str, dict] = {}
     for n in names:
         rec = previous.get(n)
@@ -368,7 +416,10 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
         "adapter_base": _adapter_base(adapter_path) if adapter_path else None, "run_key": run_key,
         "settings": {"limit": limit, "batch_size": batch_size, "max_gen_toks": max_gen_toks, "dtype": dtype,
                      "code_exec": exec_ok, "decoding": "greedy (temperature 0)"},
-        "lm_eval_version": lm_eval_version(), "run_info": run_info(), "tasks": records, "metrics": {},
+        "lm_eval_version": lm_eval_version(), "run_info": run_info(),
+        "stand_in_data": {"path": str(stand_in_dir), "digest": stand_in_fp, "note": STAND_IN_NOTE}
+        if stand_in_dir is not None else None,
+        "tasks": records, "metrics": {},
     }
     if records:
         logger.info("reusing %d task result(s) from %s: %s", len(records), out, ", ".join(records))
@@ -401,7 +452,7 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
             reason = why_unconfigured()
         if reason:
             doc["tasks"][n] = {"status": "skipped", "reason": reason, "config_hash": hashes[n],
-                               "protocol": s.protocol}
+                               "protocol": s.protocol, **_stand_in_mark(s, stand_in_dir)}
             todo.remove(n)
             logger.warning("%s skipped: %s", n, reason)
             if on_result:
@@ -409,9 +460,21 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
     if not todo:
         save()
         return doc
-    # 5. model, then the tasks one at a time
-    with torch_threads(num_threads):
+    # 5. stand-in tasks (their YAMLs live for this call), the model, then the tasks one at a time
+    with contextlib.ExitStack() as stack, torch_threads(num_threads):
         import torch
+
+        run_specs = dict(specs)
+        if stand_in_dir is not None:
+            task_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="domlora-stand-in-")))
+            lm_names = stand_in_tasks([n for n in todo if n in STAND_IN_TASKS], stand_in_dir, task_dir)
+            for n, lm_name in lm_names.items():
+                run_specs[n] = dataclasses.replace(specs[n], lm_eval=lm_name)
+            tm = stand_in_task_manager(task_dir, data_dir)
+            # lm-eval warns once per task that reads a `custom_dataset` (57 times for MMLU)
+            task_log = logging.getLogger("lm_eval.api.task")
+            task_log.addFilter(_quiet_custom_dataset)
+            stack.callback(task_log.removeFilter, _quiet_custom_dataset)
 
         loaded = load_for_eval(spec, adapter_path, device=device, cache_dir=cache_dir, merge=merge_adapter)
         dev = str(next(loaded.model.parameters()).device)
@@ -424,10 +487,12 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
         if max_gen_toks is not None:
             gen_kwargs["max_gen_toks"] = max_gen_toks
         for n in todo:
-            rec = _run_task(n, specs[n], lm=lm, tm=tm, config_hash=hashes[n], gen_kwargs=gen_kwargs, limit=limit,
-                            max_gen_toks=max_gen_toks, exec_ok=exec_ok, judge=judge_cfg, data_dir=data_dir,
+            rec = _run_task(n, run_specs[n], lm=lm, tm=tm, config_hash=hashes[n], gen_kwargs=gen_kwargs,
+                            limit=limit, max_gen_toks=max_gen_toks, exec_ok=exec_ok, judge=judge_cfg,
+                            data_dir=stand_in_dir if n == "mt_bench" and stand_in_dir is not None else data_dir,
                             mt_bench_cache=out.parent / f"{out.stem}.mt_bench.json", run_key=run_key,
                             show_progress=show_progress)
+            rec.update(_stand_in_mark(specs[n], stand_in_dir))
             doc["tasks"][n] = rec
             save()
             if on_result:

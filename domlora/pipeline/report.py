@@ -363,6 +363,15 @@ def update_registry(col: Collected, path: Path) -> int:
     return n
 
 
+def _stand_in_runs(col: Collected) -> list[str]:
+    """Cells and base runs whose eval.json was computed on stand-in data."""
+    from domlora.evaluate.tasks import is_stand_in
+
+    runs = [c.id for c in col.cells if is_stand_in(col.evals.get(c.id) or {})]
+    runs += [col.layout.base_id(m, d) for (m, d), doc in col.base_evals.items() if is_stand_in(doc or {})]
+    return runs
+
+
 def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections: Sequence[str] = (),
                  registry: Path | None = None) -> dict:
     """Write reports/{README.md,tables.md,results.csv,metrics.json,figures/} (and update the registry)."""
@@ -392,7 +401,12 @@ def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections
         cmp = paper_comparison(col)
         if cmp:
             sections.append("## Beside the paper\n\n" + cmp)
-    tables_md = "# Result tables\n\n" + f"Profile `{params.profile}`; cells present: " \
+    # results from stand-in data (an offline rehearsal) are marked wherever they are shown
+    from domlora.evaluate.tasks import STAND_IN_WARNING
+
+    stand_in = _stand_in_runs(col)
+    banner = [f"> **{STAND_IN_WARNING}** Runs on stand-in data: {', '.join(stand_in)}.", ""] if stand_in else []
+    tables_md = "\n".join(banner) + "# Result tables\n\n" + f"Profile `{params.profile}`; cells present: " \
         f"{sum(col.status(c) == 'ok' for c in col.cells)}/{len(col.cells)}. Scores are percentages " \
         "(MT-Bench x10), mean over seeds; ± is lm-eval's standard error where one seed ran; `–` = missing.\n\n" + "\n".join(sections) + "\n" + "\n".join(extra_sections)
     figs = figures(col, out / "figures")
@@ -401,7 +415,7 @@ def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections
     for row in all_rows.get("table1", []) + all_rows.get("table2", []):
         if row.get("avg") is not None:
             headline[f"{row['model']}/{row['method']}/avg"] = row["avg"]
-    summary = ["# domlora report", "", f"Profile: `{params.profile}` · grid: {len(col.cells)} cells "
+    summary = ["# domlora report", "", *banner, f"Profile: `{params.profile}` · grid: {len(col.cells)} cells "
                f"({', '.join(params.grid.models)} x {', '.join(params.grid.datasets)} x {', '.join(params.grid.methods)} "
                f"x seeds {params.grid.seeds})", "", dom_md, "", "## Cells", "",
                "| cell | status |", "|---|---|"] + [f"| {k} | {v} |" for k, v in statuses.items()] + [
@@ -411,6 +425,8 @@ def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections
     write_text(out / "tables.md", tables_md)
     write_text(out / "results.csv", results_csv(col))
     metrics = {"cells_ok": sum(v == "ok" for v in statuses.values()), "cells_total": len(statuses), **headline}
+    if stand_in:
+        metrics["stand_in_runs"] = len(stand_in)
     write_json(out / "metrics.json", metrics)
     if tracker is not None:
         tracker.log_tables(all_rows, files=[out / "README.md", out / "tables.md", out / "results.csv", *figs])

@@ -1,0 +1,45 @@
+"""Generative multiple choice (the paper's protocol): lm-eval's prompts with the answer-letter instruction,
+and the letter read from the reply. The rules live in domlora.evaluate.multiple_choice."""
+from lm_eval.tasks.logiqa import utils_logiqa
+
+from domlora.evaluate.multiple_choice import (
+    letter_filter,
+    render_lm_eval_prompt,
+    truthfulqa_mc1_letters,
+    truthfulqa_mc1_prompt,
+    truthfulqa_mc1_target,
+    with_instruction,
+)
+
+__all__ = [
+    "commonsense_qa_prompt",
+    "letters_abcd",
+    "letters_abcde",
+    "letters_truthfulqa",
+    "logiqa_prompt",
+    "logiqa_target",
+    "mmlu_prompt",
+    "truthfulqa_mc1_prompt",
+    "truthfulqa_mc1_target",
+]
+
+
+def mmlu_prompt(doc):
+    return with_instruction(render_lm_eval_prompt("mmlu/default/_default_template_yaml", doc), "ABCD")
+
+
+def commonsense_qa_prompt(doc):
+    return with_instruction(render_lm_eval_prompt("commonsense_qa/default.yaml", doc), "ABCDE")
+
+
+def logiqa_prompt(doc):
+    return with_instruction(utils_logiqa.doc_to_text(doc), "ABCD")
+
+
+def logiqa_target(doc):
+    return "ABCD"[utils_logiqa.doc_to_target(doc)]
+
+
+letters_abcd = letter_filter("ABCD")
+letters_abcde = letter_filter("ABCDE")
+letters_truthfulqa = letter_filter(truthfulqa_mc1_letters)
