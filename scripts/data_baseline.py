@@ -14,6 +14,7 @@ from collections import Counter
 import torch
 
 from domlora.data import extract_final_answer, prepare_dataset
+from domlora.evaluate.scoring import is_correct
 from domlora.models import load_model
 
 
@@ -51,10 +52,8 @@ def main() -> None:
                                      pad_token_id=tok.pad_token_id)
             for r, seq in zip(batch, out[:, enc["input_ids"].shape[1]:]):
                 gen = tok.decode(seq, skip_special_tokens=True)
-                pred = extract_final_answer(gen)
-                fmt += pred is not None
-                ok = pred is not None and pred == r["answer"]
-                hits += ok
+                fmt += extract_final_answer(gen) is not None
+                hits += is_correct(gen, r["answer"])
             print(f"{task}: {min(i + a.batch_size, len(rows))}/{len(rows)} done, {hits} right, "
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         n = len(rows)

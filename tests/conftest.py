@@ -34,6 +34,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """Unit tests run tiny models, which are fastest on one thread (and the machine's cores are shared);
+    slow tests keep torch's threads for the embedded model."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_tiny_tokenizer(vocab_size: int = 160):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -114,6 +129,22 @@ def make_massive_llama(vocab_size: int, *, layers: int = 4, hidden: int = 16, in
         mlp.up_proj.weight[in_channel] *= gain
         mlp.down_proj.weight[out_channel, in_channel] = weight
     return model
+
+
+def tiny_loaded(tok, **kw):
+    """A tiny random Llama and `tok` as the `models.LoadedModel` the trainers and studies take."""
+    from domlora.models import LoadedModel
+
+    return LoadedModel(model=make_tiny_llama(len(tok), **kw), tokenizer=tok, spec="tiny", path="")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_tokenizer):
+    """A tiny random Llama + tokenizer saved as a checkpoint folder `base/` (what load_model reads), per test."""
+    d = tmp_path / "base"
+    make_tiny_llama(len(tiny_tokenizer)).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
 
 
 @pytest.fixture(scope="session")

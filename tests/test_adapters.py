@@ -20,28 +20,14 @@ QWEN_ALL_R64 = 174_587_904                  # "174.6M"
 LLAMA_ALL_R64 = 167_772_160                 # "167.8M"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and the machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 def _kw(variant):
     return {"total_step": 10} if variant == "adalora" else {}
 
 
 @pytest.fixture
-def base_dir(tmp_path, tiny_tokenizer):
-    """A tiny random Llama saved as a local checkpoint folder (what load_model reads)."""
-    model = make_tiny_llama(len(tiny_tokenizer))
-    d = tmp_path / "base"
-    model.save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
+def base_dir(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def _randomise(model):

@@ -2,20 +2,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import chat_samples, make_tiny_llama
 from domlora import api
 from domlora.errors import DataError
 from domlora.placement import PlacementSpec, select
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def wrapped(peft_model) -> set[str]:

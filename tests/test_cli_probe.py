@@ -5,7 +5,6 @@ import importlib.util
 import json
 
 import pytest
-import torch
 
 from conftest import chat_samples
 from domlora.cli import main
@@ -13,14 +12,6 @@ from domlora.io import read_json
 
 PAGE_KEYS = {"model", "alpha", "rank", "n_samples", "dominant", "argmax", "modules"}
 MODULE_KEYS = {"type", "layer", "d_in", "d_out", "S", "PAGE", "share_total", "share_type"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_jsonl(path, rows):

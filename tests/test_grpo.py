@@ -7,7 +7,8 @@ import logging
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, tiny_loaded
+from domlora.evaluate.scoring import final_int
 from domlora.studies import arith as A
 from domlora.studies import grpo as g
 from domlora.studies import sparse_b as sb
@@ -23,7 +24,7 @@ class TestAnswers:
         ("the answer is 7", None), ("#### seven", None), ("#### 7 apples", None), ("", None),
     ])
     def test_parse(self, text, want):
-        assert A.parse_int_answer(text) == want
+        assert final_int(text) == want
 
     def test_reward(self):
         r = g.ArithReward(answer_weight=1.0, format_weight=0.2)
@@ -172,12 +173,6 @@ class TestProbeRedraw:
             g.policy_probe_loss(pm, tiny_tokenizer, rows, reward=g.ArithReward(), max_tries=0, **kw)
 
 
-def _loaded(tok):
-    from domlora.models import LoadedModel
-
-    return LoadedModel(model=make_tiny_llama(len(tok)), tokenizer=tok, spec="tiny", path="")
-
-
 class TestGRPOStage:
     SETTINGS = dict(prompts_per_step=2, num_generations=2, max_completion_length=6, eval_max_new_tokens=4, n_eval=4)
 
@@ -194,7 +189,7 @@ class TestGRPOStage:
         out = tmp_path / "run"
         settings = g.GRPOSettings(**self.SETTINGS)
         spec = sb.SparseBSpec(k=12, selection="informed", probe_steps=2, probe_batch_size=1)
-        m = g.grpo(model=_loaded(tiny_tokenizer), train_data=train, eval_data=ev, placement=MODULES, out_dir=out,
+        m = g.grpo(model=tiny_loaded(tiny_tokenizer), train_data=train, eval_data=ev, placement=MODULES, out_dir=out,
                    cfg=self._cfg(), settings=settings, sparse_b=spec)
         assert {p.name for p in out.iterdir()} == {"adapter", "train_metrics.json"}
         assert sb.has_masks(out / "adapter") and (out / "adapter" / "diagnostics.json").is_file()
@@ -215,21 +210,21 @@ class TestGRPOStage:
         train = _write(tmp_path / "train.jsonl", _train_rows(6))
         ev = _write(tmp_path / "eval.jsonl", _eval_rows(4))
         settings = g.GRPOSettings(**self.SETTINGS)
-        m = g.grpo(model=_loaded(tiny_tokenizer), train_data=train, eval_data=ev, placement=MODULES[:1],
+        m = g.grpo(model=tiny_loaded(tiny_tokenizer), train_data=train, eval_data=ev, placement=MODULES[:1],
                    out_dir=tmp_path / "full", cfg=self._cfg(max_steps=1), settings=settings)
         assert m["method"] == "grpo_full_lora" and m["trainable_entries"] == 4 * (24 + 16)
         assert not sb.has_masks(tmp_path / "full" / "adapter")
         with pytest.raises(ConfigError, match="larger than B's size"):
-            g.grpo(model=_loaded(tiny_tokenizer), train_data=train, eval_data=ev, placement=MODULES,
+            g.grpo(model=tiny_loaded(tiny_tokenizer), train_data=train, eval_data=ev, placement=MODULES,
                    out_dir=tmp_path / "x", cfg=self._cfg(), settings=settings,
                    sparse_b=sb.SparseBSpec(k=10_000, selection="random"))
         with pytest.raises(ConfigError, match="k must be >= 1"):
             sb.SparseBSpec(k=-1)
         with pytest.raises(ConfigError, match="plain LoRA"):
-            g.grpo(model=_loaded(tiny_tokenizer), train_data=train, eval_data=ev, placement=MODULES,
+            g.grpo(model=tiny_loaded(tiny_tokenizer), train_data=train, eval_data=ev, placement=MODULES,
                    out_dir=tmp_path / "x", cfg=self._cfg(variant="dora"), settings=settings)
         with pytest.raises(DataError, match="fewer than prompts_per_step"):
-            g.grpo(model=_loaded(tiny_tokenizer), train_data=_write(tmp_path / "one.jsonl", _train_rows(1)),
+            g.grpo(model=tiny_loaded(tiny_tokenizer), train_data=_write(tmp_path / "one.jsonl", _train_rows(1)),
                    eval_data=ev, placement=MODULES, out_dir=tmp_path / "x", cfg=self._cfg(), settings=settings,
                    sparse_b=sb.SparseBSpec(k=4, selection="random"))
         assert not (tmp_path / "x" / "train_metrics.json").exists()

@@ -15,15 +15,6 @@ from domlora.modules import find_candidates
 from domlora.train import TrainConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and the machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def lora_net(tokenizer, layers: int = 4, b_scale: dict[int, float] | None = None):
     """A tiny Llama with LoRA everywhere and non-zero B (scaled per layer), so adapters change the output."""
     model = make_tiny_llama(len(tokenizer), layers=layers)

@@ -12,14 +12,6 @@ from domlora.samples import encode_samples, iter_batches
 from domlora.probes.summary import nfn_summary
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def probe_set(tiny_tokenizer):
     encoded, _ = encode_samples(tiny_tokenizer, chat_samples(5), max_length=500)

@@ -30,15 +30,6 @@ from domlora.errors import ConfigError
 GRID_R64 = [6, 12, 19, 25, 32, 38, 44, 51, 57, 64]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matrices run faster on one thread, and the machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _orthonormal(n, k, g):
     q, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
     return q

@@ -17,15 +17,6 @@ from domlora.probes.summary import page_summary
 REL_TOL = 1e-6  # the task's bound for PAGE vs a per-sample .grad loop in float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from threads, and on a shared 2-core machine spinning threads cost 50x
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def naive_sq_norms(model, encoded, cands) -> torch.Tensor:
     """Reference: one sample at a time, unpadded, weights requiring grad, read `.grad`."""
     model = copy.deepcopy(model)

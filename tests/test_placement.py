@@ -18,14 +18,6 @@ from domlora.probes.summary import nfn_summary, page_summary
 N_LAYERS = 12  # >= 12 so that layer 1 could collide with layer 11 under suffix matching
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def deep():
     """A 12-layer tiny Llama with its page.json and nfn.json documents."""

@@ -9,7 +9,7 @@ import torch
 from domlora.studies import sparse_b as sb
 from domlora.errors import ConfigError, ModelError
 
-from conftest import chat_samples, make_tiny_llama
+from conftest import chat_samples, make_tiny_llama, tiny_loaded
 
 MODULES = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj", "model.layers.2.self_attn.q_proj"]
 
@@ -317,12 +317,6 @@ class TestReport:
         assert "No sparse-B" in sb.render_report_section([])
 
 
-def _loaded(tok):
-    from domlora.models import LoadedModel
-
-    return LoadedModel(model=make_tiny_llama(len(tok)), tokenizer=tok, spec="tiny", path="")
-
-
 def _eval_rows(path, n=4):
     rows = []
     for i in range(n):
@@ -343,7 +337,7 @@ class TestSFTStage:
         out = tmp_path / "run"
         ev = _eval_rows(tmp_path / "eval.jsonl")
         spec = sb.SparseBSpec(k=24, selection="informed", probe_steps=2, probe_batch_size=2)
-        m = sb.sparse_b_sft(model=_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES, out_dir=out,
+        m = sb.sparse_b_sft(model=tiny_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES, out_dir=out,
                             cfg=self._cfg(), spec=spec, eval_data=ev, eval_max_new_tokens=4)
         assert {p.name for p in out.iterdir()} == {"adapter", "train_metrics.json"}
         assert sb.has_masks(out / "adapter") and (out / "adapter" / "adapter_model.safetensors").is_file()
@@ -365,7 +359,7 @@ class TestSFTStage:
         assert rec.study["outcome"]["trainable_entries"] == 24 and len(rec.loss) == 3
 
     def test_full_lora_reference(self, tiny_tokenizer, chat_jsonl, tmp_path):
-        m = sb.sparse_b_sft(model=_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES[:1],
+        m = sb.sparse_b_sft(model=tiny_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES[:1],
                             out_dir=tmp_path / "full", cfg=self._cfg(max_steps=2), spec=None)
         assert m["method"] == "sft_full_lora" and m["trainable_entries"] == 4 * (24 + 16)
         assert not sb.has_masks(tmp_path / "full" / "adapter") and m["eval"] is None
@@ -390,13 +384,13 @@ class TestSFTStage:
 
         monkeypatch.setattr(train_mod, "train", crash)
         with pytest.raises(KeyboardInterrupt):
-            sb.sparse_b_sft(model=_loaded(tiny_tokenizer), **kw)
+            sb.sparse_b_sft(model=tiny_loaded(tiny_tokenizer), **kw)
         assert sb.has_masks(out / sb._WORK) and not (out / "train_metrics.json").exists()
         first, _ = sb.load_masks(out / sb._WORK)
         monkeypatch.setattr(train_mod, "train", real)
         calls = []
         monkeypatch.setattr(sb, "score_entries", lambda *a, **k: calls.append(1))
-        m = sb.sparse_b_sft(model=_loaded(tiny_tokenizer), **kw)
+        m = sb.sparse_b_sft(model=tiny_loaded(tiny_tokenizer), **kw)
         assert not calls  # masks came from the interrupted run, not from a new scoring
         final, _ = sb.load_masks(out / "adapter")
         assert all(torch.equal(first[n], final[n]) for n in first)
@@ -405,15 +399,15 @@ class TestSFTStage:
     def test_bad_inputs(self, tiny_tokenizer, chat_jsonl, tmp_path):
         b_total = 4 * (16 + 8 + 16)
         with pytest.raises(ConfigError, match=f"k <= {b_total}"):
-            sb.sparse_b_sft(model=_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES,
+            sb.sparse_b_sft(model=tiny_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES,
                             out_dir=tmp_path / "x", cfg=self._cfg(), spec=sb.SparseBSpec(k=b_total + 1, selection="random"))
         with pytest.raises(ConfigError, match="k must be >= 1"):
             sb.SparseBSpec(k=0)
         with pytest.raises(ConfigError, match="plain LoRA"):
-            sb.sparse_b_sft(model=_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES,
+            sb.sparse_b_sft(model=tiny_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES,
                             out_dir=tmp_path / "x", cfg=self._cfg(variant="dora"), spec=sb.SparseBSpec(k=5))
         with pytest.raises(ConfigError, match="no trainable entry"):
-            sb.sparse_b_sft(model=_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES,
+            sb.sparse_b_sft(model=tiny_loaded(tiny_tokenizer), train_data=chat_jsonl, placement=MODULES,
                             out_dir=tmp_path / "x", cfg=self._cfg(),
                             spec=sb.SparseBSpec(k=2, budget="per_module", selection="random"))
         assert not (tmp_path / "x" / "train_metrics.json").exists()

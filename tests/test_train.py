@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import chat_samples, make_tiny_llama
+from conftest import chat_samples
 from domlora.errors import ConfigError, DataError, ModelError
 from domlora.config import ModelSpec
 from domlora.train import TrainConfig, TrainingDiverged, train
@@ -30,22 +30,9 @@ def tiny_cfg(**kw) -> TrainConfig:
     return TrainConfig(**(base | kw))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and the machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
-def base_dir(tmp_path, tiny_tokenizer):
-    model = make_tiny_llama(len(tiny_tokenizer))
-    d = tmp_path / "base"
-    model.save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
+def base_dir(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture

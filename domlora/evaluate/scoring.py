@@ -115,6 +115,21 @@ def _flex_answer(text: str, gold: str) -> str | None:
     return last
 
 
+_FINAL_INT = re.compile(r"^\$?\s*(-?\d[\d,]*)(?:\.0+)?\s*\$?\.?$")
+
+
+def final_int(text: str) -> int | None:
+    """The integer on the last `#### ...` line (`#### 1,200`, `#### $12` allowed), else None."""
+    ans = extract_final_answer(text)
+    m = _FINAL_INT.match(ans) if ans is not None else None
+    return int(m.group(1).replace(",", "")) if m else None
+
+
+def is_correct(completion: str, answer) -> bool:
+    """The arithmetic and strings tasks' one rule: the final `#### ...` line equals the answer."""
+    return bool(score_final_answer({"answer": str(answer)}, [completion])["exact_match"])
+
+
 def score_final_answer(doc: dict, results: list[str]) -> dict[str, float]:
     """exact_match: the last `#### ...` line equals the answer.
 

@@ -5,36 +5,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from domlora.data import extract_final_answer
 from domlora.errors import ConfigError, DataError
+from domlora.evaluate.scoring import final_int, is_correct
 from domlora.io import iter_jsonl
 
 logger = logging.getLogger(__name__)
-
-
-_INT_RE = re.compile(r"^\$?\s*(-?\d[\d,]*)(?:\.0+)?\s*\$?\.?$")
-
-
-
-def parse_int_answer(text: str) -> int | None:
-    """The integer on the last `#### ...` line (`#### 1,200`, `#### $12` allowed), else None."""
-    ans = extract_final_answer(text)
-    if ans is None:
-        return None
-    m = _INT_RE.match(ans)
-    if m is None:
-        return None
-    try:
-        return int(m.group(1).replace(",", ""))
-    except ValueError:
-        return None
-
 
 
 def as_int(x: Any) -> int | None:
@@ -71,7 +51,7 @@ def read_prompts(path: str | os.PathLike, *, limit: int | None = None) -> list[d
                 bad += 1
                 continue
             prompt = msgs[:last]
-            answer = parse_int_answer(str(msgs[last].get("content", "")))
+            answer = final_int(str(msgs[last].get("content", "")))
         else:
             bad += 1
             continue
@@ -171,9 +151,8 @@ def arith_accuracy(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: in
             chunk = rows[i:i + batch_size]
             _, _, texts = generate(model, tokenizer, [r["prompt"] for r in chunk], max_new_tokens=max_new_tokens)
             for r, t in zip(chunk, texts, strict=True):
-                got = parse_int_answer(t)
-                ok = got is not None and got == as_int(r["answer"])
-                parsed += got is not None
+                ok = is_correct(t, r["answer"])
+                parsed += final_int(t) is not None
                 correct += ok
                 if len(samples) < keep_samples:
                     samples.append({"answer": r["answer"], "completion": t, "correct": ok})

@@ -26,7 +26,8 @@ from typing import Any
 from domlora.config import ModelSpec
 from domlora.errors import ConfigError, DataError
 from domlora.provenance import run_info
-from domlora.studies.arith import arith_accuracy, as_int, generate, parse_int_answer, read_prompts
+from domlora.evaluate.scoring import final_int, is_correct
+from domlora.studies.arith import arith_accuracy, generate, read_prompts
 from domlora.studies.sparse_b import method_label
 
 logger = logging.getLogger(__name__)
@@ -96,10 +97,8 @@ class ArithReward:
 
     def score(self, completion: str, answer: Any) -> tuple[float, bool, bool]:
         """(reward, parsable, correct) of one completion."""
-        got = parse_int_answer(completion)
-        want = as_int(answer)
-        parsed = got is not None
-        correct = parsed and want is not None and got == want
+        parsed = final_int(completion) is not None
+        correct = parsed and is_correct(completion, answer)
         return self.answer_weight * float(correct) + self.format_weight * float(parsed), parsed, correct
 
     def reward_func(self, log: RewardLog | None = None) -> Callable[..., list[float]]:
