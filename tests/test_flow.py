@@ -30,7 +30,7 @@ profiles:
       domlora: {{placement: dom, lr: 1.0e-3, tables: [1, 10]}}
       broken: {{placement: explicit, layers: [7], types: [down_proj], tables: [5]}}
     train: {{rank: 4, alpha: 8, lr: 1.0e-3, max_steps: 2, batch_size: 2, grad_accum: 1, max_length: 512,
-            gradient_checkpointing: false, save_every: 0, dtype: float32}}
+            gradient_checkpointing: false, save_every: 0}}
     eval: {{limit: 2, batch_size: 2, max_gen_toks: 4, allow_code_exec: false}}
     tracking: {{enabled: true, uri: "sqlite:///{root}/mlflow.db", experiment: flowtest}}
     grid:
@@ -57,6 +57,10 @@ def repo(tmp_path, tiny_tokenizer):
         (shutil.copytree(src, r / item, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
          else shutil.copy(src, r / item))
     (r / "params.yaml").write_text(PARAMS.format(model=model_dir, root=r))
+    from domlora.pipeline.grid import write_grid
+    from domlora.pipeline.params import load_params
+
+    write_grid(load_params(r / "params.yaml"), r)
     env = os.environ | {"DVC_NO_ANALYTICS": "1"}
     dvc = str(Path(sys.executable).with_name("dvc"))
     subprocess.run(["git", "init", "-q"], cwd=r, check=True)
@@ -74,7 +78,7 @@ def test_flow_runs_cells_side_by_side_and_reruns_nothing(repo, monkeypatch):
 
     monkeypatch.chdir(repo)
     with prefect_test_harness(server_startup_timeout=90):
-        state = domlora(root=str(repo), max_parallel_cells=2, return_state=True)
+        state = domlora(root=str(repo), return_state=True)
         summary = state.result(raise_on_failure=False) if state.is_completed() else state.data
         # the broken cell fails (layer 7 of a 3-layer model), the two good ones finish, the report is written
         assert state.is_failed() and "toy-arith-broken-0" in state.message
@@ -88,7 +92,7 @@ def test_flow_runs_cells_side_by_side_and_reruns_nothing(repo, monkeypatch):
         assert "toy-arith-broken-0" in report and "missing" in report
         mtimes = {p: p.stat().st_mtime for p in (repo / "runs").rglob("*.json")}
         # rerun: only the broken cell is retried; nothing already in DVC is recomputed
-        state2 = domlora(root=str(repo), max_parallel_cells=2, methods=["lora", "domlora"], return_state=True)
+        state2 = domlora(root=str(repo), methods=["lora", "domlora"], return_state=True)
         assert state2.is_completed(), state2.message
         assert {p: p.stat().st_mtime for p in mtimes if "base" not in str(p)} == \
                {p: t for p, t in mtimes.items() if "base" not in str(p)}
