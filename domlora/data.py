@@ -600,7 +600,7 @@ def _source_label(spec: DatasetSpec, source: str | None) -> str | None:
 
 def prepare_dataset(name: str, out_dir: str | os.PathLike, *, n_train: int, n_probe: int = 32, n_eval: int,
                     seed: int = 0, source: str | None = None, max_length_chars: int | None = None,
-                    show_progress: bool = False) -> dict:
+                    source_label: str | None = None, show_progress: bool = False) -> dict:
     """Write `train.jsonl`, `probe.jsonl`, `eval.jsonl` and `stats.json` for one dataset.
 
     Records come in a seeded order; those that are malformed, empty, longer than
@@ -616,6 +616,7 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, *, n_train: int, n_pr
         n_train, n_probe, n_eval: samples wanted per split (>= 0, not all 0).
         seed: shuffle / generation seed.
         source: a local file or folder, or another hub id, in place of the default source.
+        source_label: what stats.json names as the source (default: the source itself).
         max_length_chars: drop samples whose messages total more characters than this.
         show_progress: a tqdm bar over the records read.
 
@@ -703,7 +704,7 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, *, n_train: int, n_pr
         "format_version": FORMAT_VERSION,
         "dataset": name,
         "kind": spec.kind,
-        "source": _source_label(spec, source),
+        "source": source_label or _source_label(spec, source),
         "seed": seed,
         "requested": {s: want[s] for s in SPLITS},
         "counts": {s: kept[s] for s in SPLITS},

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from domlora import rehearsal
 from domlora.config import ModelSpec
 from domlora.errors import ModelError
 from domlora.io import atomic_dir, file_lock
@@ -122,9 +123,12 @@ def embedded_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def resolve_model_path(spec: str, *, cache_dir: str | os.PathLike | None = None) -> str:
-    """`embedded` -> its cached checkpoint folder; a folder -> itself; anything else is a hub id."""
+    """`embedded` -> its cached checkpoint folder; `stand-in:NAME` -> the tiny stand-in of configs/NAME.json
+    (`domlora.rehearsal`); a folder -> itself; anything else is a hub id."""
     if spec == EMBEDDED:
         return str(embedded_checkpoint(cache_dir))
+    if spec.startswith(rehearsal.PREFIX):
+        return str(rehearsal.checkpoint(spec[len(rehearsal.PREFIX):], cache_dir))
     return spec
 
 

@@ -78,7 +78,9 @@ class TrainConfig:
     batch_size: int = 4
     """samples per micro-batch per device"""
     grad_accum: int = 8
-    """micro-batches per optimizer step (effective batch = batch_size x grad_accum x devices)"""
+    """micro-batches per optimizer step (effective batch = batch_size x grad_accum x num_processes)"""
+    num_processes: int = 1
+    """processes the train stage starts (one per GPU; gloo processes on a CPU): the paper's 8"""
     max_length: int = 3072
     """tokens per sample (longer samples are truncated and counted)"""
     seed: int = 0
@@ -139,7 +141,8 @@ class TrainConfig:
 
         check_fields(self, where="train")  # types and closed choices, also when built directly
 
-        for name in ("rank", "batch_size", "grad_accum", "epochs", "keep_checkpoints", "adalora_delta_t"):
+        for name in ("rank", "batch_size", "grad_accum", "num_processes", "epochs", "keep_checkpoints",
+                     "adalora_delta_t"):
             if int(getattr(self, name)) < 1:
                 bad(name, getattr(self, name), "an integer >= 1")
         if self.max_length < 2:
@@ -226,6 +229,8 @@ class TrainRecord:
     resumed_from: int | None = None
     samples_per_step: int = 0
     """the effective batch: batch_size x grad_accum x processes"""
+    intended_batch: int = 0
+    """the effective batch the recipe asks for (batch_size x grad_accum x num_processes)"""
     world_size: int = 1
     backend: str = "single"
     """single | ddp | deepspeed (ZeRO-2 from `config.deepspeed`)"""
@@ -649,6 +654,12 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     world, rank = accelerator.num_processes, accelerator.process_index
     use_ds = bool(cfg.deepspeed)
     plan = StepPlan.make(len(encoded), cfg, world)
+    intended = cfg.batch_size * cfg.grad_accum * cfg.num_processes
+    if plan.per_step != intended:
+        logger.warning("the effective batch is %d (batch %d x accumulation %d x %d process(es)), not the recipe's %d "
+                       "(x %d processes): run the train stage (`python -m stages.train`), which starts them, or set "
+                       "train.num_processes to %d", plan.per_step, cfg.batch_size, cfg.grad_accum, world, intended,
+                       cfg.num_processes, world)
     fp = fingerprint(model_id=model_id, data_digest=data_digest, modules=modules, cfg=cfg, study=study)
 
     torch.manual_seed(cfg.seed)
@@ -709,7 +720,7 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     record = TrainRecord(
         config=asdict(cfg), model=model_doc, placement=placement_doc, study=dict(study or {}),
         trainable_params=counts["trainable_params"], total_params=counts["total_params"], n_modules=counts["modules"],
-        steps=plan.total_steps, samples_per_step=plan.per_step, world_size=world,
+        steps=plan.total_steps, samples_per_step=plan.per_step, intended_batch=intended, world_size=world,
         backend="deepspeed" if use_ds else ("ddp" if world > 1 else "single"), device=device,
         data={"path": str(train_data), "digest": data_digest, "n_samples": len(samples), **enc_report.to_dict()},
         fingerprint=fp, run_info=run_info())

@@ -32,7 +32,7 @@ GPU_SLOTS = "domlora-gpu"  # global concurrency limit: how many heavy stages may
 # A slot is leased and the lease renewed while its stage runs; the slots of a run that was killed
 # come back when the lease runs out (Prefect's default, 300 s, left a rerun idle for 5 minutes).
 SLOT_LEASE_S = 60
-HEAVY = frozenset({"probe", "train", "evaluate", "evaluate_base"})
+HEAVY = frozenset({"probe", "train", "evaluate", "evaluate_base", "checkpoints"})
 """stage kinds that load a model and hold a slot"""
 DEFAULT_SLOTS = 2
 """the slots scripts/prefect_up.sh creates unless DOMLORA_GPU_SLOTS says otherwise"""
@@ -85,7 +85,12 @@ def grid_targets(params, *, models=None, datasets=None, methods=None, seeds=None
     targets += sorted({f"evaluate_base@{c.model}-{c.dataset}" for c in cells})
     # every probe set of the chosen models (the report compares them), unless datasets were picked
     probe_sets = datasets or params.grid.probe_datasets
-    return targets + [f"probe@{m}-{d}" for m in dict.fromkeys(c.model for c in cells) for d in probe_sets]
+    used = list(dict.fromkeys(c.model for c in cells))
+    targets += [f"probe@{m}-{d}" for m in used for d in probe_sets]
+    # the Figure 2 study of those models, with the whole grid or its tables
+    if not (datasets or methods):
+        targets += [f"checkpoints@{m}-{d}" for m, d in params.checkpoint_studies() if m in used]
+    return targets
 
 
 @flow(name="domlora", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))

@@ -38,6 +38,7 @@ def grid_doc(params: Params) -> dict:
         "selects": selects,
         "cells": {c.id: {"model": c.model, "dataset": c.dataset, "method": c.method, "seed": c.seed} for c in cells},
         "bases": {f"{m}-{d}": {"model": m, "dataset": d} for m in models for d in params.grid.datasets},
+        "checkpoint_studies": {f"{m}-{d}": {"model": m, "dataset": d} for m, d in params.checkpoint_studies()},
     }
 
 

@@ -52,6 +52,8 @@ class DatasetSpec:
     """evaluation tasks or suites for cells trained on this dataset"""
     label: str | None = None
     """name in reports"""
+    stand_in: bool = False
+    """generate rows in the source's hub schema instead of downloading it (the offline rehearsal)"""
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,9 @@ class EvalSpec:
     """cap on generated tokens (None = each task's own)"""
     allow_code_exec: bool = False
     """run generated code (HumanEval) in the sandbox"""
+    stand_in: bool = False
+    """evaluate on stand-in rows in each benchmark's schema, MT-Bench graded by a loopback stand-in judge
+    (the offline rehearsal: never benchmark numbers)"""
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,24 @@ class GridSpec:
     """method slugs"""
     seeds: list[int] = field(default_factory=lambda: [0])
     """seeds"""
+
+
+@dataclass(frozen=True)
+class CheckpointStudySpec:
+    """The paper's Figure 2: PAGE on full fine-tuning checkpoints (does the dominant module stay put?)."""
+
+    dataset: str = "tulu"
+    """the dataset fine-tuned on and probed"""
+    steps: list[int] = field(default_factory=lambda: [0, 1, 50, 100, 200, 390])
+    """optimizer steps whose checkpoints are probed (0 = the pretrained model)"""
+    models: list[str] = field(default_factory=list)
+    """model slugs (empty: every model of the grid)"""
+    lr: float | None = None
+    """learning rate of the full fine-tuning (default: train.lr)"""
+
+    def __post_init__(self):
+        if not self.steps or any(s < 0 for s in self.steps):
+            raise ConfigError(f"checkpoints.steps must be a non-empty list of steps >= 0, got {self.steps}")
 
 
 @dataclass(frozen=True)
@@ -200,6 +223,7 @@ class Params:
     tracking: TrackingSpec
     grid: GridSpec
     seed_data: int = 0
+    checkpoints: CheckpointStudySpec | None = None
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     def cells(self, *, models=None, datasets=None, methods=None, seeds=None) -> list[Cell]:
@@ -228,6 +252,18 @@ class Params:
         base = dataclasses.asdict(self.train)
         return from_dict(TrainConfig, base | m.train | {"seed": seed}, where=f"methods.{method}")
 
+    def train_config_for_study(self, study: CheckpointStudySpec) -> TrainConfig:
+        """The recipe of the checkpoint study's full fine-tuning: `train:` with variant full and the study's lr."""
+        base = dataclasses.asdict(self.train) | {"variant": "full", "layer_sampling": "none"}
+        if study.lr is not None:
+            base["lr"] = study.lr
+        return from_dict(TrainConfig, base, where="checkpoints")
+
+    def checkpoint_studies(self) -> list[tuple[str, str]]:
+        """(model, dataset) pairs of the Figure 2 study (none without a `checkpoints:` section)."""
+        c = self.checkpoints
+        return [] if c is None else [(m, c.dataset) for m in (c.models or self.grid.models)]
+
     def select_probe(self, dataset: str) -> str:
         """The probe set a dataset's placements are selected from."""
         return self.probe.reuse_from or dataset
@@ -241,7 +277,7 @@ class Params:
 
 
 PROFILE_KEYS = ("profile", "models", "datasets", "methods", "probe", "train", "eval", "tracking", "grid",
-                "seed_data")
+                "seed_data", "checkpoints")
 
 
 def _table(name: str, d: dict, key: str, parse) -> dict:
@@ -301,7 +337,16 @@ def parse_profile(d: dict, *, name: str = "run") -> Params:
                               f"grid; allowed: {', '.join(grid.probe_datasets or grid.datasets)}")
         if not grid.probe_datasets:
             grid = dataclasses.replace(grid, probe_datasets=list(grid.datasets))
+        checkpoints = None
+        if d.get("checkpoints") is not None:
+            checkpoints = from_dict(CheckpointStudySpec, d["checkpoints"], where=f"{name}.checkpoints")
+            bad = [x for x in checkpoints.models if x not in grid.models]
+            if checkpoints.dataset not in (grid.probe_datasets or grid.datasets) or bad:
+                what = f"model {bad[0]!r}" if bad else f"dataset {checkpoints.dataset!r}"
+                raise ConfigError(f"`{name}.checkpoints` names {what}, which is not in the grid; fix: one of "
+                                  f"{grid.models if bad else grid.probe_datasets or grid.datasets}")
         return Params(profile=str(d.get("profile", name)), models=models, datasets=datasets, methods=methods,
+                      checkpoints=checkpoints,
                       probe=probe, train=train,
                       eval=from_dict(EvalSpec, d.get("eval"), where=f"{name}.eval"),
                       tracking=from_dict(TrackingSpec, d.get("tracking"), where=f"{name}.tracking"), grid=grid,

@@ -28,6 +28,10 @@ class Layout:
     def page_json(self, model: str, dataset: str) -> Path:
         return self.probe_dir(model, dataset) / "page.json"
 
+    def checkpoints_json(self, model: str, dataset: str) -> Path:
+        """PAGE across full fine-tuning checkpoints (the Figure 2 study)."""
+        return self.probe_dir(model, dataset) / "checkpoints.json"
+
     # select
     def placement(self, model: str, dataset: str, method: str) -> Path:
         return self.root / "placements" / model / dataset / f"{method}.json"

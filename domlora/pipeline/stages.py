@@ -11,6 +11,7 @@ from pathlib import Path
 
 from domlora.errors import ConfigError
 from domlora.io import atomic_outputs, read_json, write_json
+from domlora.studies.checkpoints import STEP_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,20 @@ def prepare_data_stage(params, dataset: str, *, layout, show_progress: bool = Fa
     from domlora.data import prepare_dataset
 
     spec = params.datasets[dataset]
-    return prepare_dataset(spec.source, layout.data_dir(dataset), n_train=spec.n_train, n_probe=spec.n_probe,
-                           n_eval=spec.n_eval, seed=params.seed_data, source=spec.path, show_progress=show_progress)
+    kw = dict(n_train=spec.n_train, n_probe=spec.n_probe, n_eval=spec.n_eval, seed=params.seed_data,
+              show_progress=show_progress)
+    if not spec.stand_in:
+        return prepare_dataset(spec.source, layout.data_dir(dataset), source=spec.path, **kw)
+    import tempfile
+
+    from domlora import rehearsal
+
+    # rows in the hub dataset's own schema, read through the same loader as the real data
+    with tempfile.TemporaryDirectory(prefix="domlora-stand-in-") as tmp:
+        src = rehearsal.write_training_data(spec.source, Path(tmp) / f"{spec.source}.jsonl", seed=params.seed_data,
+                                            n=spec.n_train + spec.n_probe + spec.n_eval)
+        return prepare_dataset(spec.source, layout.data_dir(dataset), source=str(src), **kw,
+                               source_label=f"stand-in rows in the {rehearsal.SCHEMA_OF[spec.source]} schema")
 
 
 def probe_stage(params, model: str, dataset: str, *, layout, tracker=None, show_progress: bool = False) -> dict:
@@ -153,6 +166,7 @@ def train_stage(params, cell, *, layout, tracker=None, show_progress: bool = Fal
     One resolved `TrainConfig` (the profile's `train:` + the method's overrides + the cell's seed) drives
     every regime: plain SFT (`train.train`), sparse-B SFT and GRPO (the method's `sparse_b:` / `grpo:`).
     """
+    from domlora.pipeline.launch import is_main_process
     from domlora.pipeline.tracking import NullTracker
     from domlora.train import train
 
@@ -178,10 +192,12 @@ def train_stage(params, cell, *, layout, tracker=None, show_progress: bool = Fal
             train(model=spec, train_data=data, placement=placement, out_dir=out_dir, cfg=cfg,
                   show_progress=show_progress)
     except Exception as exc:
-        tracker.mark_failed(cell=cell, error=f"{type(exc).__name__}: {exc}")
+        if is_main_process():
+            tracker.mark_failed(cell=cell, error=f"{type(exc).__name__}: {exc}")
         raise
-    write_loss_csv(layout.train_metrics(cell), layout.loss_csv(cell))
-    tracker.log_cell(cell=cell, params=params, layout=layout, stage="train")
+    if is_main_process():  # one of several launched processes: the first writes what the others share
+        write_loss_csv(layout.train_metrics(cell), layout.loss_csv(cell))
+        tracker.log_cell(cell=cell, params=params, layout=layout, stage="train")
     return read_json(layout.train_metrics(cell))
 
 
@@ -210,12 +226,72 @@ def evaluate_stage(params, cell_or_base, *, layout, model: str | None = None, da
         cell = cell_or_base
         model, dataset, run_id, adapter = cell.model, cell.dataset, cell.id, layout.adapter(cell)
     spec, e = params.models[model], params.eval
-    doc = evaluate(model=spec, adapter=adapter, tasks=list(params.datasets[dataset].tasks),
-                   out=layout.eval_json(run_id), data_dir=layout.root / "data", limit=e.limit,
-                   batch_size=e.batch_size, max_gen_toks=e.max_gen_toks, allow_code_exec=e.allow_code_exec,
-                   show_progress=show_progress)
+    kw = dict(model=spec, adapter=adapter, tasks=list(params.datasets[dataset].tasks), out=layout.eval_json(run_id),
+              data_dir=layout.root / "data", limit=e.limit, batch_size=e.batch_size, max_gen_toks=e.max_gen_toks,
+              allow_code_exec=e.allow_code_exec, show_progress=show_progress)
+    if e.stand_in:
+        doc = _evaluate_on_stand_ins(evaluate, kw)
+    else:
+        doc = evaluate(**kw)
     flat = doc.get("metrics", {})
     write_json(layout.scores_json(run_id), flat)
     if tracker is not None and cell_or_base != "base":
         tracker.log_cell(cell=cell_or_base, params=params, layout=layout, stage="evaluate")
     return doc
+
+
+def _evaluate_on_stand_ins(evaluate, kw: dict) -> dict:
+    """The same tasks on stand-in rows in each benchmark's schema, MT-Bench graded by a loopback judge."""
+    import tempfile
+
+    from domlora.evaluate.stand_in import stand_in_judge, write_stand_in_data
+
+    with tempfile.TemporaryDirectory(prefix="domlora-stand-in-eval-") as tmp, stand_in_judge() as judge:
+        write_stand_in_data(tmp)
+        return evaluate(**kw, stand_in_data=tmp, judge=judge.config)
+
+
+def checkpoints_stage(params, model: str, dataset: str, *, layout, launch=None, show_progress: bool = False) -> dict:
+    """checkpoints (the Figure 2 study): full fine-tuning of `model` on `dataset`, PAGE of every module at each of
+    the study's steps -> probes/<model>/<dataset>/checkpoints.{json,png}.
+
+    The step checkpoints (whole models) live in a work folder only while they are probed. `launch`, when
+    given, runs the fine-tuning on the recipe's processes (`launch(work_dir)`), as the train stage does.
+    """
+    import shutil
+
+    from domlora.io import atomic_outputs
+    from domlora.studies.checkpoints import plot_checkpoint_curves, probe_checkpoints
+
+    study, spec, p = params.checkpoints, params.models[model], params.probe
+    work = layout.root / ".checkpoints_work" / f"{model}-{dataset}"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        if launch is not None:
+            launch(work)
+        else:
+            finetune_checkpoints_stage(params, model, dataset, work=work, layout=layout, show_progress=show_progress)
+        paths = [work / STEP_DIR.format(s) for s in sorted(set(study.steps))]
+        doc = probe_checkpoints(paths, data=layout.split(dataset, "probe"), samples=p.samples,
+                                max_length=params.probe_max_length(), alpha=p.alpha, rank=p.rank,
+                                batch_size=p.batch_size, dtype=spec.dtype, show_progress=show_progress)
+        doc["model"], doc["dataset"], doc["steps"] = model, dataset, sorted(set(study.steps))
+        out = layout.checkpoints_json(model, dataset)
+        with atomic_outputs(out.parent) as stage:
+            write_json(stage / out.name, doc)
+            plot_checkpoint_curves(doc, stage / "checkpoints.png",
+                                   title=f"{spec.label or model}: PAGE across full fine-tuning checkpoints ({dataset})")
+        return doc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def finetune_checkpoints_stage(params, model: str, dataset: str, *, work, layout, show_progress: bool = False) -> dict:
+    """The fine-tuning half of the checkpoint study (every launched process runs it; the first saves)."""
+    from domlora.studies.checkpoints import finetune_checkpoints
+
+    study = params.checkpoints
+    cfg = params.train_config_for_study(study)
+    steps = sorted(set(study.steps))
+    return finetune_checkpoints(model=params.models[model], train_data=layout.split(dataset, "train"), out_dir=work,
+                                steps=max(max(steps), 1), save_steps=steps, cfg=cfg, show_progress=show_progress)

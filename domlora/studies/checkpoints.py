@@ -213,7 +213,7 @@ def plot_checkpoint_curves(doc: dict, path: str | os.PathLike, *, types: Sequenc
 def finetune_checkpoints(*, model, train_data: str | os.PathLike, out_dir: str | os.PathLike,
                          steps: int = 20, save_steps: Sequence[int] = (0, 1, 5, 10, 20), lr: float = 2e-5,
                          batch_size: int = 4, max_length: int = 160, seed: int = 0, warmup_ratio: float = 0.03,
-                         all_parameters: bool = True, cache_dir: str | os.PathLike | None = None,
+                         cfg=None, all_parameters: bool = True, cache_dir: str | os.PathLike | None = None,
                          show_progress: bool = False) -> dict:
     """A full fine-tuning run that saves the whole model at `save_steps` (0 = before any update).
 
@@ -226,6 +226,9 @@ def finetune_checkpoints(*, model, train_data: str | os.PathLike, out_dir: str |
         train_data: chat JSONL.
         steps: optimizer steps (batch_size samples each, no accumulation).
         save_steps: steps at which to save (each in 0..steps).
+        cfg: a `train.TrainConfig` to train with instead of (lr, batch_size, max_length, seed, warmup_ratio):
+            the pipeline's, with variant `full`, max_steps = steps and no training checkpoints. Under several
+            launched processes only the first saves the step folders.
 
     Returns:
         The manifest written to `out_dir/checkpoints.json` (paths, steps, the training metrics' loss).
@@ -244,13 +247,19 @@ def finetune_checkpoints(*, model, train_data: str | os.PathLike, out_dir: str |
         raise ConfigError(f"save_steps must lie in 0..{steps} (0 = the base), got {list(save_steps)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = TrainConfig(variant="full", lr=lr, max_steps=steps, batch_size=batch_size, grad_accum=1,
-                      max_length=max_length, seed=seed, warmup_ratio=warmup_ratio, save_every=0,
-                      gradient_checkpointing=False)
+    if cfg is None:
+        cfg = TrainConfig(variant="full", lr=lr, max_steps=steps, batch_size=batch_size, grad_accum=1,
+                          max_length=max_length, seed=seed, warmup_ratio=warmup_ratio, save_every=0,
+                          gradient_checkpointing=False)
+    else:
+        cfg = cfg.replace(variant="full", max_steps=steps, save_every=0, layer_sampling="none")
     state: dict = {}
     saved: list[dict] = []
+    main = int(os.environ.get("RANK", "0")) == 0
 
     def snapshot(step: int):
+        if not main:
+            return
         net = state["net"]
         target = out / STEP_DIR.format(step)
         with atomic_dir(target) as tmp:
@@ -274,15 +283,16 @@ def finetune_checkpoints(*, model, train_data: str | os.PathLike, out_dir: str |
 
     from domlora.models import LoadedModel, load_model
 
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype="float32", cache_dir=cache_dir)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, cache_dir=cache_dir)
     state["tokenizer"] = loaded.tokenizer
     metrics = train(model=loaded, train_data=train_data, placement=None, out_dir=out / "train", cfg=cfg,
                     on_step=on_step, model_hook=hook, show_progress=show_progress)
     # note: the `full` variant also writes every trained projection as an adapter; the step folders
     # hold the same weights (and the rest), so drop that copy (hundreds of MB on the embedded model)
     shutil.rmtree(out / "train" / "adapter", ignore_errors=True)
-    manifest = {"base": loaded.spec, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
+    manifest = {"base": str(loaded.spec), "steps": steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
                 "all_parameters": all_parameters, "trainable_params": metrics.get("trainable_params"),
                 "loss": metrics.get("loss"), "checkpoints": saved}
-    write_json(out / MANIFEST, manifest)
+    if main:
+        write_json(out / MANIFEST, manifest)
     return manifest
