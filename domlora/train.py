@@ -445,8 +445,8 @@ def _deepspeed_config(path: str, cfg: TrainConfig, world: int, bf16: bool) -> di
     try:
         import deepspeed  # noqa: F401
     except ImportError:
-        raise ConfigError("--deepspeed needs the `deepspeed` package; fix: pip install -c constraints.txt deepspeed "
-                          "(or the `gpu` extra)") from None
+        raise ConfigError("train.deepspeed needs the `deepspeed` package; fix: pip install -c constraints.txt "
+                          "deepspeed (it comes with the `pipeline` extra)") from None
     ds = json.loads(p.read_text())
     fill = {"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
             "train_batch_size": cfg.batch_size * cfg.grad_accum * world,
@@ -643,6 +643,8 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     device = _resolve_device(cfg, spec.dtype)
     samples = read_samples(train_data, limit=cfg.limit_samples)  # validate before loading a model
     data_digest = file_sha256(train_data)[:16]
+    if cfg.deepspeed:
+        _deepspeed_config(cfg.deepspeed, cfg, 1, False)  # the file and the package, before loading a model
 
     loaded = model if isinstance(model, LoadedModel) else load_model(spec, device=device, cache_dir=cache_dir)
     model_id = f"{spec.id}:{config_hash(loaded.model)}"

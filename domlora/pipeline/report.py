@@ -119,8 +119,65 @@ def _table_datasets(params: Params, table: int) -> list[str]:
     return list(params.grid.datasets)
 
 
+def _paper_cols(col: Collected, model: str, datasets: list[str], table: int) -> list[tuple[str, str, str | None, str]]:
+    """(dataset, task, metric, header) for each of a paper table's own columns that this grid evaluates.
+
+    Each column comes from the dataset whose evaluation suite is the column's home in the paper (GSM8K from
+    the instruction-tuning suite in Tables 1 and 3, from the math suite elsewhere); the task is the first of
+    `evaluate.tasks.PAPER_COLUMNS` that ran (the paper's protocol, else its log-likelihood alternative).
+    """
+    from domlora.evaluate.tasks import PAPER_COLUMNS, TABLE_COLUMNS
+
+    p = col.params
+    out = []
+    for column in TABLE_COLUMNS.get(table, []):
+        suite = column_suite(column, table)
+        for d in (d for d in datasets if suite in p.datasets[d].tasks):
+            present = set(_tasks_of(col.base.get((model, d)) or {}))
+            for c in (c for c in col.cells if c.model == model and c.dataset == d):
+                present |= set(_tasks_of(col.metrics.get(c.id) or {}))
+            hit = next(((t, m) for t, m in PAPER_COLUMNS[column] if t in present), None)
+            if hit:
+                out.append((d, hit[0], hit[1], column))
+                break
+    return out
+
+
+def column_suite(column: str, table: int) -> str:
+    """The evaluation suite a paper column is read from in `table`."""
+    if column == "GSM8K":
+        return "instruct" if table in (1, 3) else "math"
+    return {"MATH": "math", "HumanEval": "code", "HumanEval+": "code", "MT-Bench": "chat"}.get(column, "instruct")
+
+
+def _all_cols(col: Collected, model: str, datasets: list[str]) -> list[tuple[str, str, str | None, str]]:
+    """Every task of every dataset in the table, as evaluated (grids without the paper's suites)."""
+    cols: list[tuple[str, str, str | None, str]] = []
+    for d in datasets:
+        seen: set[str] = set()
+        sources = [col.metrics.get(c.id) or {} for c in col.cells if c.model == model and c.dataset == d]
+        for met in sources + [col.base.get((model, d)) or {}]:
+            for t in _tasks_of(met):
+                if t not in seen:
+                    seen.add(t)
+                    cols.append((d, t, None, t))
+    return cols
+
+
+def _params_cell(tms: list[dict]) -> tuple[int | None, str]:
+    n = next((tm.get("trainable_params") for tm in tms if tm.get("trainable_params")), None)
+    after = next((tm.get("params_after_norm") for tm in tms if tm.get("params_after_norm")), None)
+    text = _fmt_params(n)
+    return n, (f"{text} → {_fmt_params(after)}" if after is not None else text)
+
+
 def score_table(col: Collected, table: int) -> tuple[str, list[dict]]:
-    """One paper table as Markdown plus its rows (for MLflow)."""
+    """One paper table as Markdown plus its rows (for MLflow).
+
+    With the paper's suites (instruct, math, code, chat) the columns are the paper table's own (Tables 5, 11
+    and 12 average its 8 columns, not every task); otherwise every task evaluated. A method restricted to some
+    models has rows on those only; a NoRM row shows its parameters after the reduction (→).
+    """
     p = col.params
     methods = [m for m in p.grid.methods if table in p.methods[m].tables]
     datasets = _table_datasets(p, table)
@@ -128,26 +185,17 @@ def score_table(col: Collected, table: int) -> tuple[str, list[dict]]:
         return "", []
     lines, rows = [f"### {TABLE_TITLES[table]}", ""], []
     for model in p.grid.models:
-        # columns: every task of every dataset in this table (as evaluated)
-        cols: list[tuple[str, str]] = []
-        for d in datasets:
-            seen = set()
-            for cell in (c for c in col.cells if c.model == model and c.dataset == d):
-                for t in _tasks_of(col.metrics.get(cell.id) or {}):
-                    if t not in seen:
-                        seen.add(t)
-                        cols.append((d, t))
-            for t in _tasks_of(col.base.get((model, d)) or {}):
-                if t not in seen:
-                    seen.add(t)
-                    cols.append((d, t))
+        here = [m for m in methods if p.methods[m].runs_on(model)]
+        if not here:
+            continue
+        cols = _paper_cols(col, model, datasets, table) or _all_cols(col, model, datasets)
         label = p.models[model].label or model
-        header = ["Method", "Dom", "Params"] + [t for _d, t in cols] + ["Avg.", "status"]
+        header = ["Method", "Dom", "Params"] + [h for *_x, h in cols] + ["Avg.", "status"]
         lines += [f"**{label}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        entries = [("base", None)] + [(m, p.methods[m]) for m in methods]
+        entries = [("base", None)] + [(m, p.methods[m]) for m in here]
         for slug, spec in entries:
-            vals, errs, statuses, n_params = [], [], [], None
-            for d, t in cols:
+            vals, errs, statuses, n_params, params_text = [], [], [], None, MISSING
+            for d, t, metric, _h in cols:
                 eval_doc = None
                 if slug == "base":
                     met = col.base.get((model, d)) or {}
@@ -161,11 +209,14 @@ def score_table(col: Collected, table: int) -> tuple[str, list[dict]]:
                         for k, v in (col.metrics.get(c.id) or {}).items():
                             met.setdefault(k, []).append(v)
                     met = {k: sum(v) / len(v) for k, v in met.items() if all(isinstance(x, (int, float)) for x in v)}
-                    tms = [col.train.get(c.id) or {} for c in runs]
-                    n_params = next((tm.get("trainable_params") for tm in tms if tm.get("trainable_params")), n_params)
+                    n, text = _params_cell([col.train.get(c.id) or {} for c in runs])
+                    if n is not None and n_params is None:
+                        n_params, params_text = n, text
                     if len(runs) == 1:  # one seed: lm-eval's standard error; over seeds the mean stands alone
                         eval_doc = col.evals.get(runs[0].id)
-                pm = primary_metric(t, met)
+                key = f"{t}/{metric}"
+                pm = (key, float(met[key])) if metric and isinstance(met.get(key), (int, float)) else (
+                    None if metric else primary_metric(t, met))
                 vals.append(_scale(t, pm[1]) if pm else None)
                 se = _stderr(eval_doc, pm[0]) if pm else None
                 errs.append(se * _scale(t, pm[1]) / pm[1] if se is not None and pm[1] else se)  # same units
@@ -175,32 +226,72 @@ def score_table(col: Collected, table: int) -> tuple[str, list[dict]]:
             name = "Base model" if slug == "base" else (spec.label or slug)
             status = "ok" if statuses and all(s == "ok" for s in statuses) else ", ".join(sorted(set(statuses))) or MISSING
             cells = [_fmt(v) + (f" ± {e:.1f}" if v is not None and e is not None else "") for v, e in zip(vals, errs)]
-            lines.append("| " + " | ".join([name, dom, _fmt_params(n_params)] + cells + [_fmt(avg), status]) + " |")
+            lines.append("| " + " | ".join([name, dom, params_text] + cells + [_fmt(avg), status]) + " |")
             rows.append({"model": model, "method": slug, "params": n_params, "avg": avg, "status": status,
-                         **{f"{d}/{t}": v for (d, t), v in zip(cols, vals)},
-                         **{f"{d}/{t}_stderr": e for (d, t), e in zip(cols, errs) if e is not None}})
+                         **{f"{d}/{h}": v for (d, _t, _m, h), v in zip(cols, vals)},
+                         **{f"{d}/{h}_stderr": e for (d, _t, _m, h), e in zip(cols, errs) if e is not None}})
         lines.append("")
     return "\n".join(lines), rows
 
 
 def efficiency_table(col: Collected) -> tuple[str, list[dict]]:
+    """Table 10: wall time and peak memory per cell, with the effective batch each ran at (flagged where it
+    is not the recipe's, e.g. a stage started without its processes)."""
+    from domlora.pipeline.tracking import train_summary
+
     p = col.params
     methods = [m for m in p.grid.methods if 10 in p.methods[m].tables] or list(p.grid.methods)
-    header = ["Model", "Dataset", "Method", "Trainable params", "Wall time (s)", "Step time (s)", "Tokens/s", "Peak memory (MB)", "Final loss"]
+    header = ["Model", "Dataset", "Method", "Trainable params", "Batch (effective)", "Backend", "Wall time (s)",
+              "Step time (s)", "Tokens/s", "Peak memory (MB)", "Final loss"]
     lines = [f"### {TABLE_TITLES[10]}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = []
     for c in col.cells:
         if c.method not in methods:
             continue
-        from domlora.pipeline.tracking import train_summary
-
-        r = {"model": c.model, "dataset": c.dataset, "method": c.method, **train_summary(col.train.get(c.id) or {})}
+        tm = col.train.get(c.id) or {}
+        r = {"model": c.model, "dataset": c.dataset, "method": c.method, **train_summary(tm),
+             "intended_batch": tm.get("intended_batch"), "backend": tm.get("backend")}
         rows.append(r)
+        batch = _fmt(r["samples_per_step"], 0)
+        if r["intended_batch"] and r["samples_per_step"] and r["intended_batch"] != r["samples_per_step"]:
+            batch += f" (recipe: {r['intended_batch']})"
         lines.append("| " + " | ".join([c.model, c.dataset, p.methods[c.method].label or c.method,
-                                          _fmt_params(r["trainable_params"]), _fmt(r["wall_time_s"], 1),
-                                          _fmt(r["step_time_s"], 3), _fmt(r["tokens_per_s"], 0),
-                                          _fmt(r["peak_memory_mb"], 0), _fmt(r["final_loss"], 3)]) + " |")
+                                          _fmt_params(r["trainable_params"]), batch, r["backend"] or MISSING,
+                                          _fmt(r["wall_time_s"], 1), _fmt(r["step_time_s"], 3),
+                                          _fmt(r["tokens_per_s"], 0), _fmt(r["peak_memory_mb"], 0),
+                                          _fmt(r["final_loss"], 3)]) + " |")
     return "\n".join(lines) + "\n", rows
+
+
+def norm_table(col: Collected) -> tuple[str, list[dict]]:
+    """NoRM's reduction per cell: the rank each module kept (of the trained r) and the parameters before and after.
+
+    NoRM reloads the kept directions with lora_alpha = kept rank, as its reference does: the kept update has
+    rank/alpha times the trained magnitude (half at alpha = 2r)."""
+    rows = []
+    for c in col.cells:
+        tm = col.train.get(c.id) or {}
+        norm = tm.get("norm")
+        if not norm:
+            continue
+        kept = [m["kept"] for m in norm.values()]
+        rank = next(iter(norm.values())).get("rank")
+        rows.append({"cell": c.id, "modules": len(kept), "rank": rank, "kept_mean": sum(kept) / len(kept),
+                     "kept_min": min(kept), "kept_max": max(kept), "reduced": sum(k < (m.get("rank") or k) for k, m in
+                                                                                   zip(kept, norm.values())),
+                     "params_before": tm.get("trainable_params"), "params_after": tm.get("params_after_norm")})
+    if not rows:
+        return "", []
+    lines = ["### NoRM: ranks kept after the reduction", "",
+             "| Cell | Modules | Trained rank | Kept rank (mean, min-max) | Modules reduced | Params before → after |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['cell']} | {r['modules']} | {r['rank']} | {r['kept_mean']:.1f} ({r['kept_min']}-"
+                     f"{r['kept_max']}) | {r['reduced']} | {_fmt_params(r['params_before'])} → "
+                     f"{_fmt_params(r['params_after'])} |")
+    lines += ["", "NoRM reloads the kept directions with lora_alpha equal to the kept rank, as its reference "
+              "does, so the kept update has half the trained magnitude at alpha = 2r.", ""]
+    return "\n".join(lines), rows
 
 
 def dominant_table(col: Collected) -> tuple[str, list[dict]]:
@@ -372,6 +463,34 @@ def _stand_in_runs(col: Collected) -> list[str]:
     return runs
 
 
+def checkpoints_section(col: Collected, fig_dir: Path) -> tuple[str, list[dict]]:
+    """Figure 2: PAGE across full fine-tuning checkpoints, per backbone (the curves and where `dom` sits)."""
+    rows, lines = [], []
+    for m, d in col.params.checkpoint_studies():
+        doc = _read(col.layout.checkpoints_json(m, d))
+        label = col.params.models[m].label or m
+        if not doc:
+            lines += [f"**{label}** ({d}): {MISSING} (not computed)", ""]
+            continue
+        png = col.layout.checkpoints_json(m, d).with_suffix(".png")
+        if png.is_file():
+            fig_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(png, fig_dir / f"checkpoints_{m}_{d}.png")
+        stable = "stays put" if doc.get("dominant_stable") else "moves"
+        lines += [f"**{label}** ({d}): the dominant module {stable} across steps {doc.get('steps')}.", "",
+                  "| Step | dom module | share of down_proj PAGE | overall argmax |", "|---|---|---|---|"]
+        for r in doc.get("checkpoints", []):
+            share = r.get("dominant_share_type")
+            lines.append(f"| {r.get('step')} | `{r.get('dominant')}` | "
+                         f"{MISSING if share is None else f'{100 * share:.1f}%'} | `{r.get('argmax')}` |")
+            rows.append({"model": m, "dataset": d, "step": r.get("step"), "dominant": r.get("dominant"),
+                         "share_type": share, "argmax": r.get("argmax")})
+        lines += ["", f"![PAGE across checkpoints, {label}](figures/checkpoints_{m}_{d}.png)", ""]
+    if not lines:
+        return "", []
+    return "### Figure 2: PAGE across full fine-tuning checkpoints\n\n" + "\n".join(lines), rows
+
+
 def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections: Sequence[str] = (),
                  registry: Path | None = None) -> dict:
     """Write reports/{README.md,tables.md,results.csv,metrics.json,figures/} (and update the registry)."""
@@ -388,6 +507,14 @@ def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections
     md, rows = efficiency_table(col)
     sections.append(md)
     all_rows["table10"] = rows
+    md, rows = norm_table(col)
+    if md:
+        sections.append(md)
+        all_rows["norm"] = rows
+    fig2_md, rows = checkpoints_section(col, out / "figures")
+    if fig2_md:
+        sections.append(fig2_md)
+        all_rows["figure2"] = rows
     sparse = [c for c in col.cells if params.methods[c.method].sparse_b or params.methods[c.method].grpo]
     if sparse:
         from domlora.studies.sparse_b import render_report_section
@@ -397,7 +524,7 @@ def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections
         sections.append(render_report_section(docs))
     dom_md, dom_rows = dominant_table(col)
     all_rows["dominant"] = dom_rows
-    if params.profile == "paper":
+    if params.profile in ("paper", "rehearsal"):
         cmp = paper_comparison(col)
         if cmp:
             sections.append("## Beside the paper\n\n" + cmp)
