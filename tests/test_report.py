@@ -108,3 +108,36 @@ def test_primary_metric_prefers_the_headline():
     assert primary_metric("humaneval_local", met) == ("humaneval_local/pass@1", 0.2)
     assert primary_metric("arith", met)[1] == 0.5
     assert primary_metric("mmlu", met) is None
+
+
+def test_paper_tables_use_the_papers_columns_and_restricted_rows(tmp_path):
+    """Table 5 averages the paper's 8 columns (GSM8K from the math suite, no LogiQA / HumanEval), on LLaMA only;
+    Table 1 keeps its 6 with GSM8K from the instruction suite; a NoRM row shows its reduced parameters."""
+    params = load_params(ROOT / "params.yaml", profile="paper")
+    lay = Layout(tmp_path)
+    scores = {  # dataset -> flat scores every cell trained on it gets
+        "tulu": {"mmlu_gen/exact_match": 0.6, "tydiqa/exact_match": 0.5, "commonsense_qa_gen/exact_match": 0.7,
+                 "truthfulqa_mc1_gen/exact_match": 0.4, "gsm8k_cot_llama/exact_match_flexible_extract": 0.1,
+                 "logiqa_gen/exact_match": 0.3},
+        "metamath": {"gsm8k_cot_llama/exact_match_flexible_extract": 0.8, "minerva_math/exact_match": 0.2},
+        "magicoder": {"humaneval_sandbox/pass@1": 0.5, "humaneval_plus_sandbox/pass@1": 0.45},
+        "wizardlm": {"mt_bench/score": 6.0},
+    }
+    for c in params.cells(models=["llama31_8b"], methods=["domlora", "down_last", "norm_dom"]):
+        lay.run_dir(c).mkdir(parents=True)
+        lay.scores_json(c).write_text(json.dumps(scores[c.dataset]))
+        TrainRecord(config={}, model={}, placement={}, status="success", trainable_params=2_359_296,
+                    params_after_norm=1_200_000 if c.method == "norm_dom" else None).write(lay.train_metrics(c))
+    write_report(params, lay)
+    tables = (lay.reports / "tables.md").read_text()
+    t5 = tables.split("### Table 5")[1].split("###")[0]
+    assert "Qwen3-8B" not in t5 and "LLaMA-3.1-8B-Instruct" in t5
+    header = next(line for line in t5.splitlines() if line.startswith("| Method"))
+    assert header.split(" | ")[3:-2] == ["MMLU", "TyDiQA", "CQA", "TruthfulQA", "GSM8K", "MATH", "HumanEval+", "MT-Bench"]
+    row = next(line for line in t5.splitlines() if line.startswith("| down_proj@31 |"))
+    want = (60 + 50 + 70 + 40 + 80 + 20 + 45 + 60) / 8  # GSM8K 80 (MetaMathQA), MT-Bench x10
+    assert f"| {want:.2f} |" in row
+    t1 = tables.split("### Table 1")[1].split("###")[0]
+    row = next(line for line in t1.splitlines() if line.startswith("| DomLoRA |") and "60.00" in line)
+    assert "| 10.00 |" in row and "| 30.00 |" in row  # GSM8K from Tulu's evaluation, LogiQA present
+    assert "2.36M → 1.20M" in tables  # NoRM's parameters after its reduction

@@ -184,7 +184,9 @@ def score_table(col: Collected, table: int) -> tuple[str, list[dict]]:
     if not methods or not datasets:
         return "", []
     lines, rows = [f"### {TABLE_TITLES[table]}", ""], []
-    for model in p.grid.models:
+    # a table whose methods are restricted to some models (Tables 5 and 11: LLaMA) shows those models only
+    models = [m for m in p.grid.models if all(p.methods[x].runs_on(m) for x in methods)] or list(p.grid.models)
+    for model in models:
         here = [m for m in methods if p.methods[m].runs_on(model)]
         if not here:
             continue
