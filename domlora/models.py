@@ -138,6 +138,28 @@ def hub_id(spec: str | ModelSpec) -> str:
     return HUB_IDS.get(sid, sid)
 
 
+def known_num_layers(spec: str | ModelSpec, *, cache_dir: str | os.PathLike | None = None) -> int | None:
+    """A model's Transformer block count without loading it, where a config says so (configs/<name>.json for
+    a hub id or a stand-in, a local folder's config.json, the embedded model's cached checkpoint), else None."""
+    sid = ModelSpec.of(spec).id
+    cands = []
+    name = sid[len(rehearsal.PREFIX):] if sid.startswith(rehearsal.PREFIX) else sid.rsplit("/", 1)[-1]
+    for d in (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parent / "configs"):
+        cands.append(d / f"{name}.json")
+    if Path(sid).expanduser().is_dir():
+        cands.insert(0, Path(sid).expanduser() / "config.json")
+    elif sid == EMBEDDED:
+        cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        cands = sorted(cache.glob(f"{EMBEDDED_NAME}-*/config.json"))
+    for c in cands:
+        if c.is_file():
+            try:
+                return int(json.loads(c.read_text())["num_hidden_layers"])
+            except (ValueError, KeyError, TypeError):
+                return None
+    return None
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 

@@ -477,6 +477,11 @@ def _make_accelerator(cfg: TrainConfig, device: str, *, bf16: bool):
         kwargs["mixed_precision"] = "bf16" if bf16 else "no"
     elif bf16:
         kwargs["mixed_precision"] = "bf16"
+    if cfg.layer_sampling != "none" and not cfg.deepspeed:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # IST/RST train a subset of the adapters each step: DDP must not wait for the others' gradients
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     return Accelerator(**kwargs)
 
 

@@ -362,6 +362,23 @@ class _SeedData:
     seed_data: int = 0
 
 
+def _check_layers(name: str, slug: str, m: MethodSpec, models: dict) -> None:
+    """Explicit layers must exist in every model the method runs on (where its config says how many)."""
+    from domlora.models import known_num_layers
+
+    for model, spec in models.items():
+        n = known_num_layers(spec)
+        layers = m.layers_for(model)
+        if isinstance(m.layers, dict) and not layers:
+            raise ConfigError(f"`{name}.methods.{slug}.layers` gives no layers for model {model!r}; fix: add "
+                              f"`{model}: [...]` or restrict the method with `models:`")
+        bad = [x for x in layers if n is not None and not -n <= x < n]
+        if bad:
+            raise ConfigError(f"`{name}.methods.{slug}.layers` has layer {bad[0]}, out of range for model {model!r} "
+                              f"({spec.id}: {n} layers, 0..{n - 1} or -1..-{n}); fix: a layer in range, or give "
+                              "layers per model")
+
+
 def _check_grid(name: str, grid: GridSpec, models: dict, datasets: dict, methods: dict) -> None:
     probe_sets = grid.probe_datasets or grid.datasets
     missing = [x for x in grid.datasets if x not in probe_sets]
@@ -389,6 +406,8 @@ def _check_grid(name: str, grid: GridSpec, models: dict, datasets: dict, methods
             if unknown:
                 raise ConfigError(f"`{name}.methods.{slug}.layers` is given for {unknown[0]!r}"
                                   f"{close_matches(unknown[0], models)}, which is not a model of this profile")
+        if m.placement == "explicit" and slug in grid.methods:
+            _check_layers(name, slug, m, {x: models[x] for x in grid.models if m.runs_on(x)})
         if slug in grid.methods and not any(m.runs_on(x) for x in grid.models):
             raise ConfigError(f"`{name}.methods.{slug}` runs only on {m.models}, none of which is in "
                               f"`grid.models` {grid.models}; fix: add one of them to the grid or drop the method")
