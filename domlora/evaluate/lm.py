@@ -6,7 +6,10 @@ import contextlib
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from domlora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,34 @@ def resolve_batch_size(batch_size: int | str, device: str) -> int | str:
         return int(batch_size)
     return int(batch_size)
 
+
+
+MATH_DEPS = "math-deps"
+"""folder of the environment holding antlr4 4.11 + math-verify (scripts/install.sh), kept apart from DVC's 4.9"""
+
+
+def math_path() -> None:
+    """Put the MATH answer checker's own antlr4 4.11 first on this process's path (before lm-eval loads it).
+
+    Raises:
+        ConfigError: the folder is missing, or this process already imported another antlr4 (e.g. through
+            DVC's hydra), which the checker cannot use.
+    """
+    import importlib
+    import sys
+
+    folder = Path(sys.prefix) / MATH_DEPS
+    if not folder.is_dir():
+        raise ConfigError(f"MATH's answer checker needs antlr4 4.11 and math-verify in {folder}; fix: "
+                          "bash scripts/install.sh (it installs them there)")
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+        importlib.invalidate_caches()
+    loaded = sys.modules.get("antlr4")
+    if loaded is not None and not str(getattr(loaded, "__file__", "")).startswith(str(folder)):
+        raise ConfigError("MATH's answer checker needs antlr4 4.11 but this process already imported another "
+                          "antlr4 (DVC's hydra uses 4.9); fix: evaluate in a process of its own (the evaluate "
+                          "stage and `domlora evaluate` do)")
 
 
 _GREEDY_KEYS = {"attention_mask", "do_sample", "temperature", "top_p", "top_k"}

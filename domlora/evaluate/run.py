@@ -34,6 +34,7 @@ from domlora.config import ModelSpec
 from domlora.errors import ConfigError, DomloraError, ModelError
 from domlora.evaluate.lm import (
     make_lm,
+    math_path,
     resolve_batch_size,
     run_lm_eval,
     summarize_lm_eval,
@@ -369,6 +370,8 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
         raise ConfigError(f"num_threads must be a positive integer, got {num_threads!r}")
     # 1. names (the full lm-eval index is built only when a name is not domlora's own)
     names = expand_tasks(tasks)
+    if "minerva_math" in names:
+        math_path()  # its answer checker's antlr4 4.11, first on the path before lm-eval imports it
     stand_in_dir = check_stand_in_dir(stand_in_data) if stand_in_data is not None else None
     if stand_in_dir is not None:
         _check_stand_in_names(names)
