@@ -86,7 +86,8 @@ def grid_targets(params, *, models=None, datasets=None, methods=None, seeds=None
     # every probe set of the chosen models (the report compares them), unless datasets were picked
     probe_sets = datasets or params.grid.probe_datasets
     used = list(dict.fromkeys(c.model for c in cells))
-    targets += [f"probe@{m}-{d}" for m in used for d in probe_sets]
+    probed = used if (models or datasets or methods or tables) else params.grid.probe_models
+    targets += [f"probe@{m}-{d}" for m in probed for d in probe_sets]
     # the Figure 2 study of those models, with the whole grid or its tables
     if not (datasets or methods):
         targets += [f"checkpoints@{m}-{d}" for m, d in params.checkpoint_studies() if m in used]

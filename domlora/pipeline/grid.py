@@ -26,6 +26,7 @@ def grid_doc(params: Params) -> dict:
     """The stage instances of a profile: datasets, probes, selects, cells and base evaluations."""
     cells = params.cells()
     models = [m for m in params.grid.models if any(c.model == m for c in cells)]
+    probed = list(dict.fromkeys(params.grid.probe_models + models))
     selects: dict[str, dict] = {}
     for c in cells:
         key = f"{c.model}-{c.dataset}-{c.method}"
@@ -34,7 +35,7 @@ def grid_doc(params: Params) -> dict:
     return {
         "profile": params.profile,
         "datasets": list(params.grid.probe_datasets),
-        "probes": {f"{m}-{d}": {"model": m, "dataset": d} for m in models for d in params.grid.probe_datasets},
+        "probes": {f"{m}-{d}": {"model": m, "dataset": d} for m in probed for d in params.grid.probe_datasets},
         "selects": selects,
         "cells": {c.id: {"model": c.model, "dataset": c.dataset, "method": c.method, "seed": c.seed} for c in cells},
         "bases": {f"{m}-{d}": {"model": m, "dataset": d} for m in models for d in params.grid.datasets},

@@ -159,7 +159,9 @@ class GridSpec:
     """The axes of the grid."""
 
     models: list[str] = field(default_factory=list)
-    """model slugs"""
+    """model slugs trained on"""
+    probe_models: list[str] = field(default_factory=list)
+    """models probed on every probe set (a superset of `models`; default: `models`)"""
     probe_datasets: list[str] = field(default_factory=list)
     """datasets prepared and probed (a superset of `datasets`)"""
     datasets: list[str] = field(default_factory=list)
@@ -337,6 +339,8 @@ def parse_profile(d: dict, *, name: str = "run") -> Params:
                               f"grid; allowed: {', '.join(grid.probe_datasets or grid.datasets)}")
         if not grid.probe_datasets:
             grid = dataclasses.replace(grid, probe_datasets=list(grid.datasets))
+        if not grid.probe_models:
+            grid = dataclasses.replace(grid, probe_models=list(grid.models))
         checkpoints = None
         if d.get("checkpoints") is not None:
             checkpoints = from_dict(CheckpointStudySpec, d["checkpoints"], where=f"{name}.checkpoints")
@@ -385,8 +389,14 @@ def _check_grid(name: str, grid: GridSpec, models: dict, datasets: dict, methods
     if missing:
         raise ConfigError(f"`{name}.grid.datasets` {missing} must also be in `grid.probe_datasets` "
                           "(every trained dataset is prepared and probed)")
-    for axis, known in (("models", models), ("probe_datasets", datasets), ("datasets", datasets), ("methods", methods)):
-        values = getattr(grid, axis) if axis != "probe_datasets" else probe_sets
+    missing = [x for x in grid.models if grid.probe_models and x not in grid.probe_models]
+    if missing:
+        raise ConfigError(f"`{name}.grid.models` {missing} must also be in `grid.probe_models` (every trained model "
+                          "is probed)")
+    for axis, known in (("models", models), ("probe_models", models), ("probe_datasets", datasets),
+                        ("datasets", datasets), ("methods", methods)):
+        values = {"probe_datasets": probe_sets, "probe_models": grid.probe_models or grid.models}.get(
+            axis, getattr(grid, axis, None))
         if not values:
             raise ConfigError(f"`{name}.grid.{axis}` is empty")
         for v in values:

@@ -87,7 +87,7 @@ class Collected:
                            for m in params.grid.models for d in params.grid.datasets}
         self.placements = {c.id: _read(layout.placement(c.model, c.dataset, c.method)) for c in self.cells}
         self.probes = {(m, d): _read(layout.page_json(m, d))
-                       for m in params.grid.models for d in params.grid.probe_datasets}
+                       for m in params.grid.probe_models for d in params.grid.probe_datasets}
 
     def status(self, cell: Cell) -> str:
         tm = self.train.get(cell.id)
@@ -321,7 +321,7 @@ def stability_lines(col: Collected) -> list[str]:
     from domlora.studies.stability import compare_probes
 
     out = []
-    for m in col.params.grid.models:
+    for m in col.params.grid.probe_models:
         docs = {d: doc for (mm, d), doc in col.probes.items() if mm == m and doc}
         if len(docs) < 2:
             continue
