@@ -551,6 +551,9 @@ def _save_checkpoint(out_dir: Path, step: int, *, accelerator, net, optimizer, s
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
+        # every rank writes its own files into it (its RNG state): the folder exists before any rank writes
+        (tmp / "ds").mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "ds"), exclude_frozen_parameters=True)
     if accelerator.is_main_process:
         with atomic_dir(target) as d:
