@@ -217,10 +217,8 @@ def chat_pieces(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
         if m["role"] != "assistant":
             continue
         through = _render(tokenizer, messages[: k + 1])
-        try:
-            before = prompt_text(tokenizer, messages[:k])
-        except Exception:  # a reply with nothing before it: transformers will not render an empty conversation
-            before = None
+        # a reply with nothing before it has no generation prompt (transformers renders no empty conversation)
+        before = prompt_text(tokenizer, messages[:k]) if k else None
         if (before is not None and pos <= len(before) < len(through) and text.startswith(before)
                 and text.startswith(through)):
             start = len(before)

