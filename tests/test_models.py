@@ -378,7 +378,7 @@ class TestGemmaErrors:
     def test_half_written_cache_is_rebuilt_never_loaded(self, monkeypatch, tmp_path, tiny_model_dir, caplog):
         import json
 
-        b, _ = _fake_gemma(tmp_path, monkeypatch)
+        _fake_gemma(tmp_path, monkeypatch)
         calls = []
         monkeypatch.setattr(models, "_convert", _fake_convert(calls, tiny_model_dir))
         cache = tmp_path / "cache"
@@ -416,11 +416,11 @@ class TestGemmaErrors:
 def test_gemma_loads_and_probes(offline):
     """Gemma-3-270M from its GGUF packages: 18 layers x 7 projection types, Gemma's chat format,
     a 4-sample PAGE probe with finite scores (converts once, ~1.5 min on 2 busy cores)."""
+    from conftest import chat_samples
+
     from domlora.api import probe_page
     from domlora.modules import PAPER_TYPES, find_candidates
-    from domlora.samples import encode_prompt, encode_samples, model_losses, collate, per_sample_loss
-
-    from conftest import chat_samples
+    from domlora.samples import collate, encode_prompt, encode_samples, model_losses, per_sample_loss
 
     lm = load_model("embedded-gemma", device="cpu")
     model, tok = lm.model, lm.tokenizer
