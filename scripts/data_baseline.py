@@ -16,6 +16,7 @@ import torch
 from domlora.data import extract_final_answer, prepare_dataset
 from domlora.evaluate.scoring import is_correct
 from domlora.models import load_model
+from domlora.samples import prompt_batch
 
 
 def main() -> None:
@@ -30,7 +31,6 @@ def main() -> None:
     torch.set_num_threads(2)
     lm = load_model(a.model)
     tok, model = lm.tokenizer, lm.model
-    tok.padding_side = "left"
     print(f"model {a.model}, greedy, max_new_tokens {a.max_new_tokens}, eval split seed {a.seed}", flush=True)
     print(f"| task | n | exact match | stderr | has `####` | s/example |")
     print("|---|---|---|---|---|---|")
@@ -44,9 +44,7 @@ def main() -> None:
         by_kind: Counter = Counter()
         for i in range(0, len(rows), a.batch_size):
             batch = rows[i:i + a.batch_size]
-            texts = [tok.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
-                     for r in batch]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = prompt_batch(tok, [r["messages"][:-1] for r in batch])
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=a.max_new_tokens, do_sample=False,
                                      pad_token_id=tok.pad_token_id)

