@@ -34,7 +34,7 @@ def test_stage_names_match_cells(dvc_stages):
     assert {n for n in dvc_stages if n.startswith("train@")} == {f"train@{c.id}" for c in p.cells()}
     assert {n for n in dvc_stages if n.startswith("evaluate@")} == {f"evaluate@{c.id}" for c in p.cells()}
     assert {n for n in dvc_stages if n.startswith("probe@")} == {
-        f"probe@{m}-{d}" for m in p.grid.models for d in p.grid.probe_datasets}
+        f"probe@{m}-{d}" for m in p.grid.probe_models for d in p.grid.probe_datasets}
     assert {n for n in dvc_stages if n.startswith("select@")} == {
         f"select@{c.model}-{c.dataset}-{c.method}" for c in p.cells() if c.seed == p.grid.seeds[0]}
 
@@ -72,9 +72,10 @@ def test_templated_outs_match_layout(dvc_stages):
         assert str(lay.loss_csv(c)) in _outs(dvc_stages[f"train@{c.id}"])
         assert {str(lay.eval_json(c)), str(lay.scores_json(c))} <= _outs(dvc_stages[f"evaluate@{c.id}"])
         assert str(lay.placement(c.model, c.dataset, c.method)) in _outs(dvc_stages[f"select@{c.model}-{c.dataset}-{c.method}"])
-    for m in p.grid.models:
+    for m in p.grid.probe_models:
         for d in p.grid.probe_datasets:
             assert str(lay.page_json(m, d)) in _outs(dvc_stages[f"probe@{m}-{d}"])
+    for m in p.grid.models:
         for d in p.grid.datasets:
             assert str(lay.scores_json(lay.base_id(m, d))) in _outs(dvc_stages[f"evaluate_base@{m}-{d}"])
 
