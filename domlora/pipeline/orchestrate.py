@@ -136,15 +136,16 @@ def run_stage(root: Path, ref: StageRef, *, env: dict | None = None, skip_if_cur
         RemoteUnavailable: the remote did not answer (the stage stays recorded here).
     """
     if remote is not None:
-        got = restore(root, [*needs, ref.name], remote=remote, check_remote=True)
+        got = restore(root, [*needs, ref.name] if skip_if_current else list(needs), remote=remote,
+                      check_remote=True)
         lacking = [n for n in needs if got.outcomes[n] == "missing"]
         if lacking:
             raise StageFailed(f"{ref.name} needs {', '.join(lacking)}, which neither this host nor the remote "
                               f"{remote.url} has: not computed yet, or its push did not finish")
-        own = got.outcomes[ref.name]
+        own = got.outcomes.get(ref.name, "missing")
         if own == "restored":
             return "restored"
-        if skip_if_current and own in ("current", "local"):
+        if own in ("current", "local"):
             if own == "local":  # recorded here by a run whose push failed: push it now
                 publish(root, ref.name, remote=remote)
             logger.info("%s is up to date in DVC: skipped", ref.name)

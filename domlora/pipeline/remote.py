@@ -360,12 +360,14 @@ def publish(root: str | os.PathLike, name: str, *, remote: Remote) -> int:
     return n
 
 
-def drop_outputs(root: str | os.PathLike, names: list[str]) -> None:
-    """Delete these stages' outputs on this host, so that it takes them from the remote again (after they
-    were computed anew elsewhere) instead of keeping its own copy."""
+def forget_here(root: str | os.PathLike, names: list[str]) -> None:
+    """Delete these stages' outputs and dvc.lock entries on this host (not any run-cache entry), so that
+    the next `restore` takes the remote's newest result for them: after they are computed again elsewhere."""
     with _repo(root) as repo:
         by_name = _stages(repo)
         for name in names:
-            for out in by_name[name].outs:
+            stage = by_name[name]
+            for out in stage.outs:
                 if out.exists:
                     out.remove(ignore_remove=False)
+            stage.dvcfile._lockfile.remove_stage(stage)
