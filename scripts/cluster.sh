@@ -36,12 +36,7 @@ server)
     echo $! > .prefect/server.pid
   fi
   wait_for "$PREFECT_API_URL/health" server
-  prefect work-pool inspect domlora-pool >/dev/null 2>&1 || prefect work-pool create domlora-pool --type process >/dev/null
-  for q in grid gpu; do
-    prefect work-queue inspect "$q" --pool domlora-pool >/dev/null 2>&1 || prefect work-queue create "$q" --pool domlora-pool >/dev/null
-  done
-  prefect gcl inspect domlora-gpu >/dev/null 2>&1 || prefect gcl create domlora-gpu --limit "${DOMLORA_GPU_SLOTS:-2}" >/dev/null
-  python -m flows.cluster_setup --crash-after "${DOMLORA_CRASH_AFTER_S:-300}"
+  python -m flows.cluster_setup --crash-after "${DOMLORA_CRASH_AFTER_S:-300}" --gpu-slots "${DOMLORA_GPU_SLOTS:-2}"
   prefect --no-prompt deploy --all >/dev/null
   echo "Prefect server: http://$(hostname):$PORT  (workers: export PREFECT_API_URL=http://$(hostname):$PORT/api)"
   ;;

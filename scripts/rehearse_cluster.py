@@ -232,10 +232,16 @@ def cells_of(clone: Path) -> list[str]:
 
 
 def lock_stages(clone: Path) -> dict:
+    """The clone's dvc.lock entries of the active grid's stages (not those of other profiles' grids)."""
     import yaml
 
+    g = yaml.safe_load((clone / "grid.yaml").read_text())
+    names = ({f"prepare_data@{d}" for d in g["datasets"]} | {f"probe@{k}" for k in g["probes"]}
+             | {f"select@{k}" for k in g["selects"]} | {f"{s}@{k}" for k in g["cells"] for s in ("train", "evaluate")}
+             | {f"evaluate_base@{k}" for k in g["bases"]} | {"report"})
     p = clone / "dvc.lock"
-    return yaml.safe_load(p.read_text()).get("stages", {}) if p.is_file() else {}
+    lock = yaml.safe_load(p.read_text()).get("stages", {}) if p.is_file() else {}
+    return {n: e for n, e in lock.items() if n in names}
 
 
 def out_bytes(entry: dict) -> int:
