@@ -162,7 +162,7 @@ def domlora_stages(stages: list[str], commit: str, grid_id: str, root: str = "."
                       and (Path(root) / "runs" / n.split("@", 1)[1] / PENDING).exists()})
     if pending:
         log.warning("tracking of %s failed on %s: results are on disk and on the remote; run "
-                    "`DOMLORA_GRID_ID=%s domlora sync` when the server is back", ", ".join(pending), host, grid_id)
+                    "`domlora sync --grid-id %s` when the server is back", ", ".join(pending), host, grid_id)
     return Completed(message=unit_message(host, outcomes))
 
 

@@ -409,9 +409,8 @@ def _faults(cl: Cluster, check: Check, t: dict, cells: list[str], experiment: st
     # 3c. the tracking server is back: `domlora sync` logs what it missed, under the grid's parent
     print("3c. tracking back, domlora sync", flush=True)
     cl.role(REPORT_HOST, "tracking")
-    _run([str(report / ".venv/bin/python"), "-m", "domlora", "sync"], report,
-         env=cl.base_env | {"DOMLORA_GRID_ID": grid_id, "MLFLOW_TRACKING_URI": cl.tracking_uri,
-                            "PYTHONPATH": str(report)})
+    _run([str(report / ".venv/bin/python"), "-m", "domlora", "sync", "--grid-id", grid_id], report,
+         env=cl.base_env | {"MLFLOW_TRACKING_URI": cl.tracking_uri, "PYTHONPATH": str(report)})
     tracked = mlflow_cells(cl.tracking_uri, experiment, grid_id)
     check(victim_cell in tracked and any(k.startswith("eval/") for k in tracked[victim_cell]),
           f"after `domlora sync`: {victim_cell} with its eval metrics under the grid's parent")

@@ -310,18 +310,6 @@ def _restore_one(repo, odb, stage, missing_upstream: set[str], check_remote: boo
     return "restored", _out_bytes(stage)
 
 
-def on_remote(root: str | os.PathLike, name: str, *, remote: Remote) -> bool:
-    """Whether the remote has this host's record of `name` (its run-cache entry) for its current inputs."""
-    def go() -> bool:
-        with _repo(root) as repo:
-            odb = _odb(repo)
-            _probe(odb)
-            stage = _stages(repo)[name]
-            return _odb_has_entry(odb, _key(stage), _entry_value(stage))
-
-    return _waiting(remote, f"looking up {name}", go)
-
-
 def _odb_has_entry(odb, key: str, value: str) -> bool:
     return odb.fs.exists(odb.fs.join(odb.path, "runs", key[:2], key, value))
 
