@@ -31,7 +31,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import allow_failure
 
 from domlora.pipeline.cluster import (Unit, check_commit, check_tracking_server, checkout_commit, host_id,
-                                      plan_units)
+                                      plan_units, schedule)
 from domlora.pipeline.grid import check_grid
 from domlora.pipeline.orchestrate import StageFailed, StageRef, dvc_stages, run_stage, with_upstream
 from domlora.pipeline.params import Cell, load_params
@@ -287,13 +287,15 @@ def _spread(stages: list[StageRef], *, root: str, grid_id: str, remote: Remote, 
     plan = plan_units(order, todo, heavy=HEAVY) + [Unit(n, (n,), False) for n in order if n in local]
     plan.sort(key=lambda u: order.index(u.stages[0]))
     env = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}
-    unit_of = {n: u for u in plan for n in u.stages}
+    # the GPU hosts serve the cells first: a unit no cell needs (a base evaluation, a probe only the report
+    # compares) is sent once every cell's unit has ended, so it never holds a host while a cell waits
+    sched = schedule(plan, {s.name: s.upstream for s in stages})
     unit_futures: dict[str, object] = {}
     futures = {}
-    for u in plan:
-        after = {unit_of[up].name for n in u.stages for up in by_name[n].upstream
-                 if up in unit_of and unit_of[up].name != u.name}
-        wait_for = [unit_futures[a] for a in sorted(after)]
+    for u in sched.units:
+        wait_for = [unit_futures[a] for a in sorted(sched.after[u.name])]
+        if u.name in sched.late:
+            wait_for += [allow_failure(unit_futures[c]) for c in sched.cells]
         if u.on_gpu:
             fut = dispatch.submit(u.name, list(u.stages), commit, grid_id, tracking_uri, remote.wait_s,
                                   sorted(set(u.stages) & forced), wait_for=wait_for)
@@ -305,8 +307,8 @@ def _spread(stages: list[StageRef], *, root: str, grid_id: str, remote: Remote, 
         unit_futures[u.name] = fut
         for n in u.stages:
             futures[n] = fut
-    log.info("%d units to compute: %d on the GPU hosts, %d here", len(plan), sum(u.on_gpu for u in plan),
-             sum(not u.on_gpu for u in plan))
+    log.info("%d units to compute: %d on the GPU hosts (%d after the cells), %d here", len(plan),
+             sum(u.on_gpu for u in plan), len(sched.late), sum(not u.on_gpu for u in plan))
     wait(list(unit_futures.values()))
     for u in plan:
         fut = unit_futures[u.name]

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from domlora.errors import ConfigError
-from domlora.pipeline.cluster import Unit, check_commit, check_tracking_server, checkout_commit, plan_units
+from domlora.pipeline.cluster import (Unit, check_commit, check_tracking_server, checkout_commit, plan_units,
+                                      schedule)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -85,6 +86,22 @@ class TestPlanUnits:
                          Unit("m-a-lora-0", ("train@m-a-lora-0", "evaluate@m-a-lora-0"), True),
                          Unit("m-a-dom-0", ("train@m-a-dom-0", "evaluate@m-a-dom-0"), True)]
 
+    UPSTREAM = {"probe@m-a": ("prepare_data@a",), "select@m-a-lora": ("probe@m-a",),
+                "evaluate_base@m-a": ("prepare_data@a",), "train@m-a-lora-0": ("prepare_data@a", "select@m-a-lora"),
+                "evaluate@m-a-lora-0": ("train@m-a-lora-0",), "train@m-a-dom-0": ("prepare_data@a",),
+                "evaluate@m-a-dom-0": ("train@m-a-dom-0",), "probe@m-b": ()}
+
+    def test_the_gpu_hosts_serve_the_cells_first(self):
+        order = [*self.ORDER, "probe@m-b"]
+        sched = schedule(plan_units(order, set(order), heavy=HEAVY), self.UPSTREAM)
+        # the base evaluation and a probe only the report compares wait for every cell; the probe a cell needs
+        # does not
+        assert sched.late == {"evaluate_base@m-a", "probe@m-b"}
+        assert [u.name for u in sched.units][-2:] == ["evaluate_base@m-a", "probe@m-b"]
+        assert sched.cells == ["m-a-lora-0", "m-a-dom-0"]
+        assert sched.after["m-a-lora-0"] == {"prepare_data@a", "select@m-a-lora"}
+        assert sched.after["select@m-a-lora"] == {"probe@m-a"}
+
     def test_only_what_is_left(self):
         assert plan_units(self.ORDER, {"evaluate@m-a-dom-0"}, heavy=HEAVY) == [
             Unit("m-a-dom-0", ("evaluate@m-a-dom-0",), True)]
@@ -137,3 +154,18 @@ def test_grid_spread_over_two_hosts(tmp_path, tiny_tokenizer, monkeypatch):
         ["--profile", "tiny", "--params", str(params), "--work", str(tmp_path / "work"), "--no-kill"]))
     assert t["failed_checks"] == []
     assert set(t["cells_per_host"]) >= {"host_a", "host_b"}
+
+
+@pytest.mark.slow
+def test_spread_grid_without_a_remote_is_refused_before_any_stage(tmp_path, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.domlora_flow import domlora
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    monkeypatch.chdir(clone)
+    with prefect_test_harness(server_startup_timeout=90):
+        state = domlora(root=str(clone), spread=True, return_state=True)
+    assert state.is_failed() and "no default DVC remote" in state.message
+    assert not (clone / ".domlora_logs").exists()

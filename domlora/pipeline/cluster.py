@@ -9,7 +9,8 @@ the fix.
 The stages still to compute are cut into units, each run by one host: a cell's training and
 evaluation together (the adapter stays where it was trained), any other heavy stage (a probe,
 a base evaluation) alone. Light stages (data preparation, placement selection) run on the
-grid's host, which also gathers everything for the report.
+grid's host, which also gathers everything for the report. The GPU hosts serve the cells first:
+a unit no cell needs waits until every cell's unit has ended (`Schedule`).
 """
 from __future__ import annotations
 
@@ -110,3 +111,43 @@ def plan_units(order: list[str], todo: set[str], *, heavy: frozenset[str]) -> li
         units.setdefault(key, []).append(name)
         gpu[key] = gpu.get(key, False) or kind in heavy
     return [Unit(k, tuple(v), gpu[k]) for k, v in units.items()]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Units in the order to send them, what each waits for, and which wait for every cell's unit."""
+
+    units: list[Unit]
+    after: dict[str, set[str]]
+    """unit name -> names of the units computing stages it depends on"""
+    late: set[str]
+    """units no cell needs (a base evaluation, a probe only the report compares), and what depends on them"""
+
+    @property
+    def cells(self) -> list[str]:
+        return [u.name for u in self.units if u.stages[0].split("@", 1)[0] in CELL_KINDS]
+
+
+def schedule(units: list[Unit], upstream: dict[str, tuple[str, ...]]) -> Schedule:
+    """Order `units` (given in DVC's order) so that the GPU hosts serve the cells first.
+
+    Args:
+        units: from `plan_units`.
+        upstream: every stage's direct upstream stages (`StageRef.upstream`).
+    """
+    unit_of = {n: u for u in units for n in u.stages}
+    cells = [u for u in units if u.stages[0].split("@", 1)[0] in CELL_KINDS]
+    for_cells: set[str] = set()
+    todo = [n for u in cells for n in u.stages]
+    while todo:
+        n = todo.pop()
+        if n not in for_cells:
+            for_cells.add(n)
+            todo.extend(upstream.get(n, ()))
+    after = {u.name: {unit_of[up].name for n in u.stages for up in upstream.get(n, ())
+                      if up in unit_of and unit_of[up].name != u.name} for u in units}
+    late: list[Unit] = []
+    for u in units:  # in DVC's order: what a unit waits for is decided before it
+        if (u.on_gpu and u not in cells and not set(u.stages) & for_cells) or after[u.name] & {x.name for x in late}:
+            late.append(u)
+    return Schedule([u for u in units if u not in late] + late, after, {u.name for u in late})
