@@ -232,7 +232,8 @@ def cells_of(clone: Path) -> list[str]:
 
 
 def lock_stages(clone: Path) -> dict:
-    """The clone's dvc.lock entries of the active grid's stages (not those of other profiles' grids)."""
+    """The clone's dvc.lock entries of the active grid's stages (not those of other profiles' grids; an entry
+    of a stage the clone never touched may still be the committed one of another profile)."""
     import yaml
 
     g = yaml.safe_load((clone / "grid.yaml").read_text())
@@ -317,10 +318,13 @@ def rehearse(a: argparse.Namespace) -> dict:
         check(all(f"{k}@{c}" in lock for c in cells for k in ("train", "evaluate")),
               f"the report host's dvc.lock records every stage ({len(lock)} stages)")
         t["remote_bytes"] = _size(cl.remote)
-        t["pulled_bytes"] = {name: sum(out_bytes(e) for n, e in lock_stages(c).items() if n not in _logs(c))
-                             for name, c in cl.clones.items()}
+        # a clone's DVC cache started empty: what it holds it either computed or pulled from the remote
+        made = {name: sum(out_bytes(e) for n, e in lock_stages(c).items() if n in _logs(c))
+                for name, c in cl.clones.items()}
         t["pushed_bytes"] = {name: sum(out_bytes(e) for n, e in lock_stages(c).items()
                                        if n in _logs(c) and n != "report") for name, c in cl.clones.items()}
+        t["pulled_bytes"] = {name: max(0, _size(c / ".dvc" / "cache" / "files") - made[name])
+                             for name, c in cl.clones.items()}
         tracked = mlflow_cells(cl.tracking_uri, experiment, grid_id)
         check(set(cells) <= set(tracked) and all(any(k.startswith("eval/") for k in tracked[c]) for c in cells),
               f"MLflow: every cell (with eval metrics) under the grid's one parent: {sorted(tracked)}")
