@@ -317,6 +317,8 @@ def rehearse(a: argparse.Namespace) -> dict:
         lock = lock_stages(report)
         check(all(f"{k}@{c}" in lock for c in cells for k in ("train", "evaluate")),
               f"the report host's dvc.lock records every stage ({len(lock)} stages)")
+        check(all(lock_stages(cl.clones[h]).get(n) == lock.get(n) for h in GPU_HOSTS for n in _logs(cl.clones[h])),
+              "one record: each GPU host's dvc.lock entry for what it computed is the report host's")
         t["remote_bytes"] = _size(cl.remote)
         # a clone's DVC cache started empty: what it holds it either computed or pulled from the remote
         made = {name: sum(out_bytes(e) for n, e in lock_stages(c).items() if n in _logs(c))
