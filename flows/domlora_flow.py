@@ -35,6 +35,7 @@ from domlora.pipeline.cluster import (Unit, check_commit, check_tracking_server,
 from domlora.pipeline.grid import check_grid
 from domlora.pipeline.orchestrate import StageFailed, StageRef, dvc_stages, run_stage, with_upstream
 from domlora.pipeline.params import Cell, load_params
+from domlora.pipeline.paths import Layout
 from domlora.pipeline.remote import Remote, default_remote, forget_here, require_remote, restore
 from domlora.pipeline.tracking import PENDING, make_tracker
 
@@ -158,8 +159,9 @@ def domlora_stages(stages: list[str], commit: str, grid_id: str, root: str = "."
             needs = [u.name for u in with_upstream(every, [s.name]) if u.name != s.name]
             outcomes[s.name] = run_dvc_stage(s.name, s.cmd, root, grid_id, remote=remote, needs=needs, slot=False,
                                              force=s.name in (force or ()), env=env)
+    layout = Layout(root)
     pending = sorted({n.split("@", 1)[1] for n in stages if n.split("@", 1)[0] in ("train", "evaluate")
-                      and (Path(root) / "runs" / n.split("@", 1)[1] / PENDING).exists()})
+                      and (layout.run_dir(n.split("@", 1)[1]) / PENDING).exists()})
     if pending:
         log.warning("tracking of %s failed on %s: results are on disk and on the remote; run "
                     "`domlora sync --grid-id %s` when the server is back", ", ".join(pending), host, grid_id)
