@@ -24,7 +24,7 @@ profiles:
       toy: {{id: {model}, dtype: float32}}
     datasets:
       arith: {{source: arith, n_train: 16, n_probe: 4, n_eval: 3, tasks: [arith]}}
-    probe: {{samples: 4, max_length: 512, alpha: 16, rank: 8, batch_size: 2, nfn: true}}
+    probe: {{samples: 4, max_length: 512, alpha: 16, rank: 8, batch_size: 2, nfn: true, reuse_from: null}}
     methods:
       lora: {{placement: all, tables: [1, 10]}}
       domlora: {{placement: dom, lr: 1.0e-3, tables: [1, 10]}}

@@ -46,7 +46,7 @@ def repo(tmp_path):
 
 
 def _ref(name):
-    return StageRef(f"work@{name}", ("stages.work", name))
+    return StageRef(f"work@{name}", f"python -m stages.work {name} --no-progress")
 
 
 def test_two_stages_side_by_side_then_nothing_recomputed(repo):

@@ -7,6 +7,10 @@ crash in one cannot take the others down. DVC itself is only touched to ask whet
 is up to date (`dvc status`) and to record a finished one (`dvc commit`); those calls hold
 DVC's repository lock for a moment, so they are serialised here (and retried if someone
 else's `dvc` holds the lock), while the heavy work runs outside it.
+
+Given a DVC remote (`remote.Remote`), a stage is shared between hosts: what it depends on is
+restored from the remote first, a stage the remote already has is restored instead of computed,
+and a computed one is pushed (outputs, then its run-cache entry) once recorded.
 """
 from __future__ import annotations
 
@@ -15,14 +19,14 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from domlora.pipeline.remote import DVC_LOCK as _DVC_LOCK
+from domlora.pipeline.remote import Remote, publish, restore, stage_name
 
-_DVC_LOCK = threading.Lock()
+logger = logging.getLogger(__name__)
 
 
 class StageFailed(RuntimeError):
@@ -54,7 +58,7 @@ def dvc_stages(root: str | os.PathLike) -> list[StageRef]:
     with _DVC_LOCK, Repo(str(root)) as repo:
         graph = repo.index.graph  # an edge points from a stage to a stage it depends on
         order = list(reversed(list(nx.topological_sort(graph))))
-        return [StageRef(s.addressing, s.cmd, tuple(sorted(d.addressing for d in graph.successors(s))))
+        return [StageRef(stage_name(s), s.cmd, tuple(sorted(stage_name(d) for d in graph.successors(s))))
                 for s in order if s.cmd]
 
 
@@ -111,9 +115,42 @@ def record(root: Path, stage: str) -> None:
 
 
 def run_stage(root: Path, ref: StageRef, *, env: dict | None = None, skip_if_current: bool = True,
-              log_dir: Path | None = None) -> str:
-    """Compute one stage in its own process unless DVC already has it; returns `skipped` or `computed`."""
-    if skip_if_current and is_up_to_date(root, ref.name):
+              log_dir: Path | None = None, remote: Remote | None = None, needs: list[str] | tuple = ()) -> str:
+    """Compute one stage in its own process unless DVC already has it.
+
+    Args:
+        root: the repository checkout.
+        ref: the stage.
+        env: extra environment for the stage's process.
+        skip_if_current: skip a stage DVC has (False: compute it anyway, e.g. to check a result).
+        log_dir: where the stage's output goes (default `.domlora_logs/`).
+        remote: share through this DVC remote: restore `needs` and the stage itself from it, push
+            what is computed (and what this host has but the remote lacks).
+        needs: with `remote`, the stages it depends on, upstream first (`with_upstream`).
+
+    Returns:
+        `skipped` (DVC had it here), `restored` (from the remote) or `computed`.
+
+    Raises:
+        StageFailed: the stage failed, or with `remote` something it needs is nowhere.
+        RemoteUnavailable: the remote did not answer (the stage stays recorded here).
+    """
+    if remote is not None:
+        got = restore(root, [*needs, ref.name] if skip_if_current else list(needs), remote=remote,
+                      check_remote=True)
+        lacking = [n for n in needs if got.outcomes[n] == "missing"]
+        if lacking:
+            raise StageFailed(f"{ref.name} needs {', '.join(lacking)}, which neither this host nor the remote "
+                              f"{remote.url} has: not computed yet, or its push did not finish")
+        own = got.outcomes.get(ref.name, "missing")
+        if own == "restored":
+            return "restored"
+        if own in ("current", "local"):
+            if own == "local":  # recorded here by a run whose push failed: push it now
+                publish(root, ref.name, remote=remote)
+            logger.info("%s is up to date in DVC: skipped", ref.name)
+            return "skipped"
+    elif skip_if_current and is_up_to_date(root, ref.name):
         logger.info("%s is up to date in DVC: skipped", ref.name)
         return "skipped"
     log_dir = log_dir or (root / ".domlora_logs")
@@ -130,4 +167,6 @@ def run_stage(root: Path, ref: StageRef, *, env: dict | None = None, skip_if_cur
         raise StageFailed(f"{ref.name} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     record(root, ref.name)
     logger.info("%s computed in %.1f s and recorded", ref.name, time.perf_counter() - t0)
+    if remote is not None:
+        publish(root, ref.name, remote=remote)
     return "computed"
