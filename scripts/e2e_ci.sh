@@ -11,7 +11,7 @@ cd "$work/repo"
 ln -s "$src/.venv" .venv
 source scripts/env.sh
 export PATH="$PWD/.venv/bin:$PATH"
-domlora profile use ci
+python -m domlora profile use ci
 t0=$(date +%s)
 dvc repro
 echo "e2e: dvc repro of the ci profile took $(( $(date +%s) - t0 )) s"

@@ -17,7 +17,7 @@ cd "$work/repo"
 ln -s "$src/.venv" .venv
 source scripts/env.sh
 export PATH="$PWD/.venv/bin:$PATH"
-domlora profile use rehearsal >/dev/null
+python -m domlora profile use rehearsal >/dev/null
 t0=$(date +%s)
 if [ "$mode" = "--slice" ]; then
   # one cell of each method family (LoRA, DomLoRA, PLoP, IST, every variant at Dom, an ablation, full

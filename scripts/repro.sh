@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 export PATH="$PWD/.venv/bin:$PATH"
 [ -d .dvc ] || dvc init -q
-domlora grid
+python -m domlora grid
 dvc repro "$@"
 dvc metrics show
 echo "report: reports/README.md   tables: reports/tables.md   plots: dvc plots show"

@@ -70,7 +70,8 @@ def check_grid(params: Params, root: str | os.PathLike = ".") -> None:
         raise ConfigError(f"{path} is not valid YAML ({exc}); fix: run `domlora grid`") from None
     want = grid_doc(params)
     if have != want:
-        what = [k for k in want if (have or {}).get(k) != want[k]]
+        have = have if isinstance(have, dict) else {}
+        what = [k for k in dict.fromkeys([*want, *have]) if have.get(k) != want.get(k)]
         raise ConfigError(f"{path} is stale: its {', '.join(what)} differ from params.yaml's profile "
                           f"{params.profile!r}; fix: run `domlora grid` and then `dvc repro` again")
 
