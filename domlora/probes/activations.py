@@ -252,20 +252,31 @@ def lower_median(x) -> float:
 
 
 class _Tracker:
-    """Per-sample reductions of one hooked tensor: max |value| with its position/channel, and medians."""
+    """Per-sample reductions of one hooked tensor: max |value| with its position/channel, and medians.
+
+    They stay where the model runs until `to_cpu` (a GPU pass is not stalled by a copy per layer)."""
 
     def __init__(self, n: int, *, medians: bool):
+        self.n = n
+        self.medians = medians
+        self.max = None
+
+    def _alloc(self, device) -> None:
         import torch
 
-        self.max = torch.zeros(n, dtype=torch.float64)
-        self.val = torch.zeros(n, dtype=torch.float64)
-        self.pos = torch.zeros(n, dtype=torch.long)
-        self.ch = torch.zeros(n, dtype=torch.long)
-        self.median = torch.zeros(n, dtype=torch.float64) if medians else None
+        def zeros(dtype):
+            return torch.zeros(self.n, dtype=dtype, device=device)
 
-    def update(self, H, idx, lengths):
+        self.max, self.val = zeros(torch.float64), zeros(torch.float64)
+        self.pos, self.ch = zeros(torch.long), zeros(torch.long)
+        self.median = zeros(torch.float64) if self.medians else None
+
+    def update(self, H, ix, lengths, lens: list[int]):
+        """H (B, T, d); ix: the samples' indices and lengths: their lengths, on H's device; lens: lengths on the host."""
         import torch
 
+        if self.max is None:
+            self._alloc(H.device)
         H = H.detach()
         B, T, _d = H.shape
         # the largest |value| of each row (no copy of H), padded rows below any real one
@@ -275,17 +286,25 @@ class _Tracker:
         ar = torch.arange(B, device=H.device)
         rows = H[ar, pos]
         ch = rows.abs().argmax(-1)  # first channel holding it
-        vals = rows[ar, ch]
-        ix = torch.as_tensor(idx)
-        self.max[ix] = vmax.double().cpu()
-        self.val[ix] = vals.double().cpu()
-        self.pos[ix] = pos.cpu()
-        self.ch[ix] = ch.cpu()
-        if self.median is not None:
+        self.max[ix] = vmax.double()
+        self.val[ix] = rows[ar, ch].double()
+        self.pos[ix] = pos
+        self.ch[ix] = ch
+        if self.medians:
             A = H.abs()
-            for b in range(B):
-                self.median[ix[b]] = lower_median(A[b, : int(lengths[b])].reshape(-1))
+            if H.device.type == "cpu":
+                self.median[ix] = torch.tensor([lower_median(A[b, : lens[b]].reshape(-1)) for b in range(B)],
+                                               dtype=torch.float64)
+            else:  # one selection per sample (a batched median along a dim sorts: slower on a GPU)
+                for b in range(B):
+                    self.median[ix[b:b + 1]] = A[b, : lens[b]].median().double().reshape(1)
         return pos, ch
+
+    def to_cpu(self) -> None:
+        for k in ("max", "val", "pos", "ch", "median"):
+            v = getattr(self, k)
+            if v is not None:
+                setattr(self, k, v.cpu())
 
     def peak(self) -> Peak:
         i = int(self.max.argmax())
@@ -316,17 +335,26 @@ class ActivationCollector:
         self.res = {L: _Tracker(n, medians=True) for L in layers}
         self.dx = {c.layer: _Tracker(n, medians=False) for c in self.downs}
         self.dy = {c.layer: _Tracker(n, medians=False) for c in self.downs}
-        self.jump = {L: torch.zeros(n, dtype=torch.float64) for L in layers}
-        self.before = {L: torch.zeros(n, dtype=torch.float64) for L in layers}
-        self.ffn_at_peak = {L: torch.zeros(n, dtype=torch.float64) for L in layers}
-        self.first_energy = {c.layer: torch.zeros(n, dtype=torch.float64) for c in self.downs}
-        # the input row at each sample's output peak, to attribute the peak to single weights
-        self.x_at_peak = {c.layer: [None] * n for c in self.downs}
         self.state: dict = {}
         self.n_tokens = 0
 
+    def _alloc(self, device) -> None:
+        import torch
+
+        def zeros(*shape):
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+        n = self.n
+        self.jump = {L: zeros(n) for L in self.layers}
+        self.before = {L: zeros(n) for L in self.layers}
+        self.ffn_at_peak = {L: zeros(n) for L in self.layers}
+        self.first_energy = {c.layer: zeros(n) for c in self.downs}
+        # the input row at each sample's output peak, to attribute the peak to single weights
+        self.x_at_peak = {c.layer: torch.zeros(n, c.d_in, dtype=torch.float32, device=device) for c in self.downs}
+
     def attach(self, ctx) -> list:
         self.modules = ctx.modules
+        self._alloc(ctx.device)
         handles = []
         for L in self.layers:
             blk = ctx.modules[self.blocks[L]]
@@ -337,10 +365,14 @@ class ActivationCollector:
         return handles
 
     def start_batch(self, idx: list[int], batch: dict) -> None:
+        import torch
+
         self.state.clear()
-        self.state["idx"] = idx
-        self.state["len"] = batch["attention_mask"].sum(1)
-        self.n_tokens += int(self.state["len"].sum())
+        lengths = batch["attention_mask"].sum(1)
+        self.state["ix"] = torch.as_tensor(idx, device=lengths.device)
+        self.state["len"] = lengths
+        self.state["lens"] = lens = lengths.tolist()  # one copy per batch, for slicing on the host
+        self.n_tokens += sum(lens)
 
     def end_batch(self) -> None:
         self.state.clear()
@@ -352,7 +384,7 @@ class ActivationCollector:
             h = args[0] if args else kwargs.get("hidden_states")
             state["h_in"] = h.detach()
             if L == self.layers[0]:
-                self.emb.update(h, state["idx"], state["len"])
+                self.emb.update(h, state["ix"], state["len"], state["lens"])
         return hook
 
     def _post_block(self, L):
@@ -363,19 +395,19 @@ class ActivationCollector:
         def hook(_mod, _args, _kwargs, out):
             h = out[0] if isinstance(out, (tuple, list)) else out
             h = h.detach()
-            pos, ch = res[L].update(h, state["idx"], state["len"])
+            ix = state["ix"]
+            pos, ch = res[L].update(h, ix, state["len"], state["lens"])
             h_in = state.pop("h_in")
             B = h.shape[0]
             ar = torch.arange(B, device=h.device)
-            ix = torch.as_tensor(state["idx"])
             valid = torch.arange(h.shape[1], device=h.device)[None, :] < state["len"][:, None]
             in_max = (_row_abs_max(h_in).float() * valid).max(1).values
-            self.jump[L][ix] = (res[L].max[ix] / in_max.double().cpu().clamp_min(1e-30))
-            self.before[L][ix] = h_in[ar, pos, ch].abs().double().cpu()
+            self.jump[L][ix] = res[L].max[ix] / in_max.double().clamp_min(1e-30)
+            self.before[L][ix] = h_in[ar, pos, ch].abs().double()
             y = state.pop(("y", L), None)
             if y is not None:
-                delta = (h[ar, pos, ch] - h_in[ar, pos, ch]).double().cpu()
-                made = y[ar, pos, ch].double().cpu()
+                delta = (h[ar, pos, ch] - h_in[ar, pos, ch]).double()
+                made = y[ar, pos, ch].double()
                 self.ffn_at_peak[L][ix] = made / torch.where(delta.abs() > 0, delta, torch.ones_like(delta))
         return hook
 
@@ -387,24 +419,26 @@ class ActivationCollector:
         def hook(_mod, inputs, out):
             X = inputs[0].detach()
             y = out.detach()
-            idx, lens = state["idx"], state["len"]
-            self.dx[c.layer].update(X, idx, lens)
-            pos, _ = self.dy[c.layer].update(y, idx, lens)
+            ix, lengths, lens = state["ix"], state["len"], state["lens"]
+            self.dx[c.layer].update(X, ix, lengths, lens)
+            pos, _ = self.dy[c.layer].update(y, ix, lengths, lens)
             state[("y", c.layer)] = y
             B = X.shape[0]
             ar = torch.arange(B, device=X.device)
-            rows = X[ar, pos].float().cpu()
-            valid = torch.arange(X.shape[1], device=X.device)[None, :] < lens[:, None]
+            valid = torch.arange(X.shape[1], device=X.device)[None, :] < lengths[:, None]
             acc = torch.promote_types(X.dtype, torch.float32)
             energy = torch.linalg.vector_norm(X, dim=-1, dtype=acc).square() * valid  # B x T
-            share = energy[:, 0] / energy.sum(1).clamp_min(1e-30)
-            for b, i in enumerate(idx):
-                self.x_at_peak[c.layer][i] = rows[b]
-                self.first_energy[c.layer][i] = float(share[b])
+            self.x_at_peak[c.layer][ix] = X[ar, pos].float()
+            self.first_energy[c.layer][ix] = (energy[:, 0] / energy.sum(1).clamp_min(1e-30)).double()
         return hook
 
     def result(self, *, seconds: float) -> ActivationReport:
         n, criterion = self.n, self.criterion
+        for tr in [self.emb, *self.res.values(), *self.dx.values(), *self.dy.values()]:
+            tr.to_cpu()
+        for d in (self.jump, self.before, self.ffn_at_peak, self.first_energy):
+            for k in d:
+                d[k] = d[k].cpu()
 
         def layer_stats(L: int, tr: _Tracker, j=None, bef=None, ffn=None) -> LayerStats:
             pk = tr.peak()
@@ -474,7 +508,8 @@ def _super_weight(W, x_row, out_peak: Peak, in_peak: Peak, n_outliers: int) -> S
 
     if x_row is None:
         return None
-    Wf = W.float().cpu()
+    Wf = W.float()  # where the weights are: on a GPU, an 8B model's down_proj need not cross to the CPU
+    x_row = x_row.to(Wf.device)
     j = out_peak.channel
     contrib = x_row * Wf[j]
     k = int(contrib.abs().argmax())

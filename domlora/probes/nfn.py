@@ -67,9 +67,21 @@ def baseline_pool(module, cand: Candidate, n: int, *, seed: int, device):
     import torch
 
     w = _weight_in_out(module, cand)
-    w = w.float() if w.dtype != torch.float64 else w
-    g = baseline_draws(cand, n, seed=seed, device=device).to(w.dtype)
-    return (g @ w).pow(2).sum(-1) / g.pow(2).sum(-1).clamp_min(1e-30)
+    g = baseline_draws(cand, n, seed=seed, device=device)
+    if w.is_cuda and w.dtype in (torch.bfloat16, torch.float16):
+        # tensor cores: the draws rounded to the weights' dtype, products accumulated in float32; q is then the
+        # exact ratio for the (rounded) vector used
+        g = g.to(w.dtype)
+        try:
+            wg = torch.mm(g, w, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # pragma: no cover - a torch without mm(out_dtype=)
+            wg = g.float() @ w.float()
+        g = g.float()
+    else:
+        w = w.float() if w.dtype != torch.float64 else w
+        g = g.to(w.dtype)
+        wg = g @ w
+    return wg.pow(2).sum(-1) / g.pow(2).sum(-1).clamp_min(1e-30)
 
 
 class NFNCollector:
