@@ -256,13 +256,15 @@ def plan(a, model, encoded) -> dict:
     """The batch size every method runs at: --batch-size (checked), or the probe's auto plan, on the loaded model."""
     import torch
 
-    from domlora.probes.budget import available_memory, memory_model, plan_batch_size, worst_batch_bytes
+    from domlora.probes.budget import (CPU_BATCH_TOKENS, available_memory, memory_model, plan_batch_size,
+                                       worst_batch_bytes)
 
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     mm = memory_model(model.config, dtype=dtype)
     p = plan_batch_size(mm, encoded, batch_size=a.batch_size if a.batch_size == "auto" else int(a.batch_size),
-                        available=available_memory(device), memory_fraction=a.memory_fraction)
+                        available=available_memory(device), memory_fraction=a.memory_fraction,
+                        max_batch_tokens=CPU_BATCH_TOKENS if device.type == "cpu" else None)
     out = p.to_dict()
     forward = memory_model(model.config, dtype=dtype, page=False)
     out["estimate_mb"] = {"page": p.worst_batch_bytes / 2**20,

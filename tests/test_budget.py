@@ -149,3 +149,15 @@ def test_weight_bytes_counts_parameters_without_allocating():
     model = llama()
     n = sum(p.numel() for p in model.parameters())
     assert budget.weight_bytes(model.config, dtype=torch.bfloat16) == 2 * n
+
+
+def test_token_cap_keeps_auto_batches_small():
+    mm = budget.memory_model(llama().config, dtype=torch.float32)
+    enc = samples([100] * 12)
+    free = budget.plan_batch_size(mm, enc, available=1e12)
+    capped = budget.plan_batch_size(mm, enc, available=1e12, max_batch_tokens=450)
+    assert free.batch_size == 12 and capped.batch_size == 4 and capped.largest_fitting == 12
+    assert budget.worst_batch_tokens(enc, 4) == 400 and capped.to_dict()["max_batch_tokens"] == 450
+    # a given batch size is only checked against memory, and one long sample always gets a batch
+    assert budget.plan_batch_size(mm, enc, batch_size=12, available=1e12, max_batch_tokens=450).batch_size == 12
+    assert budget.plan_batch_size(mm, samples([900]), available=1e12, max_batch_tokens=450).batch_size == 1

@@ -30,8 +30,9 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
     Writes `page.json` and `page.png` (PAGE), `nfn.json` (with `nfn`), and `activations.json`,
     `massive.json`, `activations.png` (with `activations`: the files `domlora diagnose` writes, the
     massive prediction compared with PAGE's `dom`). The batch size is `auto` (the largest whose
-    batches fit `memory_fraction` of the free memory, `probes.budget`) or a number checked against
-    that budget. Inputs are checked before the weights load: the samples, the prompt lengths
+    batches fit `memory_fraction` of the free memory, `probes.budget`; on a CPU also at most
+    `CPU_BATCH_TOKENS` padded tokens a batch, past which batches get slower) or a number checked
+    against that budget. Inputs are checked before the weights load: the samples, the prompt lengths
     against `max_length`, the batch size against the budget.
 
     Returns:
@@ -40,7 +41,8 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
     import torch
 
     from domlora.models import config_hash, load_model, load_tokenizer_and_config, resolve_dtype
-    from domlora.probes.budget import available_memory, memory_model, plan_batch_size, weight_bytes
+    from domlora.probes.budget import (CPU_BATCH_TOKENS, available_memory, memory_model, plan_batch_size,
+                                       weight_bytes)
     from domlora.probes.massive import RULES, massive_summary, predict_from_report
     from domlora.probes.page import check_lora_shape
     from domlora.probes.step0 import step0_probe
@@ -65,7 +67,8 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
     mm = memory_model(config, dtype=torch_dtype)
     plan = plan_batch_size(mm, encoded, batch_size=batch_size, available=available_memory(device),
                            memory_fraction=memory_fraction,
-                           reserved=weight_bytes(config, dtype=torch_dtype, trust_remote_code=trust_remote_code))
+                           reserved=weight_bytes(config, dtype=torch_dtype, trust_remote_code=trust_remote_code),
+                           max_batch_tokens=CPU_BATCH_TOKENS if torch.device(device).type == "cpu" else None)
     logger.info("batch size %d (%s; largest that fits %d; budget %.2f GiB)", plan.batch_size,
                 "auto" if plan.auto else "given", plan.largest_fitting, plan.budget_bytes / 2**30)
     loaded = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir, trust_remote_code=trust_remote_code)

@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_MEMORY_FRACTION = 0.5
 """share of the free memory (RAM on CPU, the GPU's on CUDA) the probe's activations may use"""
 
+CPU_BATCH_TOKENS = 1024
+"""on a CPU, `auto` also keeps each batch within this many (padded) tokens: beyond about a thousand tokens
+a batch gets no faster per token, it gets slower (caches; measured on the arith probe set: batch 8 of
+~124-token samples 0.84x the time of batch 1, batch 16 0.92x, batch 32 1.13x; docs/probe.md)"""
+
 SAVED_HIDDEN = 2.0
 """values autograd keeps per layer and token for the activation-only backward, in units of the hidden size
 (the inputs of the two norms); with the next three, the count `torch.autograd.graph.saved_tensors_hooks` gives
@@ -168,6 +173,11 @@ def worst_batch_bytes(mm: MemoryModel, encoded: Sequence[Encoded], batch_size: i
     return max(mm.batch_bytes(b) for b in _sorted_batches(encoded, batch_size))
 
 
+def worst_batch_tokens(encoded: Sequence[Encoded], batch_size: int) -> int:
+    """The largest batch x length (padding included) over the length-sorted batches of `encoded`."""
+    return max(len(b) * max(len(e.input_ids) for e in b) for b in _sorted_batches(encoded, batch_size))
+
+
 def largest_fitting(mm: MemoryModel, encoded: Sequence[Encoded], budget: float) -> int:
     """The largest batch size whose every batch fits `budget` bytes (0: not even one sample fits)."""
     best = 0
@@ -220,9 +230,12 @@ class BatchPlan:
     """the estimate per token of the longest sample, every position a target (docs/probe.md)"""
     auto: bool
     """chosen here (True) or given (False)"""
+    max_batch_tokens: int | None = None
+    """the cap on a batch's padded tokens `auto` also kept to (CPU), or None"""
 
     def to_dict(self) -> dict:
         return {"batch_size": self.batch_size, "auto": self.auto, "largest_fitting": self.largest_fitting,
+                "max_batch_tokens": self.max_batch_tokens,
                 "budget_mb": round(self.budget_bytes / 2**20, 1),
                 "worst_batch_mb": round(self.worst_batch_bytes / 2**20, 1),
                 "bytes_per_token": round(self.bytes_per_token)}
@@ -230,8 +243,11 @@ class BatchPlan:
 
 def plan_batch_size(mm: MemoryModel, encoded: Sequence[Encoded], *, batch_size: int | str = "auto",
                     available: float, memory_fraction: float = DEFAULT_MEMORY_FRACTION,
-                    reserved: float = 0.0) -> BatchPlan:
+                    reserved: float = 0.0, max_batch_tokens: int | None = None) -> BatchPlan:
     """Pick (`auto`) or check a batch size against `memory_fraction * (available - reserved)`.
+
+    `auto` is the largest batch size whose every batch fits the budget and, with `max_batch_tokens`
+    (`CPU_BATCH_TOKENS` on a CPU), holds at most that many padded tokens (at least one sample).
 
     Args:
         mm: the pass's memory model.
@@ -261,6 +277,8 @@ def plan_batch_size(mm: MemoryModel, encoded: Sequence[Encoded], *, batch_size: 
                           "GiB free after the weights); fix: lower --max-length, raise --memory-fraction, or free "
                           "memory")
     chosen = fits if auto else int(batch_size)
+    if auto and max_batch_tokens:
+        chosen = max([1] + [bs for bs in range(1, fits + 1) if worst_batch_tokens(encoded, bs) <= max_batch_tokens])
     worst = worst_batch_bytes(mm, encoded, chosen)
     if not auto and worst > budget:
         raise ConfigError(f"--batch-size {chosen} needs about {worst / gib:.2f} GiB for its largest batch, over the "
@@ -268,4 +286,4 @@ def plan_batch_size(mm: MemoryModel, encoded: Sequence[Encoded], *, batch_size: 
                           f"largest batch size that fits is {fits}; fix: pass --batch-size {fits} (or auto), or "
                           "raise --memory-fraction")
     return BatchPlan(batch_size=chosen, largest_fitting=fits, budget_bytes=budget, worst_batch_bytes=worst,
-                     bytes_per_token=per_token, auto=auto)
+                     bytes_per_token=per_token, auto=auto, max_batch_tokens=max_batch_tokens if auto else None)
