@@ -11,7 +11,9 @@ its input X and a tensor hook on its output receives D, turning the pair into pe
 norms by the cheaper of the direct product and the ghost-norm identity
 `||D^T X||_F^2 = sum_{t,s} (X X^T)_{ts} (D D^T)_{ts}`. For the ghost norm the forward hook
 keeps only the (masked, lower block-triangular) Gram X X^T, shared by the modules that read
-the same input (q/k/v, gate/up), so X is not held until the backward pass.
+the same input (q/k/v, gate/up), so X is not held until the backward pass. The hooks are a
+`PageCollector`, run by `probes.runner.run_pass` alone (`page_probe`) or in the one pass that
+also gives NFN and the activation statistics (`probes.step0.step0_probe`).
 """
 from __future__ import annotations
 
