@@ -174,3 +174,29 @@ def test_embedded_model_one_pass_equals_separate_passes(tmp_path):
     assert rel(one.nfn.module_scores, nfn.module_scores) < 1e-4
     assert close(report_dict(one.activations), report_dict(acts), rel=1e-4)
     assert one.activations.onset_layer == acts.onset_layer == 11  # docs/why.md
+
+
+def test_probe_stage_without_a_down_projection_skips_the_statistics(tmp_path, monkeypatch, caplog):
+    """A model whose blocks have no recognisable FFN down projection still gets PAGE and NFN."""
+    from domlora.errors import ModelError
+    from domlora.io import read_json
+    from domlora.pipeline.stages import probe
+    from domlora.probes import activations
+
+    def no_down(model):
+        raise ModelError("no FFN down projection recognised in Toy (module types found: q_proj); fix: ...")
+
+    monkeypatch.setattr(activations, "ffn_down_candidates", no_down)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_samples(3)))
+    from conftest import make_tiny_tokenizer
+
+    ckpt = tmp_path / "ckpt"
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(len(tok)).save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    doc = probe(model=str(ckpt), data=data, out_dir=tmp_path / "out", dtype="float32")
+    assert doc["signals"] == ["page", "nfn"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["nfn.json", "page.json", "page.png"]
+    assert "no activation statistics" in caplog.text
+    assert read_json(tmp_path / "out" / "page.json")["dominant"]

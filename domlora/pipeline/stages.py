@@ -43,6 +43,8 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
     from domlora.models import config_hash, load_model, load_tokenizer_and_config, resolve_dtype
     from domlora.probes.budget import (CPU_BATCH_TOKENS, available_memory, memory_model, plan_batch_size,
                                        weight_bytes)
+    from domlora.errors import ModelError
+    from domlora.probes.activations import ffn_down_candidates
     from domlora.probes.massive import RULES, massive_summary, predict_from_report
     from domlora.probes.page import check_lora_shape
     from domlora.probes.step0 import step0_probe
@@ -72,6 +74,12 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
     logger.info("batch size %d (%s; largest that fits %d; budget %.2f GiB)", plan.batch_size,
                 "auto" if plan.auto else "given", plan.largest_fitting, plan.budget_bytes / 2**30)
     loaded = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    if activations:
+        try:
+            ffn_down_candidates(loaded.model)
+        except ModelError as exc:  # PAGE and NFN still apply; the statistics need each block's down_proj
+            logger.warning("no activation statistics: %s", str(exc).split(";")[0])
+            activations = False
     result = step0_probe(loaded.model, encoded, page=True, nfn=nfn, activations=activations, alpha=alpha, rank=rank,
                          batch_size=plan.batch_size, show_progress=show_progress)
     result.page.encode_report = report
