@@ -29,7 +29,7 @@ def probe_set(tiny_tokenizer):
 
 def test_matches_definition_with_the_same_draws(tiny_model, probe_set, monkeypatch):
     """Record every Gaussian draw and every module input; recompute mean ||W z||^2 / ||W z~||^2 by hand,
-    z~ = g_t / ||g_t|| * ||z|| with g_t the module's draw for the token's position t."""
+    z~ = g / ||g|| * ||z|| with g the module's draw (t + o) mod K for position t of a sample with offset o."""
     import domlora.probes.nfn as nfn_mod
 
     cands = find_candidates(tiny_model)
@@ -44,18 +44,18 @@ def test_matches_definition_with_the_same_draws(tiny_model, probe_set, monkeypat
         return out
 
     def capture(mod, args, _out):
-        inputs.append((by_module[id(mod)].name, args[0].detach().clone(), keep["mask"]))
+        inputs.append((by_module[id(mod)].name, args[0].detach().clone(), keep["mask"], keep["idx"]))
 
     keep = {}
     handles = [modules[c.name].register_forward_hook(capture) for c in cands]
     monkeypatch.setattr(nfn_mod, "baseline_draws", recording_draws)
     # know which tokens are real: batches come in iter_batches order, after one dry forward
     batches = list(iter_batches(probe_set, batch_size=2, pad_id=0))
-    masks = iter([torch.ones(1, 4, dtype=torch.bool)] + [b["attention_mask"].bool() for _, b in batches])
+    masks = iter([(torch.ones(1, 4, dtype=torch.bool), None)] + [(b["attention_mask"].bool(), i) for i, b in batches])
     real_forward = tiny_model.forward
 
     def forward(*a, **k):
-        keep["mask"] = next(masks)
+        keep["mask"], keep["idx"] = next(masks)
         return real_forward(*a, **k)
 
     monkeypatch.setattr(tiny_model, "forward", forward)
@@ -69,15 +69,17 @@ def test_matches_definition_with_the_same_draws(tiny_model, probe_set, monkeypat
     assert len(inputs) == len(batches) * len(cands)
 
     sums = {c.name: 0.0 for c in cands}
-    for name, X, mask in inputs:
+    for name, X, mask, idx in inputs:
         W = modules[name].weight.double()  # (d_out, d_in) for nn.Linear
         G = draws[name].double()
         for b in range(X.shape[0]):
+            offset = nfn_mod.sample_offset(probe_set[idx[b]].input_ids, longest, seed=3)
             for t in range(X.shape[1]):
                 if not mask[b, t]:
                     continue
                 z = X[b, t].double()
-                z_tilde = G[t] / G[t].norm() * z.norm()  # same norm as z
+                g = G[(t + offset) % longest]  # the draw of this sample's position t
+                z_tilde = g / g.norm() * z.norm()  # same norm as z
                 sums[name] += float((W @ z).pow(2).sum() / (W @ z_tilde).pow(2).sum())
     n_tok = sum(int(b["attention_mask"].sum()) for _, b in batches)
     assert result.n_tokens == n_tok
@@ -214,3 +216,14 @@ def test_float64_model(tiny_tokenizer, probe_set):
     model = make_tiny_llama(len(tiny_tokenizer), dtype=torch.float64)
     r = nfn_probe(model, probe_set)
     assert all(v > 0 for v in r.module_scores.values())
+
+
+def test_tokens_two_samples_share_get_different_draws():
+    from domlora.probes.nfn import sample_offset
+
+    a, b = [1, 2, 3, 4, 5], [1, 2, 3, 9, 9]
+    offsets = {sample_offset(ids, 257, seed=0) for ids in (a, b, [7] * 5, [8] * 5)}
+    assert len(offsets) > 1
+    assert sample_offset(a, 257, seed=0) == sample_offset(list(a), 257, seed=0)
+    assert sample_offset(a, 257, seed=0) != sample_offset(a, 257, seed=1) or sample_offset(b, 257, seed=0) != \
+        sample_offset(b, 257, seed=1)

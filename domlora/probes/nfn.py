@@ -7,12 +7,13 @@ adapts the types with the lowest scores.
 
 `||W z||^2` is read off the module's output (minus its bias), so it costs no matmul. For the
 baseline, `||W z~||^2 = ||z||^2 q` with `q = ||W g||^2 / ||g||^2`, g ~ N(0, I): each module
-draws one g per token *position* (`baseline_pool`: the longest sample's length of them, from a
-generator seeded by the seed and the module's name), and every sample's token at position t
-uses draw t. Each token's baseline is a Gaussian z~ exactly as in the definition, but the
-draws cost one matmul of that many rows per module instead of one per token of the probe set
-(which costs as much as a second forward pass), and the scores do not depend on the batch
-size or on the order of the samples.
+draws a pool of K g's (`baseline_pool`: K = the longest sample's length, from a generator seeded
+by the seed and the module's name), and the token at position t of sample i uses draw
+`(t + o_i) mod K`, with o_i a hash of the sample's tokens (`sample_offset`), so that tokens two
+samples share (a chat template's first tokens) do not share a draw. Each token's baseline is a
+Gaussian z~ exactly as in the definition, but the draws cost one matmul of K rows per module
+instead of one per token of the probe set (which costs as much as a second forward pass), and
+the scores do not depend on the batch size or on the order of the samples.
 """
 from __future__ import annotations
 
@@ -45,6 +46,12 @@ def module_seed(seed: int, name: str) -> int:
     """A generator seed per (seed, module name): a module's draws do not depend on which others are scored."""
     digest = hashlib.blake2b(f"{int(seed)}:{name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def sample_offset(input_ids: Sequence[int], n: int, *, seed: int) -> int:
+    """Where a sample starts in a module's pool of n draws: a hash of its tokens (order-free)."""
+    digest = hashlib.blake2b(repr((int(seed), list(input_ids))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % n
 
 
 def _weight_in_out(module, cand: Candidate):
@@ -100,10 +107,13 @@ class NFNCollector:
 
         acc = torch.float64 if ctx.device.type != "mps" else torch.float32
         self.sums = torch.zeros(len(self.candidates), dtype=acc, device=ctx.device)
+        self.pool_size = K = ctx.max_length
+        self.offsets = torch.tensor([sample_offset(e.input_ids, K, seed=self.seed) for e in ctx.encoded],
+                                    dtype=torch.long, device=ctx.device)
         handles = []
         for j, c in enumerate(self.candidates):
             mod = ctx.modules[c.name]
-            pool = baseline_pool(mod, c, ctx.max_length, seed=self.seed, device=ctx.device)
+            pool = baseline_pool(mod, c, K, seed=self.seed, device=ctx.device)
             handles.append(mod.register_forward_hook(self._hook(j, mod, pool, ctx.group.get(c.name, -1 - j))))
         return handles
 
@@ -123,12 +133,18 @@ class NFNCollector:
             if zz is None:  # modules reading one input (q/k/v, gate/up) share ||z||^2
                 zz = state["zz"][group] = torch.linalg.vector_norm(inputs[0].detach(), dim=-1, dtype=acc).square()
             yy = torch.linalg.vector_norm(y, dim=-1, dtype=acc).square()
-            den = (zz * pool[: zz.shape[1]]).clamp_min(1e-30)
+            den = (zz * pool[state["draw"]]).clamp_min(1e-30)
             sums[j] += ((yy / den) * state["keep"]).sum(dtype=sums.dtype)
         return fwd
 
     def start_batch(self, idx: list[int], batch: dict) -> None:
-        self.state["keep"] = batch["attention_mask"].float()
+        import torch
+
+        mask = batch["attention_mask"]
+        T = mask.shape[1]
+        off = self.offsets[torch.as_tensor(idx, device=self.offsets.device)]
+        self.state["draw"] = (torch.arange(T, device=off.device)[None, :] + off[:, None]) % self.pool_size
+        self.state["keep"] = mask.float()
         self.state["zz"] = {}
         self.n_tokens += int(batch["attention_mask"].sum())
 

@@ -32,6 +32,8 @@ class PassContext:
     n_samples: int
     max_length: int
     """tokens of the longest sample"""
+    encoded: Sequence[Encoded] = ()
+    """the probe set, in probe-set order"""
     group: dict[str, int] = field(default_factory=dict)
     """candidate name -> id shared by the modules that read the very same input tensor (q/k/v, gate/up)"""
     calls: dict[str, int] = field(default_factory=dict)
@@ -152,7 +154,7 @@ def run_pass(model, encoded: Sequence[Encoded], collectors: Sequence[Collector],
     pad_id = getattr(model.config, "pad_token_id", None) or 0
     backward = any(col.needs_backward for col in collectors)
     ctx = PassContext(model=model, modules=modules, device=device, n_samples=len(encoded),
-                      max_length=max(len(e.input_ids) for e in encoded))
+                      max_length=max(len(e.input_ids) for e in encoded), encoded=encoded)
 
     # freeze every parameter while probing (a user's model may be trainable), restore afterwards
     trainable = [p for p in model.parameters() if p.requires_grad]
