@@ -318,6 +318,50 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+def _checked_path(spec: str, *, cache_dir: str | os.PathLike | None = None) -> str:
+    """Resolve `spec` and refuse a folder that does not exist or has no config.json."""
+    path = resolve_model_path(spec, cache_dir=cache_dir)
+    local = Path(path).expanduser()
+    if local.exists():
+        path = str(local)
+    if local.exists() and not (local / "config.json").is_file():
+        raise ModelError(f"{path} is a folder but has no config.json; fix: point --model at a "
+                         "saved Hugging Face checkpoint folder, a hub id, or `embedded`")
+    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise ModelError(f"model folder {path!r} does not exist; fix: check the path, or use a hub "
+                         "id like `Qwen/Qwen3-8B`, or `embedded` / `embedded-gemma` for the built-in SmolLM2-135M / "
+                         "Gemma-3-270M")
+    return path
+
+
+def _load_error(spec: str, exc: Exception) -> ModelError:
+    hint = ("HF_HUB_OFFLINE is set, so only local copies are used: download it once with network, "
+            "or pass a local checkpoint folder, or `embedded`" if _offline()
+            else "check the id (e.g. `Qwen/Qwen3-8B`), or pass a local checkpoint folder, or `embedded`")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+    return ModelError(f"cannot load model {spec!r}: {first}; fix: {hint}")
+
+
+def load_tokenizer_and_config(spec: str, *, cache_dir: str | os.PathLike | None = None,
+                              trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """The tokenizer (pad token set) and config of a model, without its weights (checks input before a load).
+
+    Raises:
+        ModelError: as `load_model`.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = _checked_path(spec, cache_dir=cache_dir)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _load_error(spec, exc) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, config
+
+
 def load_model(spec: str | ModelSpec, *, dtype: str | None = None, device: str | None = None,
                cache_dir: str | os.PathLike | None = None, trust_remote_code: bool | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, frozen and in eval mode.
@@ -347,26 +391,12 @@ def load_model(spec: str | ModelSpec, *, dtype: str | None = None, device: str |
         # the paper trains and evaluates in bfloat16 with TF32 matmuls for what stays in float32
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    path = resolve_model_path(spec, cache_dir=cache_dir)
-    local = Path(path).expanduser()
-    if local.exists():
-        path = str(local)
-    if local.exists() and not (local / "config.json").is_file():
-        raise ModelError(f"{path} is a folder but has no config.json; fix: point --model at a "
-                         "saved Hugging Face checkpoint folder, a hub id, or `embedded`")
-    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise ModelError(f"model folder {path!r} does not exist; fix: check the path, or use a hub "
-                         "id like `Qwen/Qwen3-8B`, or `embedded` / `embedded-gemma` for the built-in SmolLM2-135M / "
-                         "Gemma-3-270M")
+    path = _checked_path(spec, cache_dir=cache_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        hint = ("HF_HUB_OFFLINE is set, so only local copies are used: download it once with network, "
-                "or pass a local checkpoint folder, or `embedded`" if _offline()
-                else "check the id (e.g. `Qwen/Qwen3-8B`), or pass a local checkpoint folder, or `embedded`")
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
-        raise ModelError(f"cannot load model {spec!r}: {first}; fix: {hint}") from exc
+        raise _load_error(spec, exc) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)

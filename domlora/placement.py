@@ -131,7 +131,12 @@ def _all(spec, probe, nfn, mods):
 
 def _plop(spec, probe, nfn, mods, *, inverse=False):
     if nfn is None or "type_scores" not in nfn:
-        raise ConfigError("plop needs NFN scores; fix: pass --nfn DIR/nfn.json (written by `domlora probe`)")
+        if probe is not None and "signals" in probe and "nfn" not in probe["signals"]:
+            raise ConfigError("plop needs NFN scores, but this probe ran without them (`domlora probe --no-nfn`, "
+                              "or `nfn: false` in the probe params); fix: rerun `domlora probe` without --no-nfn, "
+                              "or pass --nfn FILE from a probe of the same model that has them")
+        raise ConfigError("plop needs NFN scores (nfn.json, which `domlora probe` writes unless --no-nfn); fix: pass "
+                          "--nfn DIR/nfn.json, or rerun `domlora probe` without --no-nfn")
     ts = nfn["type_scores"]
     if spec.k > len(ts):
         raise ConfigError(f"k={spec.k} is larger than the {len(ts)} module types; fix: k <= {len(ts)}")

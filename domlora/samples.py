@@ -256,6 +256,12 @@ def encode_sample(tokenizer, messages: list[dict], *, max_length: int) -> Encode
                    differs_from_full_text=ids != _ids(tokenizer, text))
 
 
+def prompt_length(tokenizer, messages: list[dict]) -> int:
+    """Tokens before the first assistant token (the prompt the model reads before any target)."""
+    e = encode_sample(tokenizer, messages, max_length=1 << 62)
+    return next((i for i, m in enumerate(e.loss_mask) if m and i > 0), len(e.input_ids))
+
+
 def encode_samples(tokenizer, samples: Sequence[dict], *, max_length: int) -> tuple[list[Encoded], EncodeReport]:
     """Tokenise samples with the chat template; skip (and count) those left with no target.
 
@@ -288,8 +294,10 @@ def encode_samples(tokenizer, samples: Sequence[dict], *, max_length: int) -> tu
     if report.n_truncated:
         logger.info("%d of %d samples truncated to max_length=%d", report.n_truncated, report.n_read, max_length)
     if not out:
-        raise DataError(f"none of the {report.n_read} samples keeps an assistant token within max_length={max_length}; "
-                        "fix: raise max_length (prompts are longer than that)")
+        shortest = min(prompt_length(tokenizer, s["messages"]) for s in samples)
+        raise DataError(f"none of the {report.n_read} samples keeps an assistant token within max_length={max_length}: "
+                        f"the shortest prompt is {shortest} tokens; fix: raise max_length above {shortest} "
+                        "(room for the prompt and the response), or shorten the prompts")
     return out, report
 
 
@@ -314,12 +322,15 @@ def collate(encoded: Sequence[Encoded], *, pad_id: int, device=None) -> dict:
 
 def iter_batches(encoded: Sequence[Encoded], *, batch_size: int, pad_id: int, device=None,
                  sort_by_length: bool = True) -> Iterator[tuple[list[int], dict]]:
-    """Yield (sample indices, batch); sorting by length keeps padding small."""
+    """Yield (sample indices, batch); sorting by length keeps padding small.
+
+    Sorted, ties are broken by the tokens themselves, so each batch holds the same samples in the
+    same rows whatever their order in the file."""
     if batch_size < 1:
         raise DataError(f"batch size must be >= 1, got {batch_size}")
     order = list(range(len(encoded)))
     if sort_by_length:
-        order.sort(key=lambda i: len(encoded[i].input_ids))
+        order.sort(key=lambda i: (len(encoded[i].input_ids), encoded[i].input_ids, encoded[i].loss_mask))
     for k in range(0, len(order), batch_size):
         idx = order[k:k + batch_size]
         yield idx, collate([encoded[i] for i in idx], pad_id=pad_id, device=device)

@@ -5,13 +5,26 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from conftest import chat_samples
 from domlora.cli import main
 from domlora.io import read_json
 
+ALL_FILES = ["activations.json", "activations.png", "massive.json", "nfn.json", "page.json", "page.png"]
 PAGE_KEYS = {"model", "alpha", "rank", "n_samples", "dominant", "argmax", "modules"}
 MODULE_KEYS = {"type", "layer", "d_in", "d_out", "S", "PAGE", "share_total", "share_type"}
+
+
+def _close(a, b, rel=1e-5) -> bool:
+    """JSON values equal, numbers to a relative tolerance."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and set(a) == set(b) and all(_close(a[k], b[k], rel) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return a == pytest.approx(b, rel=rel, abs=1e-12, nan_ok=True)
+    return a == b
 
 
 def write_jsonl(path, rows):
@@ -38,10 +51,13 @@ def probed(tiny_model_dir, tmp_path_factory):
 
 
 class TestProbe:
-    def test_writes_page_json_png_and_nfn(self, probed, tiny_model_dir):
+    def test_writes_every_signal_from_one_pass(self, probed, tiny_model_dir):
         out, data = probed
-        assert sorted(p.name for p in out.iterdir()) == ["nfn.json", "page.json", "page.png"]
+        assert sorted(p.name for p in out.iterdir()) == ALL_FILES
         doc = read_json(out / "page.json")
+        assert doc["signals"] == ["page", "nfn", "activations"]
+        assert doc["batching"]["batch_size"] == 2 and doc["batching"]["auto"] is False
+        assert doc["batching"]["n_batches"] == 3 and doc["batching"]["largest_fitting"] >= 2
         assert PAGE_KEYS <= set(doc)
         assert doc["model"] == str(tiny_model_dir)
         assert doc["alpha"] == 32.0 and doc["rank"] == 4 and doc["n_samples"] == 5
@@ -56,6 +72,36 @@ class TestProbe:
         assert (out / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         nfn = read_json(out / "nfn.json")
         assert set(nfn["type_scores"]) == {m["type"] for m in doc["modules"].values()}
+        massive = read_json(out / "massive.json")
+        assert massive["kind"] == "massive" and massive["predicted"] in doc["modules"]
+        assert massive["page_dominant"] == doc["dominant"]
+        assert massive["agrees_with_dom"] == (massive["predicted"] == doc["dominant"])
+        acts = read_json(out / "activations.json")
+        assert acts["n_samples"] == 5 and len(acts["layers"]) == 3 and len(acts["down_proj"]) == 3
+        assert (out / "activations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def test_activation_outputs_equal_diagnose(self, probed, tiny_model_dir, tmp_path, capsys):
+        """`domlora diagnose` (its own forward passes) writes the same statistics and prediction."""
+        out, data = probed
+        code, _, err = run(capsys, "diagnose", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "d",
+                           "--samples", "5", "--max-length", "200", "--dtype", "float32",
+                           "--probe", out / "page.json")
+        assert code == 0, err
+        for name in ("activations.json", "massive.json"):
+            ours, theirs = read_json(out / name), read_json(tmp_path / "d" / name)
+            assert set(ours) == set(theirs)
+            for key in set(ours) - {"seconds"}:
+                assert _close(ours[key], theirs[key]), (name, key)
+
+    def test_auto_batch_size(self, tiny_model_dir, tmp_path, capsys):
+        data = write_jsonl(tmp_path / "d.jsonl", chat_samples(4))
+        code, _, err = run(capsys, "probe", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "o",
+                           "--no-nfn", "--no-activations")
+        assert code == 0, err
+        batching = read_json(tmp_path / "o" / "page.json")["batching"]
+        # a tiny model: all four samples fit in one batch of any sensible budget
+        assert batching["auto"] is True and batching["batch_size"] == batching["largest_fitting"] == 4
+        assert batching["n_batches"] == 1 and batching["n_tokens"] <= batching["n_padded_tokens"]
 
     def test_no_staging_left_behind(self, probed):
         out, _ = probed
@@ -68,7 +114,7 @@ class TestProbe:
         assert code == 0
         line = json.loads(stdout.strip().splitlines()[-1])
         assert line["dominant"] == read_json(tmp_path / "o" / "page.json")["dominant"]
-        assert not (tmp_path / "o" / "nfn.json").exists()
+        assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted(set(ALL_FILES) - {"nfn.json"})
 
 
 class TestSelect:
@@ -159,9 +205,53 @@ class TestProbeBadInput:
         code, _, err = self.probe(capsys, tmp_path, tiny_model_dir, data)
         assert_failed(code, err, tmp_path, "data.jsonl:2: no assistant turn", "fix:")
 
-    def test_max_length_shorter_than_every_prompt(self, capsys, tmp_path, tiny_model_dir, good_data):
+    @pytest.fixture
+    def no_weights(self, monkeypatch):
+        """Make loading the weights fail loudly: these errors must come before it."""
+        import domlora.models
+
+        def refuse(*a, **k):
+            raise AssertionError("the weights were loaded before the input was checked")
+
+        monkeypatch.setattr(domlora.models, "load_model", refuse)
+
+    def test_max_length_shorter_than_every_prompt(self, capsys, tmp_path, tiny_model_dir, good_data, no_weights):
+        from domlora.models import load_tokenizer_and_config
+        from domlora.samples import prompt_length, read_samples
+
+        tok, _ = load_tokenizer_and_config(str(tiny_model_dir))
+        shortest = min(prompt_length(tok, s["messages"]) for s in read_samples(good_data))
+        assert shortest > 4
         code, _, err = self.probe(capsys, tmp_path, tiny_model_dir, good_data, "--max-length", "4")
-        assert_failed(code, err, tmp_path, "max_length=4", "fix: raise max_length")
+        assert_failed(code, err, tmp_path, "none of the 3 samples", "max_length=4",
+                      f"the shortest prompt is {shortest} tokens", f"fix: raise max_length above {shortest}")
+
+    def test_batch_size_over_the_memory_budget(self, capsys, tmp_path, tiny_model_dir, good_data, no_weights,
+                                               monkeypatch):
+        from domlora.probes import budget
+        from domlora.models import load_tokenizer_and_config
+        from domlora.samples import encode_samples, read_samples
+
+        tok, config = load_tokenizer_and_config(str(tiny_model_dir))
+        encoded, _ = encode_samples(tok, read_samples(good_data), max_length=256)
+        mm = budget.memory_model(config, dtype=torch.float32)
+        weights = budget.weight_bytes(config, dtype=torch.float32)
+        # room for batches of 2 at the default fraction 0.5, not for 3
+        room = (budget.worst_batch_bytes(mm, encoded, 2) + budget.worst_batch_bytes(mm, encoded, 3)) / 2
+        monkeypatch.setattr(budget, "available_memory", lambda device: weights + 2 * room)
+        code, _, err = self.probe(capsys, tmp_path, tiny_model_dir, good_data, "--batch-size", "3")
+        assert_failed(code, err, tmp_path, "--batch-size 3 needs about", "the largest batch size that fits is 2",
+                      "fix: pass --batch-size 2")
+
+    def test_not_even_one_sample_fits(self, capsys, tmp_path, tiny_model_dir, good_data, no_weights):
+        code, _, err = self.probe(capsys, tmp_path, tiny_model_dir, good_data, "--memory-fraction", "1e-12")
+        assert_failed(code, err, tmp_path, "one sample of", "over the memory budget", "fix: lower --max-length")
+
+    @pytest.mark.parametrize("value,needle", [("0", "memory fraction must be in (0, 1]"),
+                                              ("1.5", "memory fraction must be in (0, 1]")])
+    def test_bad_memory_fraction(self, capsys, tmp_path, tiny_model_dir, good_data, no_weights, value, needle):
+        code, _, err = self.probe(capsys, tmp_path, tiny_model_dir, good_data, "--memory-fraction", value)
+        assert_failed(code, err, tmp_path, needle)
 
     @pytest.mark.parametrize("flag,value,needle", [("--alpha", "0", "alpha must be a positive number"),
                                                    ("--alpha", "-16", "alpha must be a positive number"),
@@ -179,7 +269,7 @@ class TestProbeBadInput:
         before = (tmp_path / "out" / "page.json").read_bytes()
         code, _, err = self.probe(capsys, tmp_path, tiny_model_dir, good_data, "--max-length", "4")
         assert code == 2
-        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["page.json", "page.png"]
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(set(ALL_FILES) - {"nfn.json"})
         assert (tmp_path / "out" / "page.json").read_bytes() == before
 
 
@@ -233,8 +323,20 @@ class TestSelectBadInput:
         assert_failed(code, err, tmp_path, "NFN file", "does not exist")
 
     def test_massive_without_activations(self, capsys, tmp_path, probed):
-        code, _, err = self.select(capsys, tmp_path, probed[0] / "page.json", "--strategy", "massive")
-        assert_failed(code, err, tmp_path, "domlora diagnose")
+        alone = tmp_path / "alone"
+        alone.mkdir()
+        (alone / "page.json").write_bytes((probed[0] / "page.json").read_bytes())
+        code, _, err = self.select(capsys, tmp_path, alone / "page.json", "--strategy", "massive")
+        assert_failed(code, err, tmp_path, "massive.json", "fix: pass --activations")
+
+    @pytest.mark.parametrize("flag,strategy,needles", [
+        ("--no-nfn", "plop", ("plop needs NFN scores", "--no-nfn", "fix: rerun `domlora probe` without --no-nfn")),
+        ("--no-activations", "massive", ("--no-activations", "fix: rerun `domlora probe` without --no-activations"))])
+    def test_strategy_needs_a_skipped_signal(self, capsys, tmp_path, tiny_model_dir, flag, strategy, needles):
+        data = write_jsonl(tmp_path / "d.jsonl", chat_samples(2))
+        assert run(capsys, "probe", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "p", flag)[0] == 0
+        code, _, err = self.select(capsys, tmp_path, tmp_path / "p" / "page.json", "--strategy", strategy)
+        assert_failed(code, err, tmp_path, *needles)
 
     def test_missing_activations_file(self, capsys, tmp_path, probed):
         code, _, err = self.select(capsys, tmp_path, probed[0] / "page.json", "--strategy", "massive",

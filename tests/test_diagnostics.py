@@ -223,3 +223,29 @@ def test_embedded_model_and_cache_untouched(tmp_path):
     assert at.peak.channel == EMBEDDED_CHANNEL and at.first_token_fraction == 1.0 and at.jump > 50
     sw = report.down_proj_at(EMBEDDED_ONSET).super_weight
     assert (sw.row, sw.col) == EMBEDDED_SUPER_WEIGHT and sw.aligned
+
+
+@pytest.mark.parametrize("n", [100, 8192, 147_456, 147_457])
+def test_lower_median_is_torch_median(n):
+    """The bracketed selection returns exactly torch.median's element, also for data built to defeat a
+    strided subsample (a huge value every 576th entry, per-channel scales) and when the bracket misses."""
+    from domlora.probes import activations
+
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g) * torch.rand(576, generator=g).repeat(n // 576 + 1)[:n]).abs()
+    x[::576] = 1e4
+    assert activations.lower_median(x) == float(x.median())
+    assert activations.lower_median(x.double()) == float(x.double().median())
+    ties = torch.zeros(n)  # every value equal: the bracket holds them all
+    assert activations.lower_median(ties) == 0.0
+
+
+def test_lower_median_falls_back_when_the_bracket_misses(monkeypatch):
+    import numpy as np
+
+    from domlora.probes import activations
+
+    x = torch.arange(20_000, dtype=torch.float32)
+    # a subsample of the smallest values only: the bracket lies below the median
+    monkeypatch.setitem(activations._SAMPLE_INDEX, 20_000, np.arange(1024))
+    assert activations.lower_median(x) == float(x.median()) == 9999.0

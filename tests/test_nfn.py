@@ -1,4 +1,5 @@
-"""NFN (PLoP): forward only, Definition 1 reproduced with the same Gaussian draws, type = mean of modules."""
+"""NFN (PLoP): forward only, Definition 1 reproduced with the same Gaussian draws, type = mean of modules,
+independent of batching and sample order."""
 from __future__ import annotations
 
 import pytest
@@ -19,53 +20,107 @@ def probe_set(tiny_tokenizer):
 
 
 def test_matches_definition_with_the_same_draws(tiny_model, probe_set, monkeypatch):
-    """Record every Gaussian draw and every module input; recompute mean ||W z||^2 / ||W z~||^2 by hand."""
+    """Record every Gaussian draw and every module input; recompute mean ||W z||^2 / ||W z~||^2 by hand,
+    z~ = g / ||g|| * ||z|| with g the module's draw (t + o) mod K for position t of a sample with offset o."""
+    import domlora.probes.nfn as nfn_mod
+
     cands = find_candidates(tiny_model)
     modules = dict(tiny_model.named_modules())
     by_module = {id(modules[c.name]): c for c in cands}
-    draws, inputs = [], []
-    real_randn = torch.randn
+    draws, inputs = {}, []
+    real_draws = nfn_mod.baseline_draws
 
-    def recording_randn(*a, **k):
-        out = real_randn(*a, **k)
-        draws.append(out.clone())
+    def recording_draws(cand, n, **k):
+        out = real_draws(cand, n, **k)
+        draws[cand.name] = out.clone()
         return out
 
     def capture(mod, args, _out):
-        inputs.append((by_module[id(mod)].name, args[0].detach().clone(), keep["mask"]))
+        inputs.append((by_module[id(mod)].name, args[0].detach().clone(), keep["mask"], keep["idx"]))
 
     keep = {}
     handles = [modules[c.name].register_forward_hook(capture) for c in cands]
-    # the probe's own hooks are registered after ours and call randn once per module call, in call order
-    monkeypatch.setattr(torch, "randn", recording_randn)
-    # know which tokens are real: batches come in iter_batches order
+    monkeypatch.setattr(nfn_mod, "baseline_draws", recording_draws)
+    # know which tokens are real: batches come in iter_batches order, after one dry forward
     batches = list(iter_batches(probe_set, batch_size=2, pad_id=0))
-    masks = iter(b["attention_mask"].bool() for _, b in batches)
+    masks = iter([(torch.ones(1, 4, dtype=torch.bool), None)] + [(b["attention_mask"].bool(), i) for i, b in batches])
     real_forward = tiny_model.forward
 
     def forward(*a, **k):
-        keep["mask"] = next(masks)
+        keep["mask"], keep["idx"] = next(masks)
         return real_forward(*a, **k)
 
     monkeypatch.setattr(tiny_model, "forward", forward)
     result = nfn_probe(tiny_model, probe_set, batch_size=2, seed=3)
     for h in handles:
         h.remove()
-    assert len(draws) == len(inputs) == len(batches) * len(cands)
+    longest = max(len(e.input_ids) for e in probe_set)
+    assert set(draws) == {c.name for c in cands}
+    assert all(g.shape == (longest, c.d_in) for c in cands for g in [draws[c.name]])
+    inputs = inputs[len(cands):]  # the dry forward that finds the input groups
+    assert len(inputs) == len(batches) * len(cands)
 
     sums = {c.name: 0.0 for c in cands}
-    n_tok = 0
-    for (name, X, mask), g in zip(inputs, draws):
-        z = X[mask].double()  # real tokens only, (tokens, d_in)
+    for name, X, mask, idx in inputs:
         W = modules[name].weight.double()  # (d_out, d_in) for nn.Linear
-        g = g.double()
-        z_tilde = g / g.norm(dim=-1, keepdim=True) * z.norm(dim=-1, keepdim=True)  # same norm as z
-        ratio = (z @ W.T).pow(2).sum(-1) / (z_tilde @ W.T).pow(2).sum(-1)
-        sums[name] += float(ratio.sum())
+        G = draws[name].double()
+        for b in range(X.shape[0]):
+            offset = nfn_mod.sample_offset(probe_set[idx[b]].input_ids, longest, seed=3)
+            for t in range(X.shape[1]):
+                if not mask[b, t]:
+                    continue
+                z = X[b, t].double()
+                g = G[(t + offset) % longest]  # the draw of this sample's position t
+                z_tilde = g / g.norm() * z.norm()  # same norm as z
+                sums[name] += float((W @ z).pow(2).sum() / (W @ z_tilde).pow(2).sum())
     n_tok = sum(int(b["attention_mask"].sum()) for _, b in batches)
     assert result.n_tokens == n_tok
     for c in cands:
-        assert result.module_scores[c.name] == pytest.approx(sums[c.name] / n_tok, rel=1e-4)
+        assert result.module_scores[c.name] == pytest.approx(sums[c.name] / n_tok, rel=1e-5)
+
+
+def test_pooled_draws_estimate_the_per_token_score(tiny_model, probe_set):
+    """Fresh draws for every token (the definition's Monte-Carlo estimate) agree with the pooled draws up to
+    Monte-Carlo noise: both are unbiased estimates of the same mean."""
+    cands = find_candidates(tiny_model)
+    modules = dict(tiny_model.named_modules())
+    inputs = {c.name: [] for c in cands}
+    handles = [modules[c.name].register_forward_hook(
+        lambda m, a, o, n=c.name: inputs[n].append(a[0].detach().reshape(-1, a[0].shape[-1]))) for c in cands]
+    with torch.no_grad():
+        for e in probe_set:
+            tiny_model(input_ids=torch.tensor([e.input_ids]))
+    for h in handles:
+        h.remove()
+    gen = torch.Generator().manual_seed(11)
+    pooled = [nfn_probe(tiny_model, probe_set, seed=s).module_scores for s in range(8)]
+    for c in cands:
+        z = torch.cat(inputs[c.name]).double()
+        W = modules[c.name].weight.double()
+        per_token = []
+        for _ in range(8):
+            g = torch.randn(z.shape, generator=gen, dtype=torch.float64)
+            zt = g / g.norm(dim=-1, keepdim=True) * z.norm(dim=-1, keepdim=True)
+            per_token.append(float(((z @ W.T).pow(2).sum(-1) / (zt @ W.T).pow(2).sum(-1)).mean()))
+        mean_pooled = sum(p[c.name] for p in pooled) / len(pooled)
+        assert mean_pooled == pytest.approx(sum(per_token) / len(per_token), rel=0.15), c.name
+
+
+def test_batching_and_order_do_not_change_the_scores(tiny_model, probe_set):
+    a = nfn_probe(tiny_model, probe_set, batch_size=1, seed=0).module_scores
+    b = nfn_probe(tiny_model, probe_set, batch_size=5, seed=0).module_scores
+    c = nfn_probe(tiny_model, list(reversed(probe_set)), batch_size=2, seed=0).module_scores
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-5)
+        assert c[k] == pytest.approx(a[k], rel=1e-5)
+
+
+def test_a_module_draws_the_same_whatever_else_is_scored(tiny_model, probe_set):
+    cands = find_candidates(tiny_model)
+    full = nfn_probe(tiny_model, probe_set, seed=4).module_scores
+    some = nfn_probe(tiny_model, probe_set, seed=4, candidates=cands[5:9]).module_scores
+    for k, v in some.items():
+        assert v == pytest.approx(full[k], rel=1e-6)
 
 
 def test_forward_only(tiny_model, probe_set, monkeypatch):
@@ -85,7 +140,8 @@ def test_forward_only(tiny_model, probe_set, monkeypatch):
     monkeypatch.setattr(tiny_model, "forward", forward)
     tiny_model.requires_grad_(True)
     nfn_probe(tiny_model, probe_set, batch_size=2)
-    assert calls == [False, False, False]  # one pass over 5 samples in batches of 2, without autograd
+    # one dry forward on 4 tokens (which modules share an input), then one pass over 5 samples in batches of 2
+    assert calls == [False] * 4
     assert all(p.grad is None for p in tiny_model.parameters())
 
 
@@ -142,14 +198,6 @@ def test_padding_tokens_are_not_counted(tiny_model, probe_set):
     assert r.n_tokens == sum(len(e.input_ids) for e in probe_set)
 
 
-def test_untouched_by_batching_in_expectation(tiny_model, probe_set):
-    # different batching pairs tokens with different draws; the scores agree up to Monte-Carlo noise
-    a = nfn_probe(tiny_model, probe_set, batch_size=1, seed=0).module_scores
-    b = nfn_probe(tiny_model, probe_set, batch_size=5, seed=7).module_scores
-    for k in a:
-        assert b[k] == pytest.approx(a[k], rel=0.25)
-
-
 def test_model_with_trainable_weights_gets_no_grad(tiny_model, probe_set):
     tiny_model.requires_grad_(True)
     nfn_probe(tiny_model, probe_set)
@@ -160,3 +208,14 @@ def test_float64_model(tiny_tokenizer, probe_set):
     model = make_tiny_llama(len(tiny_tokenizer), dtype=torch.float64)
     r = nfn_probe(model, probe_set)
     assert all(v > 0 for v in r.module_scores.values())
+
+
+def test_tokens_two_samples_share_get_different_draws():
+    from domlora.probes.nfn import sample_offset
+
+    a, b = [1, 2, 3, 4, 5], [1, 2, 3, 9, 9]
+    offsets = {sample_offset(ids, 257, seed=0) for ids in (a, b, [7] * 5, [8] * 5)}
+    assert len(offsets) > 1
+    assert sample_offset(a, 257, seed=0) == sample_offset(list(a), 257, seed=0)
+    assert sample_offset(a, 257, seed=0) != sample_offset(a, 257, seed=1) or sample_offset(b, 257, seed=0) != \
+        sample_offset(b, 257, seed=1)

@@ -275,10 +275,11 @@ class TestSummary:
 
 class TestInputGroups:
     def test_modules_reading_one_input_share_a_group(self, model64):
-        from domlora.probes.page import _input_groups
+        from domlora.probes.runner import input_groups
 
         cands = find_candidates(model64)
-        group = _input_groups(model64, dict(model64.named_modules()), cands, [1, 2, 3, 4], torch.device("cpu"))
+        group, calls = input_groups(model64, dict(model64.named_modules()), cands, [1, 2, 3, 4], torch.device("cpu"))
+        assert calls == [1] * len(cands)
         by_type = {}
         for c, g in zip(cands, group):
             by_type.setdefault(c.layer, {})[c.type] = g

@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from domlora.config import ModelSpec, check_keys, close_matches, from_dict
 from domlora.errors import ConfigError
@@ -68,19 +68,25 @@ class ProbeSpec:
     """LoRA alpha PAGE is computed for (the ranking does not depend on it)"""
     rank: int = 8
     """LoRA rank PAGE is computed for"""
-    batch_size: int = 4
-    """samples per forward/backward"""
+    batch_size: int | Literal["auto"] = "auto"
+    """samples per forward/backward; `auto`: the largest whose batches fit `memory_fraction` of the free memory
+    (on a CPU also at most 1024 padded tokens a batch); the scores do not depend on it"""
+    memory_fraction: float = 0.5
+    """the probe's memory budget: this share of the free memory after the weights"""
     nfn: bool = True
-    """also compute PLoP's NFN"""
+    """also compute PLoP's NFN (same pass)"""
+    activations: bool = True
+    """also compute the activation statistics behind the `massive` predictor (same pass)"""
     reuse_from: str | None = None
     """a probe set whose scores every dataset of a backbone selects from (the paper's rule: find the dominant
     module once per backbone, reuse it across tasks); None = each dataset's own probe"""
 
     def __post_init__(self):
         if self.samples < 1 or (self.max_length is not None and self.max_length < 2) or self.rank < 1 \
-                or self.alpha <= 0 or self.batch_size < 1:
-            raise ConfigError(f"probe values out of range (samples, rank, batch_size >= 1; max_length >= 2; "
-                              f"alpha > 0): {self}")
+                or self.alpha <= 0 or (self.batch_size != "auto" and self.batch_size < 1) \
+                or not 0 < self.memory_fraction <= 1:
+            raise ConfigError(f"probe values out of range (samples, rank, batch_size >= 1 or auto; max_length >= 2; "
+                              f"alpha > 0; 0 < memory_fraction <= 1): {self}")
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from domlora.errors import ConfigError, ModelError
 from domlora.modules import BLOCK_RE, Candidate, find_candidates
-from domlora.samples import Encoded, iter_batches
+from domlora.samples import Encoded
 
 logger = logging.getLogger(__name__)
 
@@ -211,41 +210,265 @@ def _weight_matrix(module, cand: Candidate):
     return w.T if cand.conv1d else w
 
 
+def _row_abs_max(H):
+    """max |H| over the last dimension, without forming |H| (max of the largest and minus the smallest)."""
+    import torch
+
+    return torch.maximum(H.amax(-1), -H.amin(-1))
+
+
+_SAMPLE_INDEX: dict = {}
+
+
+def lower_median(x) -> float:
+    """`x.median()` (the lower median of a 1-D tensor), found on a CPU by selecting inside a bracket.
+
+    A fixed pseudo-random subsample of 1024 values brackets the median's rank (4 standard deviations
+    of the sampled rank each side); counting the values below the bracket and partitioning those
+    inside it gives the exact element, in a third of `torch.median`'s time. If the bracket misses
+    (about 1 in 10^4), it falls back to `torch.median`.
+    """
+    import numpy as np
+    import torch
+
+    n = x.numel()
+    k = (n - 1) // 2
+    if n < 8192 or x.device.type != "cpu":
+        return float(x.median())
+    a = (x if x.dtype in (torch.float32, torch.float64) else x.float()).contiguous().numpy()
+    sample = _SAMPLE_INDEX.get(n)
+    if sample is None:
+        sample = _SAMPLE_INDEX[n] = np.random.default_rng(n).integers(0, n, 1024)
+    s = np.sort(a[sample])
+    r = k * s.size / n
+    w = 4 * math.sqrt(s.size * 0.25) + 2
+    lo, hi = s[max(int(r - w), 0)], s[min(int(r + w), s.size - 1)]
+    below = int(np.count_nonzero(a < lo))
+    inside = a[(a >= lo) & (a <= hi)]
+    j = k - below
+    if 0 <= j < inside.size:
+        return float(np.partition(inside, j)[j])
+    return float(x.median())
+
+
 class _Tracker:
-    """Per-sample reductions of one hooked tensor: max |value| with its position/channel, and medians."""
+    """Per-sample reductions of one hooked tensor: max |value| with its position/channel, and medians.
+
+    They stay where the model runs until `to_cpu` (a GPU pass is not stalled by a copy per layer)."""
 
     def __init__(self, n: int, *, medians: bool):
+        self.n = n
+        self.medians = medians
+        self.max = None
+
+    def _alloc(self, device) -> None:
         import torch
 
-        self.max = torch.zeros(n, dtype=torch.float64)
-        self.val = torch.zeros(n, dtype=torch.float64)
-        self.pos = torch.zeros(n, dtype=torch.long)
-        self.ch = torch.zeros(n, dtype=torch.long)
-        self.median = torch.zeros(n, dtype=torch.float64) if medians else None
+        def zeros(dtype):
+            return torch.zeros(self.n, dtype=dtype, device=device)
 
-    def update(self, H, idx, lengths):
+        self.max, self.val = zeros(torch.float64), zeros(torch.float64)
+        self.pos, self.ch = zeros(torch.long), zeros(torch.long)
+        self.median = zeros(torch.float64) if self.medians else None
+
+    def update(self, H, ix, lengths, lens: list[int]):
+        """H (B, T, d); ix: the samples' indices and lengths: their lengths, on H's device; lens: lengths on the host."""
         import torch
 
-        B, T, d = H.shape
-        A = H.detach().abs().float()
-        valid = (torch.arange(T, device=H.device)[None, :] < lengths[:, None]).unsqueeze(-1)
-        A = A * valid
-        vmax, arg = A.reshape(B, -1).max(1)
-        pos, ch = arg // d, arg % d
-        vals = H.detach().reshape(B, -1).gather(1, arg[:, None]).squeeze(1)
-        ix = torch.as_tensor(idx)
-        self.max[ix] = vmax.double().cpu()
-        self.val[ix] = vals.double().cpu()
-        self.pos[ix] = pos.cpu()
-        self.ch[ix] = ch.cpu()
-        if self.median is not None:
-            for b in range(B):
-                self.median[ix[b]] = float(A[b, : int(lengths[b])].median())
+        if self.max is None:
+            self._alloc(H.device)
+        H = H.detach()
+        B, T, _d = H.shape
+        # the largest |value| of each row (no copy of H), padded rows below any real one
+        row_max = _row_abs_max(H).float()
+        valid = torch.arange(T, device=H.device)[None, :] < lengths[:, None]
+        vmax, pos = row_max.masked_fill(~valid, -1.0).max(1)  # first position holding the peak
+        ar = torch.arange(B, device=H.device)
+        rows = H[ar, pos]
+        ch = rows.abs().argmax(-1)  # first channel holding it
+        self.max[ix] = vmax.double()
+        self.val[ix] = rows[ar, ch].double()
+        self.pos[ix] = pos
+        self.ch[ix] = ch
+        if self.medians:
+            A = H.abs()
+            if H.device.type == "cpu":
+                self.median[ix] = torch.tensor([lower_median(A[b, : lens[b]].reshape(-1)) for b in range(B)],
+                                               dtype=torch.float64)
+            else:  # one selection per sample (a batched median along a dim sorts: slower on a GPU)
+                for b in range(B):
+                    self.median[ix[b:b + 1]] = A[b, : lens[b]].median().double().reshape(1)
         return pos, ch
+
+    def to_cpu(self) -> None:
+        for k in ("max", "val", "pos", "ch", "median"):
+            v = getattr(self, k)
+            if v is not None:
+                setattr(self, k, v.cpu())
 
     def peak(self) -> Peak:
         i = int(self.max.argmax())
         return Peak(value=float(self.val[i]), sample=i, position=int(self.pos[i]), channel=int(self.ch[i]))
+
+
+class ActivationCollector:
+    """The activation statistics' forward hooks: each block's input and output, each `down_proj`'s
+    input and output, reduced per sample as the batches pass (nothing of size tokens x width is kept)."""
+
+    needs_backward = False
+
+    def __init__(self, candidates: Sequence[Candidate], downs: Sequence[Candidate], n_samples: int, *,
+                 criterion: MassiveCriterion | None = None, n_column_outliers: int = 3):
+        import torch
+
+        self.candidates = list(candidates)
+        self.downs = list(downs)
+        self.n = n = n_samples
+        self.criterion = criterion or MassiveCriterion()
+        self.n_column_outliers = n_column_outliers
+        blocks: dict[int, str] = {}
+        for c in self.candidates:
+            blocks.setdefault(c.layer, block_name(c))
+        self.blocks = blocks
+        self.layers = layers = sorted(blocks)
+        self.emb = _Tracker(n, medians=True)
+        self.res = {L: _Tracker(n, medians=True) for L in layers}
+        self.dx = {c.layer: _Tracker(n, medians=False) for c in self.downs}
+        self.dy = {c.layer: _Tracker(n, medians=False) for c in self.downs}
+        self.state: dict = {}
+        self.n_tokens = 0
+
+    def _alloc(self, device) -> None:
+        import torch
+
+        def zeros(*shape):
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+        n = self.n
+        self.jump = {L: zeros(n) for L in self.layers}
+        self.before = {L: zeros(n) for L in self.layers}
+        self.ffn_at_peak = {L: zeros(n) for L in self.layers}
+        self.first_energy = {c.layer: zeros(n) for c in self.downs}
+        # the input row at each sample's output peak, to attribute the peak to single weights
+        self.x_at_peak = {c.layer: torch.zeros(n, c.d_in, dtype=torch.float32, device=device) for c in self.downs}
+
+    def attach(self, ctx) -> list:
+        self.modules = ctx.modules
+        self._alloc(ctx.device)
+        handles = []
+        for L in self.layers:
+            blk = ctx.modules[self.blocks[L]]
+            handles.append(blk.register_forward_pre_hook(self._pre_block(L), with_kwargs=True))
+            handles.append(blk.register_forward_hook(self._post_block(L), with_kwargs=True))
+        for c in self.downs:
+            handles.append(ctx.modules[c.name].register_forward_hook(self._down_hook(c)))
+        return handles
+
+    def start_batch(self, idx: list[int], batch: dict) -> None:
+        import torch
+
+        self.state.clear()
+        lengths = batch["attention_mask"].sum(1)
+        self.state["ix"] = torch.as_tensor(idx, device=lengths.device)
+        self.state["len"] = lengths
+        self.state["lens"] = lens = lengths.tolist()  # one copy per batch, for slicing on the host
+        self.n_tokens += sum(lens)
+
+    def end_batch(self) -> None:
+        self.state.clear()
+
+    def _pre_block(self, L):
+        state = self.state
+
+        def hook(_mod, args, kwargs):
+            h = args[0] if args else kwargs.get("hidden_states")
+            state["h_in"] = h.detach()
+            if L == self.layers[0]:
+                self.emb.update(h, state["ix"], state["len"], state["lens"])
+        return hook
+
+    def _post_block(self, L):
+        import torch
+
+        state, res = self.state, self.res
+
+        def hook(_mod, _args, _kwargs, out):
+            h = out[0] if isinstance(out, (tuple, list)) else out
+            h = h.detach()
+            ix = state["ix"]
+            pos, ch = res[L].update(h, ix, state["len"], state["lens"])
+            h_in = state.pop("h_in")
+            B = h.shape[0]
+            ar = torch.arange(B, device=h.device)
+            valid = torch.arange(h.shape[1], device=h.device)[None, :] < state["len"][:, None]
+            in_max = (_row_abs_max(h_in).float() * valid).max(1).values
+            self.jump[L][ix] = res[L].max[ix] / in_max.double().clamp_min(1e-30)
+            self.before[L][ix] = h_in[ar, pos, ch].abs().double()
+            y = state.pop(("y", L), None)
+            if y is not None:
+                delta = (h[ar, pos, ch] - h_in[ar, pos, ch]).double()
+                made = y[ar, pos, ch].double()
+                self.ffn_at_peak[L][ix] = made / torch.where(delta.abs() > 0, delta, torch.ones_like(delta))
+        return hook
+
+    def _down_hook(self, c: Candidate):
+        import torch
+
+        state = self.state
+
+        def hook(_mod, inputs, out):
+            X = inputs[0].detach()
+            y = out.detach()
+            ix, lengths, lens = state["ix"], state["len"], state["lens"]
+            self.dx[c.layer].update(X, ix, lengths, lens)
+            pos, _ = self.dy[c.layer].update(y, ix, lengths, lens)
+            state[("y", c.layer)] = y
+            B = X.shape[0]
+            ar = torch.arange(B, device=X.device)
+            valid = torch.arange(X.shape[1], device=X.device)[None, :] < lengths[:, None]
+            acc = torch.promote_types(X.dtype, torch.float32)
+            energy = torch.linalg.vector_norm(X, dim=-1, dtype=acc).square() * valid  # B x T
+            self.x_at_peak[c.layer][ix] = X[ar, pos].float()
+            self.first_energy[c.layer][ix] = (energy[:, 0] / energy.sum(1).clamp_min(1e-30)).double()
+        return hook
+
+    def result(self, *, seconds: float) -> ActivationReport:
+        n, criterion = self.n, self.criterion
+        for tr in [self.emb, *self.res.values(), *self.dx.values(), *self.dy.values()]:
+            tr.to_cpu()
+        for d in (self.jump, self.before, self.ffn_at_peak, self.first_energy):
+            for k in d:
+                d[k] = d[k].cpu()
+
+        def layer_stats(L: int, tr: _Tracker, j=None, bef=None, ffn=None) -> LayerStats:
+            pk = tr.peak()
+            massive = [criterion.is_massive(float(tr.max[i]), float(tr.median[i])) for i in range(n)]
+            return LayerStats(
+                layer=L, peak=pk, median=float(tr.median.median()),
+                ratio=pk.magnitude / max(float(tr.median[pk.sample]), 1e-30),
+                jump=float(j.median()) if j is not None else float("nan"),
+                peak_before=float(bef[pk.sample]) if bef is not None else float("nan"),
+                mlp_share=float(ffn[pk.sample]) if ffn is not None else float("nan"),
+                massive_fraction=sum(massive) / n,
+                first_token_fraction=float((tr.pos == 0).double().mean()),
+                channel_fraction=float((tr.ch == pk.channel).double().mean()))
+
+        embedding = layer_stats(-1, self.emb)
+        layer_list = [layer_stats(L, self.res[L], self.jump[L], self.before[L],
+                                  self.ffn_at_peak[L] if L in self.dx else None) for L in self.layers]
+        down_list = []
+        for c in self.downs:
+            W = _weight_matrix(self.modules[c.name], c)
+            dx, dy = self.dx[c.layer], self.dy[c.layer]
+            ip, op = dx.peak(), dy.peak()
+            sw = _super_weight(W, self.x_at_peak[c.layer][op.sample], op, ip, self.n_column_outliers)
+            down_list.append(DownProjStats(
+                name=c.name, layer=c.layer, input_peak=ip, output_peak=op,
+                input_median_max=float(dx.max.median()), output_median_max=float(dy.max.median()),
+                first_token_energy=float(self.first_energy[c.layer].mean()), super_weight=sw))
+        return ActivationReport(n_samples=n, n_tokens=self.n_tokens, criterion=criterion, embedding=embedding,
+                                layers=layer_list, down_proj=down_list, candidates=self.candidates,
+                                seconds=seconds)
 
 
 def activation_diagnostics(model, encoded: Sequence[Encoded], *, batch_size: int = 8,
@@ -253,10 +476,12 @@ def activation_diagnostics(model, encoded: Sequence[Encoded], *, batch_size: int
                            show_progress: bool = False) -> ActivationReport:
     """Measure the residual stream and every `down_proj` on a probe set (forward only).
 
+    `probes.step0.step0_probe` computes the same report in the pass that also yields PAGE and NFN.
+
     Args:
         model: a causal LM; only forward hooks are attached (and removed), nothing is written.
         encoded: tokenised samples (`samples.encode_samples`); no labels are used.
-        batch_size: samples per forward pass.
+        batch_size: samples per forward pass; the report does not depend on it.
         criterion: what counts as a massive activation.
         n_column_outliers: how many of the largest weights of the massive input channel's column to list.
 
@@ -264,8 +489,7 @@ def activation_diagnostics(model, encoded: Sequence[Encoded], *, batch_size: int
         ConfigError: an empty probe set.
         ModelError: no recognisable FFN down projection.
     """
-    import torch
-    from tqdm.auto import tqdm
+    from domlora.probes.runner import run_pass
 
     criterion = criterion or MassiveCriterion()
     if not encoded:
@@ -273,129 +497,9 @@ def activation_diagnostics(model, encoded: Sequence[Encoded], *, batch_size: int
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     cands, downs = ffn_down_candidates(model)
-    modules = dict(model.named_modules())
-    blocks = {}
-    for c in cands:
-        blocks.setdefault(c.layer, block_name(c))
-    layers = sorted(blocks)
-    n = len(encoded)
-    device = next(model.parameters()).device
-    pad_id = getattr(model.config, "pad_token_id", None) or 0
-
-    emb = _Tracker(n, medians=True)
-    res = {L: _Tracker(n, medians=True) for L in layers}
-    dx = {c.layer: _Tracker(n, medians=False) for c in downs}
-    dy = {c.layer: _Tracker(n, medians=False) for c in downs}
-    jump = {L: torch.zeros(n, dtype=torch.float64) for L in layers}
-    before = {L: torch.zeros(n, dtype=torch.float64) for L in layers}
-    ffn_at_peak = {L: torch.zeros(n, dtype=torch.float64) for L in layers}
-    first_energy = {c.layer: torch.zeros(n, dtype=torch.float64) for c in downs}
-    # the input row at each sample's output peak, to attribute the peak to single weights
-    x_at_peak = {c.layer: [None] * n for c in downs}
-    state: dict = {}
-
-    def pre_block(L):
-        def hook(_mod, args, kwargs):
-            h = args[0] if args else kwargs.get("hidden_states")
-            state["h_in"] = h.detach()
-            if L == layers[0]:
-                emb.update(h, state["idx"], state["len"])
-        return hook
-
-    def post_block(L):
-        def hook(_mod, _args, _kwargs, out):
-            h = out[0] if isinstance(out, (tuple, list)) else out
-            pos, ch = res[L].update(h, state["idx"], state["len"])
-            h_in = state.pop("h_in")
-            B = h.shape[0]
-            ar = torch.arange(B, device=h.device)
-            ix = torch.as_tensor(state["idx"])
-            valid = (torch.arange(h.shape[1], device=h.device)[None, :] < state["len"][:, None]).unsqueeze(-1)
-            in_max = (h_in.abs().float() * valid).reshape(B, -1).max(1).values
-            jump[L][ix] = (res[L].max[ix] / in_max.double().cpu().clamp_min(1e-30))
-            before[L][ix] = h_in[ar, pos, ch].abs().double().cpu()
-            y = state.pop(("y", L), None)
-            if y is not None:
-                delta = (h[ar, pos, ch] - h_in[ar, pos, ch]).double().cpu()
-                made = y[ar, pos, ch].double().cpu()
-                ffn_at_peak[L][ix] = made / torch.where(delta.abs() > 0, delta, torch.ones_like(delta))
-        return hook
-
-    def down_hook(c: Candidate):
-        def hook(_mod, inputs, out):
-            X = inputs[0].detach()
-            y = out.detach()
-            idx, lens = state["idx"], state["len"]
-            dx[c.layer].update(X, idx, lens)
-            pos, _ = dy[c.layer].update(y, idx, lens)
-            state[("y", c.layer)] = y
-            B = X.shape[0]
-            ar = torch.arange(B, device=X.device)
-            rows = X[ar, pos].float().cpu()
-            valid = (torch.arange(X.shape[1], device=X.device)[None, :] < lens[:, None]).unsqueeze(-1)
-            energy = (X.float() ** 2 * valid).sum(-1)  # B x T
-            share = energy[:, 0] / energy.sum(1).clamp_min(1e-30)
-            for b, i in enumerate(idx):
-                x_at_peak[c.layer][i] = rows[b]
-                first_energy[c.layer][i] = float(share[b])
-        return hook
-
-    handles = []
-    try:
-        for L in layers:
-            blk = modules[blocks[L]]
-            handles.append(blk.register_forward_pre_hook(pre_block(L), with_kwargs=True))
-            handles.append(blk.register_forward_hook(post_block(L), with_kwargs=True))
-        for c in downs:
-            handles.append(modules[c.name].register_forward_hook(down_hook(c)))
-        was_training = model.training
-        model.eval()
-        t0 = time.perf_counter()
-        n_tokens = 0
-        try:
-            batches = iter_batches(encoded, batch_size=batch_size, pad_id=pad_id, device=device)
-            total = math.ceil(n / batch_size)
-            with torch.no_grad():
-                for idx, batch in tqdm(batches, total=total, desc="activations", disable=not show_progress,
-                                       unit="batch"):
-                    state["idx"] = idx
-                    state["len"] = batch["attention_mask"].sum(1)
-                    n_tokens += int(state["len"].sum())
-                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-                    state.clear()
-        finally:
-            model.train(was_training)
-        seconds = time.perf_counter() - t0
-    finally:
-        for h in handles:
-            h.remove()
-
-    def layer_stats(L: int, tr: _Tracker, j=None, bef=None, ffn=None) -> LayerStats:
-        pk = tr.peak()
-        massive = [criterion.is_massive(float(tr.max[i]), float(tr.median[i])) for i in range(n)]
-        return LayerStats(
-            layer=L, peak=pk, median=float(tr.median.median()),
-            ratio=pk.magnitude / max(float(tr.median[pk.sample]), 1e-30),
-            jump=float(j.median()) if j is not None else float("nan"),
-            peak_before=float(bef[pk.sample]) if bef is not None else float("nan"),
-            mlp_share=float(ffn[pk.sample]) if ffn is not None else float("nan"),
-            massive_fraction=sum(massive) / n,
-            first_token_fraction=float((tr.pos == 0).double().mean()),
-            channel_fraction=float((tr.ch == pk.channel).double().mean()))
-
-    embedding = layer_stats(-1, emb)
-    layer_list = [layer_stats(L, res[L], jump[L], before[L], ffn_at_peak[L] if L in dx else None) for L in layers]
-    down_list = []
-    for c in downs:
-        W = _weight_matrix(modules[c.name], c)
-        ip, op = dx[c.layer].peak(), dy[c.layer].peak()
-        sw = _super_weight(W, x_at_peak[c.layer][op.sample], op, ip, n_column_outliers)
-        down_list.append(DownProjStats(
-            name=c.name, layer=c.layer, input_peak=ip, output_peak=op,
-            input_median_max=float(dx[c.layer].max.median()), output_median_max=float(dy[c.layer].max.median()),
-            first_token_energy=float(first_energy[c.layer].mean()), super_weight=sw))
-    return ActivationReport(n_samples=n, n_tokens=n_tokens, criterion=criterion, embedding=embedding,
-                            layers=layer_list, down_proj=down_list, candidates=cands, seconds=seconds)
+    col = ActivationCollector(cands, downs, len(encoded), criterion=criterion, n_column_outliers=n_column_outliers)
+    stats = run_pass(model, encoded, [col], batch_size=batch_size, show_progress=show_progress, desc="activations")
+    return col.result(seconds=stats.seconds)
 
 
 def _super_weight(W, x_row, out_peak: Peak, in_peak: Peak, n_outliers: int) -> SuperWeight | None:
@@ -404,7 +508,8 @@ def _super_weight(W, x_row, out_peak: Peak, in_peak: Peak, n_outliers: int) -> S
 
     if x_row is None:
         return None
-    Wf = W.float().cpu()
+    Wf = W.float()  # where the weights are: on a GPU, an 8B model's down_proj need not cross to the CPU
+    x_row = x_row.to(Wf.device)
     j = out_peak.channel
     contrib = x_row * Wf[j]
     k = int(contrib.abs().argmax())

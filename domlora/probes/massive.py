@@ -162,8 +162,14 @@ def choose_from_doc(doc: dict | None, mods: dict[str, dict], probe: dict | None 
         ConfigError: no document, not a massive.json, or a module this model does not have.
     """
     if doc is None:
-        raise ConfigError("strategy `massive` needs the forward-only prediction; fix: run `domlora diagnose "
-                          "--model M --data D --out DIR` and pass DIR/massive.json as the activations document")
+        if probe is not None and "signals" in probe and "activations" not in probe["signals"]:
+            raise ConfigError("strategy `massive` needs the forward-only prediction, but this probe ran without the "
+                              "activation statistics (`domlora probe --no-activations`); fix: rerun `domlora probe` "
+                              "without --no-activations, or pass --activations FILE (a massive.json of the same "
+                              "model)")
+        raise ConfigError("strategy `massive` needs the forward-only prediction (massive.json, which `domlora probe` "
+                          "writes unless --no-activations, as does `domlora diagnose`); fix: pass --activations "
+                          "DIR/massive.json, or rerun `domlora probe` without --no-activations")
     if not isinstance(doc, dict) or doc.get("kind") != DOC_KIND or not doc.get("predicted"):
         raise ConfigError("the activations document is not a massive.json (no `kind: massive` / `predicted`); "
                           "fix: pass the massive.json written by `domlora diagnose`")

@@ -11,19 +11,20 @@ its input X and a tensor hook on its output receives D, turning the pair into pe
 norms by the cheaper of the direct product and the ghost-norm identity
 `||D^T X||_F^2 = sum_{t,s} (X X^T)_{ts} (D D^T)_{ts}`. For the ghost norm the forward hook
 keeps only the (masked, lower block-triangular) Gram X X^T, shared by the modules that read
-the same input (q/k/v, gate/up), so X is not held until the backward pass.
+the same input (q/k/v, gate/up), so X is not held until the backward pass. The hooks are a
+`PageCollector`, run by `probes.runner.run_pass` alone (`page_probe`) or in the one pass that
+also gives NFN and the activation statistics (`probes.step0.step0_probe`).
 """
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from domlora.errors import ConfigError
 from domlora.modules import Candidate, find_candidates
-from domlora.samples import EncodeReport, Encoded, iter_batches, model_losses
+from domlora.samples import EncodeReport, Encoded
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +130,24 @@ def _row_blocks(T: int) -> list[tuple[int, int]]:
     return [(i, min(i + b, T)) for i in range(0, T, b)]
 
 
-def _gram_rows(M, blocks):
-    """Block rows of the lower triangle of M M^T: [M_i M_{<=i}^T] for each row block i."""
+def _bmm_acc(a, b, acc):
+    """a @ b in the accumulation dtype `acc`. Half-precision CUDA inputs go to the tensor cores as they are,
+    with a float32 result (their values are exact in float32, so this is the float32 product, ~10x faster);
+    anything else is cast to `acc` first."""
     import torch
 
-    return [torch.bmm(M[:, i:j], M[:, :j].transpose(1, 2)) for i, j in blocks]
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and acc == torch.float32:
+        try:
+            return torch.bmm(a, b, out_dtype=acc)
+        except (TypeError, RuntimeError):  # pragma: no cover - a torch without bmm(out_dtype=)
+            pass
+    return torch.bmm(a.to(acc), b.to(acc))
+
+
+def _gram_rows(M, blocks, acc=None):
+    """Block rows of the lower triangle of M M^T: [M_i M_{<=i}^T] for each row block i (in dtype `acc`)."""
+    acc = acc or M.dtype
+    return [_bmm_acc(M[:, i:j], M[:, :j].transpose(1, 2), acc) for i, j in blocks]
 
 
 def _reduce_input(X, keep, *, method: str, d_in: int, d_out_group: int) -> dict:
@@ -148,12 +162,11 @@ def _reduce_input(X, keep, *, method: str, d_in: int, d_out_group: int) -> dict:
     acc = torch.float64 if X.dtype == torch.float64 else torch.float32
     T = X.shape[1]
     m = method if method != "auto" else _cheaper(T, d_in, d_out_group)
-    X = X.to(acc)
-    keep = keep.to(acc).reshape(X.shape[0], T)
     if m == "direct":
-        return {"method": m, "X": X * keep.unsqueeze(-1)}
+        return {"method": m, "X": X.to(acc) * keep.to(acc).reshape(X.shape[0], T, 1)}
+    keep = keep.to(acc).reshape(X.shape[0], T)
     blocks = _row_blocks(T)
-    rows = _gram_rows(X, blocks)
+    rows = _gram_rows(X, blocks, acc)
     masked = not bool(keep.all())
     for r, (i, j) in zip(rows, blocks):
         if masked:
@@ -168,9 +181,8 @@ def _sq_norms_from(entry: dict, D):
 
     if entry["method"] == "ghost":
         # sum_ts (X X^T)_ts (D D^T)_ts over the lower block triangle, each block row multiplied in place
-        D = D.to(entry["XX"][0].dtype)
         total = None
-        for xr, dr in zip(entry["XX"], _gram_rows(D, entry["blocks"])):
+        for xr, dr in zip(entry["XX"], _gram_rows(D, entry["blocks"], entry["XX"][0].dtype)):
             part = dr.mul_(xr).sum(dim=(1, 2))
             total = part if total is None else total + part
         return 2 * total
@@ -179,108 +191,61 @@ def _sq_norms_from(entry: dict, D):
     return torch.stack([torch.linalg.matrix_norm(D[i].T @ X[i]) ** 2 for i in range(D.shape[0])])
 
 
-def _input_groups(model, modules: dict, cands: Sequence[Candidate], input_ids, device) -> list[int]:
-    """Group id per candidate: modules that read the very same input tensor share one (one dry forward).
+class PageCollector:
+    """PAGE's hooks: per candidate, a forward hook reduces the input X (shared within an input
+    group) and a tensor hook on the output turns the gradient D into per-sample ||D_i^T X_i||^2."""
 
-    Raises:
-        ConfigError: a module runs more than once per forward pass (shared weights), where the
-            per-call norms would not add up to the per-sample norm.
-    """
-    import torch
+    needs_backward = True
 
-    group = [-1 - j for j in range(len(cands))]  # modules that never run keep a group of their own
-    keys: dict = {}
-    calls = [0] * len(cands)
-    held = []  # keep every input alive, so no address is reused within the pass
+    def __init__(self, candidates: Sequence[Candidate], n_samples: int, *, method: str = "auto",
+                 exclude_positions: Sequence[int] | Callable | None = None):
+        if method not in ("auto", "direct", "ghost"):
+            raise ConfigError(f"method must be auto, direct or ghost, got {method!r}")
+        self.candidates = list(candidates)
+        self.n = n_samples
+        self.method = method
+        self.exclude = exclude_positions
+        self.methods: dict[str, str] = {}
+        self.state: dict = {}
+        self.per_sample = None
 
-    def hook(j: int):
-        def fn(_mod, inputs, _out):
-            x = inputs[0]
-            held.append(x)
-            calls[j] += 1
-            group[j] = keys.setdefault((x.data_ptr(), tuple(x.shape), tuple(x.stride())), len(keys))
-        return fn
+    def attach(self, ctx) -> list:
+        import torch
 
-    handles = [modules[c.name].register_forward_hook(hook(j)) for j, c in enumerate(cands)]
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.tensor([list(input_ids[:4])], device=device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    twice = [c.name for c, k in zip(cands, calls) if k > 1]
-    if twice:
-        raise ConfigError(f"modules run more than once per forward pass (shared weights): {twice[:3]}; PAGE's "
-                          "per-sample norms need one call per module; fix: pass `candidates` without them")
-    return group
+        cands = self.candidates
+        twice = [c.name for c in cands if ctx.calls.get(c.name, 0) > 1]
+        if twice:
+            raise ConfigError(f"modules run more than once per forward pass (shared weights): {twice[:3]}; "
+                              "PAGE's per-sample norms need one call per module; fix: pass `candidates` "
+                              "without them")
+        # per-sample norms accumulate where the model runs (no device sync per module); float64 but on MPS
+        acc_device = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+        self.acc_device = acc_device
+        self.per_sample = torch.zeros((self.n, len(cands)), dtype=torch.float64, device=acc_device)
+        members: dict[int, list[int]] = {}
+        for j, c in enumerate(cands):
+            members.setdefault(ctx.group[c.name], []).append(j)
+        return [ctx.modules[c.name].register_forward_hook(self._hook(j, c, ctx.group[c.name], members))
+                for j, c in enumerate(cands)]
 
+    def _hook(self, j: int, cand: Candidate, group: int, members: dict[int, list[int]]):
+        import torch
 
-def _input_embedding_requires_grad(model):
-    emb = model.get_input_embeddings()
-    return emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-
-
-def page_probe(model, encoded: Sequence[Encoded], *, alpha: float = 16.0, rank: int = 8,
-               batch_size: int = 1, candidates: Sequence[Candidate] | None = None,
-               method: str = "auto", show_progress: bool = False,
-               exclude_positions: Sequence[int] | Callable | None = None) -> PageResult:
-    """Score every candidate module by PAGE on the pretrained model (step 0).
-
-    Args:
-        model: a causal LM; its parameters are left frozen and untouched.
-        encoded: tokenised probe samples (see `samples.encode_samples`).
-        alpha, rank: the LoRA shape PAGE is computed for (only a scale per d_in).
-        batch_size: samples per forward/backward; results do not depend on it. 1 (the default)
-            keeps memory lowest; larger batches only pay off where the model is too small to
-            fill the device (on a CPU, 1 was as fast as 2, 4 or 8, see bench/probe.py).
-        candidates: modules to score (default: all of `find_candidates(model)`).
-        method: `auto`, `direct` or `ghost` for every module.
-        exclude_positions: token positions whose module inputs are left out of every G_i
-            (e.g. `[0]`, the first / sink token), or `fn(sample_indices, batch) -> bool (B, T)`
-            marking them per sample. The forward pass and the output gradients D are unchanged;
-            only X's rows at those positions are zeroed, so S measures what flows through the rest.
-
-    Raises:
-        ConfigError: alpha/rank <= 0 or an empty probe set.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    check_lora_shape(alpha, rank)
-    if not encoded:
-        raise ConfigError("the probe set is empty; fix: pass at least one sample with an assistant turn")
-    if method not in ("auto", "direct", "ghost"):
-        raise ConfigError(f"method must be auto, direct or ghost, got {method!r}")
-    cands = list(candidates) if candidates is not None else find_candidates(model)
-    modules = dict(model.named_modules())
-    missing = [c.name for c in cands if c.name not in modules]
-    if missing:
-        raise ConfigError(f"modules not in this model: {missing[:5]}")
-    device = next(model.parameters()).device
-    pad_id = getattr(model.config, "pad_token_id", None) or 0
-
-    n = len(encoded)
-    # per-sample norms accumulate where the model runs (no device sync per module); float64 but on MPS
-    acc_device = device if device.type == "cuda" else torch.device("cpu")
-    per_sample = torch.zeros((n, len(cands)), dtype=torch.float64, device=acc_device)
-    used_method: dict[str, str] = {}
-    state: dict = {}
-    handles = []
-
-    def make_hooks(j: int, cand: Candidate, members: list[int]):
-        d_out_group = sum(cands[k].d_out for k in members)
+        d_out_group = sum(self.candidates[k].d_out for k in members[group])
+        n_members = len(members[group])
+        state, per_sample, methods = self.state, self.per_sample, self.methods
 
         def fwd(_mod, inputs, output):
             if not output.requires_grad:
                 return
             # the first module of a group that reads one input (q/k/v, gate/up) reduces X for all of them
-            entry = state["groups"].get(group[j])
+            entry = state["groups"].get(group)
             if entry is None:
-                entry = _reduce_input(inputs[0].detach(), state["mask"], method=method, d_in=cand.d_in,
+                entry = _reduce_input(inputs[0].detach(), state["mask"], method=self.method, d_in=cand.d_in,
                                       d_out_group=d_out_group)
-                entry["left"] = len(members)
-                state["groups"][group[j]] = entry
-            used_method[cand.name] = entry["method"]
+                entry["left"] = n_members
+                state["groups"][group] = entry
+            methods[cand.name] = entry["method"]
             idx = state["idx"]
 
             def on_grad(D):
@@ -293,50 +258,59 @@ def page_probe(model, encoded: Sequence[Encoded], *, alpha: float = 16.0, rank: 
             output.register_hook(on_grad)
         return fwd
 
-    # freeze every parameter while probing (a user's model may be trainable), restore afterwards
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    had_grad = {id(p) for p in model.parameters() if p.grad is not None}
-    for p in trainable:
-        p.requires_grad_(False)
-    was_training = model.training
-    model.eval()
-    t0 = time.perf_counter()
-    try:
-        group = _input_groups(model, modules, cands, encoded[0].input_ids, device)
-        members: dict[int, list[int]] = {}
-        for j, g in enumerate(group):
-            members.setdefault(g, []).append(j)
-        for j, c in enumerate(cands):
-            handles.append(modules[c.name].register_forward_hook(make_hooks(j, c, members[group[j]])))
-        handles.append(_input_embedding_requires_grad(model))
-        batches = list(range(0, n, batch_size))
-        it = iter_batches(encoded, batch_size=batch_size, pad_id=pad_id, device=device)
-        for idx, batch in tqdm(it, total=len(batches), desc="PAGE probe", disable=not show_progress, unit="batch"):
-            state["idx"] = torch.tensor(idx, device=acc_device)
-            state["groups"] = {}
-            keep = batch["attention_mask"]
-            if exclude_positions is not None:
-                keep = keep * ~excluded_positions(exclude_positions, idx, batch)
-            state["mask"] = keep.unsqueeze(-1)
-            with torch.enable_grad():
-                losses = model_losses(model, batch)  # logits only where a target is predicted
-                if not torch.isfinite(losses).all():
-                    raise ConfigError("the probe loss is not finite; fix: check the model dtype (use float32 on CPU)")
-                losses.sum().backward()
-            del losses
-            state["groups"] = {}
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-        for p in trainable:
-            p.requires_grad_(True)
-    seconds = time.perf_counter() - t0
-    leaked = [name for name, p in model.named_parameters() if p.grad is not None and id(p) not in had_grad]
-    if leaked:  # pragma: no cover - guards the no-weight-gradient contract
-        raise RuntimeError(f"PAGE probe allocated weight gradients: {leaked[:3]}")
-    per_sample = per_sample.cpu()
-    S = per_sample.mean(0)
-    return PageResult(candidates=cands, S={c.name: float(S[j]) for j, c in enumerate(cands)},
-                      per_sample=per_sample.tolist(), alpha=float(alpha), rank=int(rank), n_samples=n,
-                      seconds=seconds, methods=used_method)
+    def start_batch(self, idx: list[int], batch: dict) -> None:
+        import torch
+
+        self.state["idx"] = torch.tensor(idx, device=self.acc_device)
+        self.state["groups"] = {}
+        keep = batch["attention_mask"]
+        if self.exclude is not None:
+            keep = keep * ~excluded_positions(self.exclude, idx, batch)
+        self.state["mask"] = keep.unsqueeze(-1)
+
+    def end_batch(self) -> None:
+        self.state["groups"] = {}
+
+    def result(self, *, alpha: float, rank: int, seconds: float) -> PageResult:
+        per_sample = self.per_sample.cpu()
+        S = per_sample.mean(0)
+        return PageResult(candidates=self.candidates, S={c.name: float(S[j]) for j, c in enumerate(self.candidates)},
+                          per_sample=per_sample.tolist(), alpha=float(alpha), rank=int(rank), n_samples=self.n,
+                          seconds=seconds, methods=dict(self.methods))
+
+
+def page_probe(model, encoded: Sequence[Encoded], *, alpha: float = 16.0, rank: int = 8,
+               batch_size: int = 1, candidates: Sequence[Candidate] | None = None,
+               method: str = "auto", show_progress: bool = False,
+               exclude_positions: Sequence[int] | Callable | None = None) -> PageResult:
+    """Score every candidate module by PAGE on the pretrained model (step 0).
+
+    `probes.step0.step0_probe` computes the same numbers in the pass that also yields NFN and the
+    activation statistics.
+
+    Args:
+        model: a causal LM; its parameters are left frozen and untouched.
+        encoded: tokenised probe samples (see `samples.encode_samples`).
+        alpha, rank: the LoRA shape PAGE is computed for (only a scale per d_in).
+        batch_size: samples per forward/backward; results do not depend on it, memory does
+            (`probes.budget.plan_batch_size` picks one from a memory budget).
+        candidates: modules to score (default: all of `find_candidates(model)`).
+        method: `auto`, `direct` or `ghost` for every module.
+        exclude_positions: token positions whose module inputs are left out of every G_i
+            (e.g. `[0]`, the first / sink token), or `fn(sample_indices, batch) -> bool (B, T)`
+            marking them per sample. The forward pass and the output gradients D are unchanged;
+            only X's rows at those positions are zeroed, so S measures what flows through the rest.
+
+    Raises:
+        ConfigError: alpha/rank <= 0, an empty probe set, an unknown method, modules not in the
+            model or run more than once per forward pass.
+    """
+    from domlora.probes.runner import run_pass
+
+    check_lora_shape(alpha, rank)
+    if not encoded:
+        raise ConfigError("the probe set is empty; fix: pass at least one sample with an assistant turn")
+    cands = list(candidates) if candidates is not None else find_candidates(model)
+    col = PageCollector(cands, len(encoded), method=method, exclude_positions=exclude_positions)
+    stats = run_pass(model, encoded, [col], batch_size=batch_size, show_progress=show_progress, desc="PAGE probe")
+    return col.result(alpha=alpha, rank=rank, seconds=stats.seconds)
