@@ -99,6 +99,8 @@ class MethodSpec:
     """paper tables this method belongs to"""
     label: str | None = None
     """name in reports"""
+    peer: dict[str, Any] = field(default_factory=dict)
+    """options of a placement peer (`domlora.peers.OPTIONS`: kappa, aletheia, massive; eva's are train keys)"""
     train: dict[str, Any] = field(default_factory=dict)
     """overrides of `train.TrainConfig` (written flat in params.yaml, beside the keys above)"""
     sparse_b: SparseBSpec | None = None
@@ -267,7 +269,7 @@ def _parse_method(where: str, d, base: TrainConfig) -> MethodSpec:
     over = {k: v for k, v in d.items() if k not in METHOD_KEYS}
     m = from_dict(MethodSpec, own, where=where)
     # the overrides are checked here, with the base they apply to, before any work starts
-    from_dict(TrainConfig, dataclasses.asdict(base) | over, where=where)
+    resolved = from_dict(TrainConfig, dataclasses.asdict(base) | over, where=where)
     if m.placement not in STRATEGIES:
         raise ConfigError(f"params.yaml: `{where}.placement` is {m.placement!r}{close_matches(m.placement, STRATEGIES)}; "
                           f"allowed: {', '.join(sorted(STRATEGIES))}")
@@ -276,7 +278,30 @@ def _parse_method(where: str, d, base: TrainConfig) -> MethodSpec:
         raise ConfigError(f"params.yaml: `{where}.tables` has {bad}; allowed: {list(PAPER_TABLES)}")
     if m.grpo is not None and m.placement not in ("all", "explicit", "types", "dom", "page_argmax", "page_topk"):
         raise ConfigError(f"params.yaml: `{where}`: GRPO trains a LoRA on a fixed placement; {m.placement!r} is not one")
+    _check_peer(where, m, resolved)
     return dataclasses.replace(m, train=over)
+
+
+def _check_peer(where: str, m: MethodSpec, cfg: TrainConfig) -> None:
+    """Peer options only for the strategies that take them, each option known to its peer."""
+    from domlora.peers import OPTIONS, parse_options
+
+    if m.placement == "eva":
+        if m.peer:
+            raise ConfigError(f"params.yaml: `{where}.peer`: EVA's settings are training keys (rank, alpha, eva_rho, "
+                              "eva_tau, eva_samples, eva_batch_size), so that the placement and the initialisation "
+                              "agree; fix: move them out of `peer`")
+        if cfg.lora_init != "eva":
+            raise ConfigError(f"params.yaml: `{where}` places by EVA but trains with PEFT's default initialisation; "
+                              "fix: add `lora_init: eva`")
+    elif m.peer:
+        if m.placement not in OPTIONS:
+            raise ConfigError(f"params.yaml: `{where}.peer`: strategy {m.placement!r} takes no peer options; peer "
+                              f"options belong to {', '.join(p for p in OPTIONS if p != 'eva')}")
+        try:
+            parse_options(m.placement, m.peer)
+        except ConfigError as exc:
+            raise ConfigError(f"params.yaml: `{where}.peer`: {exc}") from None
 
 
 def parse_profile(d: dict, *, name: str = "run") -> Params:
