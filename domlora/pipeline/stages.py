@@ -215,9 +215,10 @@ def select_stage(params, model: str, dataset: str, method: str, *, layout) -> di
         peer = {"model": params.models[model], "options": peer_options(params, method),
                 "data": None if split is None else layout.split(probe_set if split == "probe" else dataset, split),
                 "samples": params.probe.samples, "max_length": params.probe_max_length()}
+    size = params.tune.budgets[m.budget].modules if m.budget is not None and params.tune is not None else None
     return select_placement(probe_path=layout.page_json(model, probe_set), strategy=m.placement,
                             out=layout.placement(model, dataset, method), k=m.k, types=tuple(m.types),
-                            layers=tuple(m.layers_for(model)), seed=0, **peer)
+                            layers=tuple(m.layers_for(model)), seed=0, n_modules=size, **peer)
 
 
 def peer_options(params, method: str) -> dict:
@@ -243,6 +244,11 @@ def train_stage(params, cell, *, layout, tracker=None, show_progress: bool = Fal
     m = params.methods[cell.method]
     spec = params.models[cell.model]
     cfg = params.train_config(cell.method, seed=cell.seed)
+    from domlora.pipeline.tune import cell_overrides
+
+    tuned = cell_overrides(params, cell, layout=layout)  # a budget class's chosen lr and training samples
+    if tuned:
+        cfg = cfg.replace(**tuned)
     out_dir = layout.run_dir(cell)
     placement = layout.placement(cell.model, cell.dataset, cell.method)
     data = layout.split(cell.dataset, "train")
