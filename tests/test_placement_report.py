@@ -11,7 +11,7 @@ import yaml
 
 from domlora.pipeline.params import Cell, parse_profile
 from domlora.pipeline.paths import Layout
-from domlora.pipeline.placement_report import collect, describe_modules, flat_ratio, write_placement_report
+from domlora.pipeline.placement_report import collect, describe_modules, flat_share, write_placement_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DOM = "model.layers.11.mlp.down_proj"
@@ -67,10 +67,11 @@ def test_rows_aggregate_seeds_and_read_costs(tmp_path, params):
     assert out["figures"] and Path(out["figures"][0]).is_file()
 
 
-def test_flat_ratio_and_module_descriptions():
-    assert flat_ratio([1.0] * 8) == 1.0
-    assert flat_ratio([4, 4, 3, 3, 2, 2, 1, 1]) == pytest.approx(1 / 2)
-    assert flat_ratio([1, 2, 3]) is None
+def test_flat_share_and_module_descriptions():
+    assert flat_share([4, 4, 3, 3, 2, 2, 1, 1]) == pytest.approx(1 / 3)  # (2 - 1) / (4 - 1)
+    assert flat_share([4, 4, 1.2, 1.2, 1.05, 1.05, 1.0, 1.0]) == pytest.approx(0.05 / 3)
+    assert flat_share([1.0] * 8) is None  # no improvement to share
+    assert flat_share([1, 2, 3]) is None
     table = {f"model.layers.{i}.mlp.{t}": {"type": t, "layer": i} for i in range(3) for t in ("up_proj", "down_proj")}
     assert describe_modules(list(table), table) == "6: up_proj x3, down_proj x3 in 3 layers (0-2)"
     assert describe_modules([], {}) == "–"

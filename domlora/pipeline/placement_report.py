@@ -21,9 +21,9 @@ from domlora.pipeline.params import Cell, Params
 from domlora.pipeline.paths import Layout
 
 MISSING = "–"
-FLAT_RATIO = 0.9
-"""a run's loss counts as flattened when the mean over its last quarter of steps is at least this fraction
-of the mean over the quarter before (it fell by less than 10% over the last quarter of training)"""
+FLAT_SHARE = 0.1
+"""a run's loss counts as flattened when its last quarter of steps brought at most this share of the whole
+run's improvement: (mean of the third quarter - mean of the last) <= 0.1 x (mean of the first - mean of the last)"""
 STRATEGY_PROBE = {"dom": "page", "page_argmax": "page", "page_topk": "page", "plop": "nfn", "plop_inverse": "nfn"}
 
 
@@ -34,14 +34,19 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def flat_ratio(loss: list) -> float | None:
-    """Mean loss over the last quarter of steps / the mean over the quarter before (None: too few steps)."""
+def flat_share(loss: list) -> float | None:
+    """The share of a run's loss improvement that its last quarter of steps brought (None: too few steps).
+
+    (mean over the third quarter - mean over the last) / (mean over the first - mean over the last), on the
+    per-step training loss; quarter means smooth the noise of small batches.
+    """
     vals = [v for v in loss if isinstance(v, (int, float)) and math.isfinite(v)]
     q = len(vals) // 4
     if q < 2:
         return None
-    before = statistics.fmean(vals[-2 * q:-q])
-    return statistics.fmean(vals[-q:]) / before if before > 0 else None
+    first, third, last = (statistics.fmean(vals[:q]), statistics.fmean(vals[-2 * q:-q]),
+                          statistics.fmean(vals[-q:]))
+    return (third - last) / (first - last) if first > last else None
 
 
 def mean_se(values: list[float]) -> tuple[float | None, float | None, int]:
@@ -118,7 +123,7 @@ def collect(params: Params, layout: Layout) -> list[dict]:
                     scores = _read(layout.scores_json(c)) or {}
                     if rec.get("status") == "success":
                         params_n.append(rec.get("trainable_params"))
-                        ratios.append(flat_ratio(rec.get("loss") or []))
+                        ratios.append(flat_share(rec.get("loss") or []))
                         lrs.append((rec.get("config") or {}).get("lr"))
                     if em_key in scores or nll_key in scores:
                         done += 1
@@ -138,8 +143,8 @@ def collect(params: Params, layout: Layout) -> list[dict]:
                     "modules_text": describe_modules(list((placement or {}).get("modules") or []), table or {}),
                     "em": em[0], "em_se": em[1], "nll": nll[0], "nll_se": nll[1], "seeds": em[2] or nll[2],
                     "cells": len(cells), "cells_done": done,
-                    "flat_ratio_min": min(flats) if flats else None,
-                    "flattened": all(r >= FLAT_RATIO for r in flats) if flats else None,
+                    "flat_share_max": max(flats) if flats else None,
+                    "flattened": all(r <= FLAT_SHARE for r in flats) if flats else None,
                 })
     return rows
 
@@ -253,8 +258,8 @@ def write_placement_report(params: Params, layout: Layout) -> dict:
              "negative log-likelihood of the reference answers, assistant tokens only (nats per token; lower is "
              "better). Probe cost: what choosing the placement took (the PAGE / NFN probe's time from its file, or "
              "the peer's wall time and peak memory above the loaded model, measured in the select stage). "
-             f"Flat: the last quarter's mean training loss is within {100 * (1 - FLAT_RATIO):.0f}% of the quarter "
-             "before, in every seed (the smallest ratio in brackets). Protocol: "
+             f"Flat: in every seed the last quarter of training steps brought at most {100 * FLAT_SHARE:.0f}% of the "
+             "run's loss improvement (quarter means of the training loss; the largest share in brackets). Protocol: "
              "[docs/placement.md](../docs/placement.md).", ""]
     figs = []
     for model in params.grid.models:
@@ -270,7 +275,7 @@ def write_placement_report(params: Params, layout: Layout) -> dict:
                       f"| base model | | | 0 | | | {_fmt(base[0])} | {_fmt(base[1], digits=4)} | | |"]
             for r in sel:
                 flat = MISSING if r["flattened"] is None else \
-                    f"{'yes' if r['flattened'] else 'no'} ({r['flat_ratio_min']:.2f})"
+                    f"{'yes' if r['flattened'] else 'no'} ({r['flat_share_max']:.2f})"
                 lines.append(f"| {r['label']} | {r['budget'] or MISSING} | {MISSING if r['lr'] is None else format(r['lr'], 'g')} "
                              f"| {_fmt_params(r['trainable_params'])} | {_fmt_cost(r['cost'])} | {r['modules_text']} "
                              f"| {_fmt(r['em'], r['em_se'])} | {_fmt(r['nll'], r['nll_se'], digits=4)} "
