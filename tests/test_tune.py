@@ -89,7 +89,9 @@ class TestProfile:
 
 
 def test_cells_sweeps_and_tunes(placement_doc):
-    p = _parse(placement_doc)
+    d = copy.deepcopy(placement_doc)
+    d["tune"]["reuse_from"] = None  # each dataset sweeps its own rates
+    p = _parse(d)
     cells = p.cells()
     assert {c.seed for c in cells if c.method == "dom"} == {0, 1, 2}
     assert {c.seed for c in cells if c.method == "lora"} == {0}  # broad: one seed
@@ -100,9 +102,8 @@ def test_cells_sweeps_and_tunes(placement_doc):
     assert Sweep.parse("smol-arith-dom-lr2") == Sweep("smol", "arith", "dom", 2)
     with pytest.raises(ConfigError):
         Sweep.parse("smol-arith-dom-2")
-    d = copy.deepcopy(placement_doc)
-    d["tune"]["reuse_from"] = "arith"
-    p2 = _parse(d)
+    p2 = _parse(placement_doc)  # the profile sweeps once, on arith
+    assert p2.tune.reuse_from == "arith"
     assert {s.dataset for s in sweeps(p2)} == {"arith"} and {t[1] for t in tunes(p2)} == {"arith"}
 
 
@@ -110,7 +111,8 @@ def test_grid_doc_gives_each_cell_its_lr_source(placement_doc):
     from domlora.pipeline.grid import grid_doc
 
     doc = grid_doc(_parse(placement_doc))
-    assert doc["cells"]["smol-strings-dom-1"]["lr_from"] == "placements/smol/strings/tuning/module.json"
+    # strings trains at the rate arith's sweep chose (tune.reuse_from)
+    assert doc["cells"]["smol-strings-dom-1"]["lr_from"] == "placements/smol/arith/tuning/module.json"
     assert doc["sweeps"]["smol-arith-eva-lr1"] == {"model": "smol", "dataset": "arith", "method": "eva",
                                                    "lr": "lr1", "budget": "broad"}
     assert doc["tunes"]["smol-arith-full"] == {"model": "smol", "dataset": "arith", "budget": "full"}
@@ -143,6 +145,9 @@ def test_tune_chooses_the_lowest_mean_and_counts_divergence_as_infinite(tmp_path
     assert json.loads(lay.tune_json("smol", "arith", "module").read_text())["lr"] == lrs[1]
     c = Cell("smol", "arith", "dom", 2)
     assert cell_overrides(p, c, layout=lay) == {"lr": lrs[1], "limit_samples": 384 - 64}
+    # strings reads arith's choice and still keeps its own validation split out of training
+    assert cell_overrides(p, Cell("smol", "strings", "dom", 0), layout=lay) == {"lr": lrs[1],
+                                                                                "limit_samples": 384 - 64}
 
 
 def test_tune_refuses_missing_and_stale_sweeps(tmp_path, placement_doc):
