@@ -1,8 +1,8 @@
 """Placement strategies: which modules get an adapter, as exact names plus the evidence.
 
-Pure functions over probe results (`page.json` / `nfn.json` dicts); no torch needed.
-Every strategy returns fully-qualified module names, which PEFT's `target_modules`
-matches exactly (no suffix surprises).
+Pure functions over probe results (`page.json` / `nfn.json` dicts, and the documents of the
+placement peers, `domlora.peers`); no torch needed. Every strategy returns fully-qualified
+module names, which PEFT's `target_modules` matches exactly (no suffix surprises).
 """
 from __future__ import annotations
 
@@ -184,6 +184,23 @@ def _random(spec, probe, nfn, mods):
     return names, {"seed": spec.seed, "k": spec.k}
 
 
+def _peer(name: str):
+    def choose(spec, probe, nfn, mods, peer=None):
+        if peer is None:
+            raise ConfigError(f"strategy `{name}` reads the model; fix: pass its peer document "
+                              f"(`domlora.peers.run_peer({name!r}, model)`), or run `domlora select --model M`")
+        if not isinstance(peer, dict) or peer.get("kind") != "peer" or peer.get("peer") != name:
+            raise ConfigError(f"strategy `{name}` got a document that is not {name}'s peer document "
+                              f"(kind {peer.get('kind') if isinstance(peer, dict) else type(peer).__name__!r}, "
+                              f"peer {peer.get('peer') if isinstance(peer, dict) else None!r})")
+        unknown = [n for n in peer["chosen"] if n not in mods]
+        if unknown:
+            raise ConfigError(f"{name} chose {unknown[0]}, which is not a module of this model's table (the peer ran "
+                              f"on {peer.get('model')!r}); fix: run the peer and the probe on the same model")
+        return list(peer["chosen"]), dict(peer.get("evidence") or {}) | {"options": peer.get("options", {})}
+    return choose
+
+
 STRATEGIES: dict[str, Callable] = {
     "dom": _dom,
     "page_argmax": _page_argmax,
@@ -195,6 +212,9 @@ STRATEGIES: dict[str, Callable] = {
     "explicit": _explicit,
     "random": _random,
     "massive": lambda spec, probe, nfn, mods, activations=None: _massive(probe, mods, activations),
+    "kappa": _peer("kappa"),
+    "aletheia": _peer("aletheia"),
+    "eva": _peer("eva"),
 }
 
 
@@ -211,10 +231,15 @@ def _massive(probe, mods, activations):
 
 # strategies that read the forward-only `massive.json` (passed to select() as `activations`)
 ACTIVATION_STRATEGIES = {"massive"}
+# strategies that read a placement peer's document (`domlora.peers`, passed to select() as `peer`)
+PEER_STRATEGIES = {"kappa", "aletheia", "eva"}
+# strategies whose input the select stage computes from the model itself when no document is given
+MODEL_STRATEGIES = PEER_STRATEGIES | ACTIVATION_STRATEGIES
 
 
 def select(spec: PlacementSpec, *, probe: dict | None = None, nfn: dict | None = None,
-           modules: dict[str, dict] | None = None, activations: dict | None = None) -> Placement:
+           modules: dict[str, dict] | None = None, activations: dict | None = None,
+           peer: dict | None = None) -> Placement:
     """Apply a strategy to probe results.
 
     Args:
@@ -222,14 +247,17 @@ def select(spec: PlacementSpec, *, probe: dict | None = None, nfn: dict | None =
         probe: a `page.json` dict (needed by dom / page_*; gives the module table).
         nfn: an `nfn.json` dict (needed by plop / plop_inverse).
         activations: a `massive.json` dict written by `domlora diagnose` (needed by `massive`).
+        peer: a peer document from `domlora.peers.run_peer` (needed by kappa / aletheia / eva).
         modules: the module table `{name: {"type", "layer", "d_in", "d_out"}}` when no probe is given.
     """
-    table = modules if modules is not None else (probe or nfn or activations or {}).get("modules")
+    table = modules if modules is not None else (probe or nfn or activations or peer or {}).get("modules")
     if not table:
         raise ConfigError("no module table: pass a probe result (page.json) or the model's candidates")
     if spec.strategy in ACTIVATION_STRATEGIES:
         names, evidence = STRATEGIES[spec.strategy](spec, probe, nfn, table, activations=activations)
+    elif spec.strategy in PEER_STRATEGIES:
+        names, evidence = STRATEGIES[spec.strategy](spec, probe, nfn, table, peer=peer)
     else:
         names, evidence = STRATEGIES[spec.strategy](spec, probe, nfn, table)
-    model = (probe or nfn or activations or {}).get("model")
+    model = (probe or nfn or activations or peer or {}).get("model")
     return Placement(strategy=spec.strategy, modules=list(names), evidence=evidence, model=model)

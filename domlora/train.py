@@ -96,6 +96,17 @@ class TrainConfig:
     layer_sampling: Literal["none", "ist", "rst"] = "none"
     """train every adapter each step (none), or a subset of layers per step sampled by learnt importance
     (ist, the reference IST) or uniformly (rst, IST's random-sampling ablation)"""
+    lora_init: Literal["default", "eva"] = "default"
+    """LoRA initialisation: PEFT's default (B = 0, A Kaiming-uniform), or EVA (`adapters.variants.init_eva`: A from
+    the SVD of each projection's inputs on the first `eva_samples` training samples, ranks redistributed)"""
+    eva_rho: float = 2.0
+    """EVA: a module gets at most rho x rank (PEFT's default)"""
+    eva_tau: float = 0.99
+    """EVA: cosine similarity at which the incremental SVD counts as converged (PEFT's default)"""
+    eva_samples: int = 64
+    """EVA: training samples (the first N of the file) its SVD reads"""
+    eva_batch_size: int = 16
+    """EVA: samples per forward pass (each batch needs at least rho x rank target tokens)"""
     lora_plus_ratio: float = 16.0
     """LoRA+: lr(B) / lr(A)"""
     adalora_target_r: int | None = None
@@ -183,6 +194,15 @@ class TrainConfig:
                 "layers on and off per step, which full-parameter training and AdaLoRA's rank allocator do not "
                 "support); fix: use lora, dora, lora_plus, rslora, gralora or norm with IST")
         self.ist_config(self.layer_sampling if self.layer_sampling != "none" else "ist")  # validates ist_*
+        if self.lora_init == "eva":
+            if self.variant not in ("lora", "rslora", "lora_plus"):
+                bad("lora_init", self.lora_init, f"default with variant {self.variant!r} (EVA initialises plain LoRA "
+                    "layers); fix: variant lora, rslora or lora_plus")
+            if self.layer_sampling != "none":
+                bad("lora_init", self.lora_init, "default with IST/RST layer sampling")
+        if self.eva_rho < 1 or not 0 <= self.eva_tau <= 1 or self.eva_samples < 1 or self.eva_batch_size < 1:
+            bad("eva_rho", (self.eva_rho, self.eva_tau, self.eva_samples, self.eva_batch_size),
+                "eva_rho >= 1, 0 <= eva_tau <= 1, eva_samples and eva_batch_size >= 1")
 
     def ist_config(self, mode: str = "ist"):
         """The `ist_*` fields as an `ISTConfig`; `mode` is the training method, ist or rst."""
@@ -259,6 +279,8 @@ class TrainRecord:
     """NoRM: kept rank per module after the reduction"""
     params_after_norm: int | None = None
     adalora_rank_pattern: dict | None = None
+    lora_init: dict | None = None
+    """EVA: the rank of every placed module after redistribution (0: left without an adapter), seconds"""
     run_info: dict = field(default_factory=dict)
 
     @property
@@ -509,6 +531,10 @@ def _variant_kwargs(cfg: TrainConfig, total_steps: int) -> dict:
                     adalora_beta2=cfg.adalora_beta2, adalora_orth_reg=cfg.adalora_orth_reg)
     if cfg.variant == "gralora":
         return dict(gralora_k=cfg.gralora_k)
+    if cfg.lora_init == "eva":
+        from peft import EvaConfig
+
+        return dict(init_lora_weights="eva", eva_config=EvaConfig(rho=cfg.eva_rho, tau=cfg.eva_tau))
     return {}
 
 
@@ -681,6 +707,12 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
         enable_checkpointing(net)
     net = attach(net, modules, variant=cfg.variant, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                  **_variant_kwargs(cfg, plan.total_steps))
+    init_doc = None
+    if cfg.lora_init == "eva":
+        from domlora.adapters.variants import init_eva
+
+        eva_enc, _ = encode_samples(loaded.tokenizer, samples[: cfg.eva_samples], max_length=cfg.max_length)
+        init_doc = init_eva(net, eva_enc, batch_size=cfg.eva_batch_size, pad_id=loaded.tokenizer.pad_token_id or 0)
     if cfg.variant == "full" and net.dtype != torch.float32:
         for p in net.parameters():  # keep trained weights in fp32 (autocast runs the matmuls in bf16)
             if p.requires_grad:
@@ -746,7 +778,8 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
             step_time_s=history["step_time_s"], tokens_seen=tokens, train_time_s=round(train_time, 3),
             wall_time_s=round(time.perf_counter() - t_call, 3),
             tokens_per_s=round(tokens / train_time, 2) if train_time > 0 else None,
-            peak_memory_mb=round(peak, 1), peak_memory_kind=kind, ist=ist.summary() if ist else None).to_dict()
+            peak_memory_mb=round(peak, 1), peak_memory_kind=kind, ist=ist.summary() if ist else None,
+            lora_init=init_doc).to_dict()
 
     lengths = [len(e.input_ids) for e in encoded]
     full_logits = cfg.variant == "adalora"

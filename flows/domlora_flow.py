@@ -43,8 +43,8 @@ GPU_SLOTS = "domlora-gpu"  # global concurrency limit: how many heavy stages may
 # A slot is leased and the lease renewed while its stage runs; the slots of a run that was killed
 # come back when the lease runs out (Prefect's default, 300 s, left a rerun idle for 5 minutes).
 SLOT_LEASE_S = 60
-HEAVY = frozenset({"probe", "train", "evaluate", "evaluate_base", "checkpoints"})
-"""stage kinds that load a model and hold a slot"""
+HEAVY = frozenset({"probe", "select", "sweep", "train", "evaluate", "evaluate_base", "checkpoints"})
+"""stage kinds that load a model (select: for the placement peers) and hold a slot"""
 DEFAULT_SLOTS = 2
 """the slots scripts/prefect_up.sh creates unless DOMLORA_GPU_SLOTS says otherwise"""
 STAGES_DEPLOYMENT = "domlora-stages/gpu"

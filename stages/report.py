@@ -1,4 +1,5 @@
-"""report stage: tables in the paper's layouts, PAGE heatmaps, loss curves, the dominant module summary.
+"""report stage: tables in the paper's layouts, PAGE heatmaps, loss curves, the dominant module summary, and
+the placement comparison (reports/placement.md).
 
 Run as: python -m stages.report
 """
@@ -9,6 +10,7 @@ import sys
 from domlora.cli import run_main, stage_parser
 from domlora.pipeline.grid import stage_params
 from domlora.pipeline.paths import Layout
+from domlora.pipeline.placement_report import write_placement_report
 from domlora.pipeline.report import write_report
 from domlora.pipeline.tracking import make_tracker
 
@@ -20,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         params = stage_params(a.params, a.profile, a.root)
         layout = Layout(a.root)
         write_report(params, layout, tracker=make_tracker(params), registry=layout.root / "registry" / "dominant_modules.json")
+        write_placement_report(params, layout)
     return run_main(go, name="stages.report")
 
 

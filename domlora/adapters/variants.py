@@ -239,6 +239,48 @@ def attach(model, placement_modules: Sequence[str], *, variant: str, rank: int, 
     return model
 
 
+def init_eva(model, encoded, *, batch_size: int, pad_id: int, show_progress: bool = False) -> dict:
+    """EVA: initialise an attached LoRA adapter (`init_lora_weights="eva"`) from training samples.
+
+    Runs PEFT's `initialize_lora_eva_weights` on `encoded` (batches of `batch_size` in order, the SVD on
+    assistant tokens only): each A becomes the top right-singular vectors of its module's inputs and
+    LoRA's rank budget (rank x modules) is redistributed by explained variance; a module whose share
+    is 0 loses its adapter. Call it after `attach` and before the optimizer is built.
+
+    Returns:
+        {"method": "eva", "ranks": {module: rank}, "zero_rank": [...], "seconds": float}
+    """
+    import time
+    import warnings
+
+    from peft import initialize_lora_eva_weights
+    from peft.tuners.lora import LoraLayer
+
+    from domlora.peers import _quiet_eva, check_eva, eva_batches, eva_forward
+
+    cfg = model.peft_config["default"]
+    if cfg.init_lora_weights != "eva":
+        raise ConfigError("EVA initialisation needs an adapter attached with init_lora_weights='eva'; fix: train "
+                          "with lora_init: eva")
+    placed = adapted_modules(model)
+    batches = eva_batches(list(encoded), batch_size=batch_size, pad_id=pad_id, device=next(model.parameters()).device)
+    check_eva(batches, rank=cfg.r, rho=cfg.eva_config.rho,
+              min_d_in=min(_projection_shapes(model, placed)[n][0] for n in placed))
+    t0 = time.perf_counter()
+    with _quiet_eva(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        initialize_lora_eva_weights(model, dataloader=batches, forward_fn=eva_forward, gather_distributed_inputs=False,
+                                    show_progress_bar=show_progress)
+    ranks = {n: 0 for n in placed}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer) and "default" in mod.r:
+            ranks[base_name(name)] = int(mod.r["default"])
+    seconds = time.perf_counter() - t0
+    logger.info("EVA initialised %d of %d modules in %.1f s", sum(r > 0 for r in ranks.values()), len(ranks), seconds)
+    return {"method": "eva", "ranks": ranks, "zero_rank": [n for n, r in ranks.items() if r == 0],
+            "seconds": round(seconds, 3)}
+
+
 def disable_input_grads(model) -> None:
     """Remove the input-embedding "require grad" hooks transformers and PEFT add, anywhere in `model`.
 

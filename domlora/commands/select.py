@@ -22,6 +22,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--types", default="", help="comma list of types or groups (ffn_all, attn_all)")
     p.add_argument("--layers", default="", help="comma list of layer indices (explicit; -1 = last)")
     p.add_argument("--seed", type=int, default=0, help="seed for `random`")
+    p.add_argument("--model", default=None, help="for the strategies that read the model (kappa, aletheia, eva, and "
+                                                 "massive without --activations): `embedded`, a hub id or a folder")
+    p.add_argument("--data", default=None, help="chat JSONL those strategies read (aletheia, massive: the probe set; "
+                                                "eva: the training data)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a peer option (value parsed as YAML), e.g. --option num_modules=1 for kappa; repeatable")
+    p.add_argument("--samples", type=int, default=32, help="samples of --data aletheia / massive read")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per sample for aletheia / massive")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -31,11 +39,27 @@ def _ints(text: str) -> tuple[int, ...]:
         raise DomloraError(f"--layers must be a comma list of integers, got {text!r}") from None
 
 
+def _options(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DomloraError(f"--option {item!r} must be KEY=VALUE, e.g. --option num_modules=1")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def run(a: argparse.Namespace) -> int:
     from domlora.pipeline.stages import select_placement
 
     doc = select_placement(probe_path=a.probe, strategy=a.strategy, out=a.out, nfn_path=a.nfn, k=a.k,
                            types=tuple(t for t in a.types.split(",") if t), layers=_ints(a.layers), seed=a.seed,
-                           activations_path=a.activations)
-    print(json.dumps({"strategy": doc["strategy"], "n_modules": doc["n_modules"], "modules": doc["modules"][:8]}))
+                           activations_path=a.activations, model=a.model, data=a.data, options=_options(a.option),
+                           samples=a.samples, max_length=a.max_length)
+    summary = {"strategy": doc["strategy"], "n_modules": doc["n_modules"], "modules": doc["modules"][:8]}
+    if "cost" in doc:
+        summary["cost"] = doc["cost"]
+    print(json.dumps(summary))
     return 0

@@ -55,6 +55,7 @@ from domlora.evaluate.stand_in import (
     stand_in_tasks,
 )
 from domlora.evaluate.tasks import (
+    NLL_TASKS,
     SELF_CONTAINED,
     TASKS,
     TaskSpec,
@@ -518,6 +519,11 @@ def _run_task(name: str, spec: TaskSpec, *, lm, tm, config_hash: str, gen_kwargs
             gen_key = hashlib.sha256(f"{run_key}:{config_hash}:{max_gen_toks}".encode()).hexdigest()[:16]
             body = run_mt_bench(lm, judge=judge, data_dir=data_dir, limit=limit, max_gen_toks=max_gen_toks,
                                  cache_path=mt_bench_cache, gen_key=gen_key, show_progress=show_progress)
+        elif name in NLL_TASKS:
+            from domlora.evaluate.nll import nll_task
+            from domlora.evaluate.scoring import resolve_eval_file
+
+            body = nll_task(lm, resolve_eval_file(data_dir, NLL_TASKS[name]), limit=limit)
         else:
             res = run_lm_eval(lm, tm, spec.lm_eval, limit=limit, chat_template=spec.chat_template,
                               gen_kwargs=gen_kwargs, allow_unsafe_code=exec_ok and spec.code_exec)

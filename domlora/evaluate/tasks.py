@@ -47,6 +47,12 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("strings", "strings", "generative, greedy, chat template, 0-shot; exact match of the final "
              "`#### answer` line (exact_match_flex: last line when it is missing)", "exact_match",
              local_data="strings"),
+    TaskSpec("arith_nll", None, "teacher-forced negative log-likelihood of the reference answers (assistant tokens "
+             "only, encoded as training encodes them), nats per token over the held-out split", "nll",
+             local_data="arith"),
+    TaskSpec("strings_nll", None, "teacher-forced negative log-likelihood of the reference answers (assistant tokens "
+             "only, encoded as training encodes them), nats per token over the held-out split", "nll",
+             local_data="strings"),
     TaskSpec("humaneval_local", "humaneval_local", "generative, greedy, chat template, the training prompt; "
              "first code block run against the problem's tests in the sandbox; pass@1", "pass@1",
              local_data="humaneval", code_exec=True),
@@ -93,7 +99,10 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
 
 
 
-SELF_CONTAINED = frozenset({"arith", "strings", "humaneval_local", "humaneval_sandbox", "humaneval_plus_sandbox",
+NLL_TASKS = {"arith_nll": "arith", "strings_nll": "strings"}
+"""held-out NLL tasks domlora computes itself (`domlora.evaluate.nll`) -> the dataset whose eval split they read"""
+
+SELF_CONTAINED = frozenset({"arith", "strings", "arith_nll", "strings_nll", "humaneval_local", "humaneval_sandbox", "humaneval_plus_sandbox",
                             "mt_bench", "commonsense_qa_gen", "truthfulqa_mc1_gen", "logiqa_gen"})
 """tasks that need none of lm-eval's own task library (indexing it takes ~15 s)"""
 

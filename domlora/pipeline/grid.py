@@ -23,7 +23,16 @@ HEADER = ("# Generated from params.yaml by `domlora grid` (also run by `domlora 
 
 
 def grid_doc(params: Params) -> dict:
-    """The stage instances of a profile: datasets, probes, selects, cells and base evaluations."""
+    """The stage instances of a profile: datasets, probes, selects, sweeps and tunes (learning rate per budget
+    class), cells and base evaluations.
+
+    A cell's `lr_from` is the file its learning rate comes from: its budget class's tune output, or (a method
+    without a class) its placement, already a dependency, so that DVC sees no new one.
+    """
+    from domlora.pipeline.paths import Layout
+    from domlora.pipeline.tune import sweeps, tunes
+
+    layout = Layout(Path("."))
     cells = params.cells()
     models = [m for m in params.grid.models if any(c.model == m for c in cells)]
     probed = list(dict.fromkeys(params.grid.probe_models + models))
@@ -37,10 +46,21 @@ def grid_doc(params: Params) -> dict:
         "datasets": list(params.grid.probe_datasets),
         "probes": {f"{m}-{d}": {"model": m, "dataset": d} for m in probed for d in params.grid.probe_datasets},
         "selects": selects,
-        "cells": {c.id: {"model": c.model, "dataset": c.dataset, "method": c.method, "seed": c.seed} for c in cells},
+        "sweeps": {s.id: {"model": s.model, "dataset": s.dataset, "method": s.method, "lr": f"lr{s.index}",
+                          "budget": params.methods[s.method].budget} for s in sweeps(params)},
+        "tunes": {f"{m}-{d}-{b}": {"model": m, "dataset": d, "budget": b} for m, d, b in tunes(params)},
+        "cells": {c.id: {"model": c.model, "dataset": c.dataset, "method": c.method, "seed": c.seed,
+                         "lr_from": _lr_from(params, layout, c)} for c in cells},
         "bases": {f"{m}-{d}": {"model": m, "dataset": d} for m in models for d in params.grid.datasets},
         "checkpoint_studies": {f"{m}-{d}": {"model": m, "dataset": d} for m, d in params.checkpoint_studies()},
     }
+
+
+def _lr_from(params: Params, layout, cell) -> str:
+    budget = params.methods[cell.method].budget
+    path = layout.tune_json(cell.model, params.tune_dataset(cell.dataset), budget) if budget and params.tune else \
+        layout.placement(cell.model, cell.dataset, cell.method)
+    return path.as_posix()
 
 
 def render(params: Params) -> str:

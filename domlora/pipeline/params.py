@@ -27,8 +27,8 @@ from domlora.studies.grpo import GRPOSettings
 from domlora.studies.sparse_b import SparseBSpec
 from domlora.train import TrainConfig
 
-__all__ = ["Cell", "DatasetSpec", "EvalSpec", "GridSpec", "MethodSpec", "ModelSpec", "Params", "ProbeSpec",
-           "TrackingSpec", "load_params", "parse_profile", "read_params_file", "use_profile"]
+__all__ = ["BudgetSpec", "Cell", "DatasetSpec", "EvalSpec", "GridSpec", "MethodSpec", "ModelSpec", "Params",
+           "ProbeSpec", "TrackingSpec", "TuneSpec", "load_params", "parse_profile", "read_params_file", "use_profile"]
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 PAPER_TABLES = (1, 2, 3, 4, 5, 10, 11, 12)
@@ -107,6 +107,11 @@ class MethodSpec:
     """paper tables this method belongs to"""
     label: str | None = None
     """name in reports"""
+    peer: dict[str, Any] = field(default_factory=dict)
+    """options of a placement peer (`domlora.peers.OPTIONS`: kappa, aletheia, massive; eva's are train keys)"""
+    budget: str | None = None
+    """budget class (a key of the profile's `tune.budgets`): the methods of a class train at the learning rate
+    its sweep chose"""
     train: dict[str, Any] = field(default_factory=dict)
     """overrides of `train.TrainConfig` (written flat in params.yaml, beside the keys above)"""
     sparse_b: SparseBSpec | None = None
@@ -129,6 +134,50 @@ METHOD_KEYS = tuple(f.name for f in dataclasses.fields(MethodSpec) if f.name != 
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # a cell's seed is the grid's, never a method's
 _CELL_OWNED = ("seed",)
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """A budget class: methods compared at equal budget, trained at one learning rate chosen for the class."""
+
+    lrs: list[float] = field(default_factory=list)
+    """candidate peak learning rates, each trained with every method of the class at the tuning seed"""
+    modules: int | None = None
+    """a placement of this class adapts exactly this many modules (checked when it is selected); None: any"""
+    seeds: list[int] | None = None
+    """the grid seeds the class's methods run (None: all of `grid.seeds`)"""
+    label: str | None = None
+    """name in reports"""
+
+    def __post_init__(self):
+        if self.seeds is not None and not self.seeds:
+            raise ConfigError("a budget class's `seeds` must list at least one seed (or be left out: all)")
+        if len(self.lrs) < 2 or any(not lr > 0 for lr in self.lrs) or len(set(self.lrs)) != len(self.lrs):
+            raise ConfigError(f"a budget class needs at least two distinct learning rates > 0 to sweep, got {self.lrs}")
+        if self.modules is not None and self.modules < 1:
+            raise ConfigError(f"a budget class's `modules` must be >= 1, got {self.modules}")
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """The learning-rate sweep of each budget class, on a validation split carved from the training data."""
+
+    budgets: dict[str, BudgetSpec] = field(default_factory=dict)
+    """budget class slug -> its candidate learning rates"""
+    val_samples: int = 64
+    """the last N samples of each training split: scored by the sweep, trained on by no run of a tuned method"""
+    seed: int = 0
+    """the seed of every sweep run"""
+    reuse_from: str | None = None
+    """a dataset whose sweep sets the learning rates of every dataset (None: each dataset sweeps its own)"""
+
+    def __post_init__(self):
+        if not self.budgets:
+            raise ConfigError("`tune.budgets` must declare at least one budget class")
+        if self.val_samples < 8:
+            raise ConfigError(f"`tune.val_samples` must be >= 8, got {self.val_samples}")
+        if self.seed < 0:
+            raise ConfigError(f"`tune.seed` must be >= 0, got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -232,6 +281,7 @@ class Params:
     grid: GridSpec
     seed_data: int = 0
     checkpoints: CheckpointStudySpec | None = None
+    tune: TuneSpec | None = None
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     def cells(self, *, models=None, datasets=None, methods=None, seeds=None) -> list[Cell]:
@@ -245,7 +295,15 @@ class Params:
                 if bad:
                     raise ConfigError(f"{name} {bad} not in this profile's grid; choose from {axis}")
         axes = [[v for v in axis if not pick or v in pick] for axis, pick in zip(axes, picks)]
-        return [Cell(*t) for t in itertools.product(*axes) if self.methods[t[2]].runs_on(t[0])]
+        return [Cell(*t) for t in itertools.product(*axes) if self.methods[t[2]].runs_on(t[0])
+                and t[3] in self.method_seeds(t[2])]
+
+    def method_seeds(self, method: str) -> list[int]:
+        """The grid seeds a method runs: its budget class's `seeds`, else all of them."""
+        b = self.methods[method].budget
+        if b is not None and self.tune is not None and self.tune.budgets[b].seeds is not None:
+            return [s for s in self.grid.seeds if s in self.tune.budgets[b].seeds]
+        return list(self.grid.seeds)
 
     def methods_in_tables(self, tables) -> list[str]:
         """The grid's methods that belong to any of the paper `tables` (e.g. [5]: the ablations)."""
@@ -272,6 +330,18 @@ class Params:
         c = self.checkpoints
         return [] if c is None else [(m, c.dataset) for m in (c.models or self.grid.models)]
 
+    def budget_methods(self, budget: str) -> list[str]:
+        """The grid's methods of a budget class, in grid order."""
+        return [m for m in self.grid.methods if self.methods[m].budget == budget]
+
+    def tune_dataset(self, dataset: str) -> str:
+        """The dataset whose sweep sets a dataset's learning rates."""
+        return self.tune.reuse_from or dataset
+
+    def tuned_samples(self, dataset: str) -> int:
+        """Training samples a tuned method trains on: the training split minus its last `tune.val_samples`."""
+        return self.datasets[dataset].n_train - self.tune.val_samples
+
     def select_probe(self, dataset: str) -> str:
         """The probe set a dataset's placements are selected from."""
         return self.probe.reuse_from or dataset
@@ -285,7 +355,7 @@ class Params:
 
 
 PROFILE_KEYS = ("profile", "models", "datasets", "methods", "probe", "train", "eval", "tracking", "grid",
-                "seed_data", "checkpoints")
+                "seed_data", "checkpoints", "tune")
 
 
 def _table(name: str, d: dict, key: str, parse) -> dict:
@@ -311,7 +381,7 @@ def _parse_method(where: str, d, base: TrainConfig) -> MethodSpec:
     over = {k: v for k, v in d.items() if k not in METHOD_KEYS}
     m = from_dict(MethodSpec, own, where=where)
     # the overrides are checked here, with the base they apply to, before any work starts
-    from_dict(TrainConfig, dataclasses.asdict(base) | over, where=where)
+    resolved = from_dict(TrainConfig, dataclasses.asdict(base) | over, where=where)
     if m.placement not in STRATEGIES:
         raise ConfigError(f"params.yaml: `{where}.placement` is {m.placement!r}{close_matches(m.placement, STRATEGIES)}; "
                           f"allowed: {', '.join(sorted(STRATEGIES))}")
@@ -320,7 +390,33 @@ def _parse_method(where: str, d, base: TrainConfig) -> MethodSpec:
         raise ConfigError(f"params.yaml: `{where}.tables` has {bad}; allowed: {list(PAPER_TABLES)}")
     if m.grpo is not None and m.placement not in ("all", "explicit", "types", "dom", "page_argmax", "page_topk"):
         raise ConfigError(f"params.yaml: `{where}`: GRPO trains a LoRA on a fixed placement; {m.placement!r} is not one")
+    _check_peer(where, m, resolved)
+    if m.budget is not None and "lr" in over:
+        raise ConfigError(f"params.yaml: `{where}` is in budget class {m.budget!r}, whose learning rate the sweep "
+                          "chooses for every method of the class; fix: remove its `lr`")
     return dataclasses.replace(m, train=over)
+
+
+def _check_peer(where: str, m: MethodSpec, cfg: TrainConfig) -> None:
+    """Peer options only for the strategies that take them, each option known to its peer."""
+    from domlora.peers import OPTIONS, parse_options
+
+    if m.placement == "eva":
+        if m.peer:
+            raise ConfigError(f"params.yaml: `{where}.peer`: EVA's settings are training keys (rank, alpha, eva_rho, "
+                              "eva_tau, eva_samples, eva_batch_size), so that the placement and the initialisation "
+                              "agree; fix: move them out of `peer`")
+        if cfg.lora_init != "eva":
+            raise ConfigError(f"params.yaml: `{where}` places by EVA but trains with PEFT's default initialisation; "
+                              "fix: add `lora_init: eva`")
+    elif m.peer:
+        if m.placement not in OPTIONS:
+            raise ConfigError(f"params.yaml: `{where}.peer`: strategy {m.placement!r} takes no peer options; peer "
+                              f"options belong to {', '.join(p for p in OPTIONS if p != 'eva')}")
+        try:
+            parse_options(m.placement, m.peer)
+        except ConfigError as exc:
+            raise ConfigError(f"params.yaml: `{where}.peer`: {exc}") from None
 
 
 def parse_profile(d: dict, *, name: str = "run") -> Params:
@@ -355,9 +451,11 @@ def parse_profile(d: dict, *, name: str = "run") -> Params:
                 what = f"model {bad[0]!r}" if bad else f"dataset {checkpoints.dataset!r}"
                 raise ConfigError(f"`{name}.checkpoints` names {what}, which is not in the grid; fix: one of "
                                   f"{grid.models if bad else grid.probe_datasets or grid.datasets}")
+        tune = from_dict(TuneSpec, d["tune"], where=f"{name}.tune") if d.get("tune") is not None else None
+        _check_budgets(name, tune, grid, methods, datasets)
         return Params(profile=str(d.get("profile", name)), models=models, datasets=datasets, methods=methods,
                       checkpoints=checkpoints,
-                      probe=probe, train=train,
+                      probe=probe, train=train, tune=tune,
                       eval=from_dict(EvalSpec, d.get("eval"), where=f"{name}.eval"),
                       tracking=from_dict(TrackingSpec, d.get("tracking"), where=f"{name}.tracking"), grid=grid,
                       seed_data=from_dict(_SeedData, {"seed_data": d.get("seed_data", 0)}, where=name).seed_data,
@@ -427,6 +525,37 @@ def _check_grid(name: str, grid: GridSpec, models: dict, datasets: dict, methods
         if slug in grid.methods and not any(m.runs_on(x) for x in grid.models):
             raise ConfigError(f"`{name}.methods.{slug}` runs only on {m.models}, none of which is in "
                               f"`grid.models` {grid.models}; fix: add one of them to the grid or drop the method")
+
+
+def _check_budgets(name: str, tune: TuneSpec | None, grid: GridSpec, methods: dict, datasets: dict) -> None:
+    """Every budget class named by a method is declared, every declared class has a method in the grid."""
+    for slug, m in methods.items():
+        if m.budget is None:
+            continue
+        if tune is None:
+            raise ConfigError(f"`{name}.methods.{slug}` is in budget class {m.budget!r}, but the profile has no "
+                              "`tune:` section declaring its learning rates; fix: add `tune: {budgets: {"
+                              f"{m.budget}: {{lrs: [...]}}}}}}` or drop `budget`")
+        if m.budget not in tune.budgets:
+            raise ConfigError(f"`{name}.methods.{slug}.budget` is {m.budget!r}{close_matches(m.budget, tune.budgets)}, "
+                              f"which `tune.budgets` does not declare; declared: {', '.join(tune.budgets)}")
+    if tune is None:
+        return
+    for b in tune.budgets:
+        if not any(methods[m].budget == b for m in grid.methods):
+            raise ConfigError(f"`{name}.tune.budgets.{b}` has no method in `grid.methods`; fix: give a grid method "
+                              f"`budget: {b}`, or drop the class")
+    for b, spec in tune.budgets.items():
+        bad = [x for x in (spec.seeds or []) if x not in grid.seeds]
+        if bad:
+            raise ConfigError(f"`{name}.tune.budgets.{b}.seeds` has {bad}, which are not in `grid.seeds` {grid.seeds}")
+    if tune.reuse_from is not None and tune.reuse_from not in grid.datasets:
+        raise ConfigError(f"`{name}.tune.reuse_from` is {tune.reuse_from!r}{close_matches(tune.reuse_from, grid.datasets)}"
+                          f", which is not a trained dataset of the grid; allowed: {', '.join(grid.datasets)}")
+    for ds in grid.datasets:
+        if datasets[ds].n_train <= tune.val_samples:
+            raise ConfigError(f"`{name}.datasets.{ds}.n_train` ({datasets[ds].n_train}) must exceed "
+                              f"`tune.val_samples` ({tune.val_samples}): the validation split is carved from it")
 
 
 def read_params_file(path: str | Path = "params.yaml") -> dict:

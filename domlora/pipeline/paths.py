@@ -36,6 +36,18 @@ class Layout:
     def placement(self, model: str, dataset: str, method: str) -> Path:
         return self.root / "placements" / model / dataset / f"{method}.json"
 
+    # tune: the learning rate of each budget class (beside the placements it is chosen for)
+    def tune_dir(self, model: str, dataset: str, budget: str) -> Path:
+        """The sweep results of a budget class, one JSON per method and learning rate."""
+        return self.root / "placements" / model / dataset / "tuning" / budget
+
+    def sweep_json(self, model: str, dataset: str, budget: str, method: str, index: int) -> Path:
+        return self.tune_dir(model, dataset, budget) / f"{method}-lr{index}.json"
+
+    def tune_json(self, model: str, dataset: str, budget: str) -> Path:
+        """The class's chosen learning rate and the evidence."""
+        return self.root / "placements" / model / dataset / "tuning" / f"{budget}.json"
+
     # train / evaluate
     def run_dir(self, cell: Cell | str) -> Path:
         return self.root / "runs" / (cell.id if isinstance(cell, Cell) else cell)
