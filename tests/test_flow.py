@@ -28,7 +28,7 @@ profiles:
     methods:
       lora: {{placement: all, tables: [1, 10]}}
       domlora: {{placement: dom, lr: 1.0e-3, tables: [1, 10]}}
-      broken: {{placement: explicit, layers: [7], types: [down_proj], tables: [5]}}
+      broken: {{placement: plop, k: 9, tables: [5]}}
     train: {{rank: 4, alpha: 8, lr: 1.0e-3, max_steps: 2, batch_size: 2, grad_accum: 1, max_length: 512,
             gradient_checkpointing: false, save_every: 0}}
     eval: {{limit: 2, batch_size: 2, max_gen_toks: 4, allow_code_exec: false}}
@@ -80,7 +80,8 @@ def test_flow_runs_cells_side_by_side_and_reruns_nothing(repo, monkeypatch):
     with prefect_test_harness(server_startup_timeout=90):
         state = domlora(root=str(repo), return_state=True)
         summary = state.result(raise_on_failure=False) if state.is_completed() else state.data
-        # the broken cell fails (layer 7 of a 3-layer model), the two good ones finish, the report is written
+        # the broken cell fails (PLoP with k = 9 of 7 module types, found when its placement is selected),
+        # the two good ones finish, the report is written
         assert state.is_failed() and "toy-arith-broken-0" in state.message
         lock = (repo / "dvc.lock").read_text()
         for cell in ("toy-arith-lora-0", "toy-arith-domlora-0"):

@@ -139,18 +139,22 @@ def test_every_method_logs_the_config_its_trainer_ran(tmp_path, profile, tiny_ch
     model = next(iter(d["models"]))
     d["models"] = {model: {"id": str(tiny_checkpoint), "dtype": "float32"}}
     d["datasets"] = {"arith": {"source": "arith", "n_train": 8, "n_probe": 2, "n_eval": 4, "tasks": ["arith"]}}
-    d["train"].update(max_steps=1, batch_size=1, grad_accum=1, max_length=96, deepspeed=None,
+    d["train"].update(max_steps=1, batch_size=1, grad_accum=1, max_length=320, deepspeed=None,
                       gradient_checkpointing=False, save_every=0)
     d["grid"] = {"models": [model], "datasets": ["arith"], "methods": list(d["methods"]), "seeds": [0]}
     for m in d["methods"].values():
         m.pop("models", None)
         m.pop("layers", None) if isinstance(m.get("layers"), dict) else None
+        if m.get("layers"):
+            m["layers"] = [1]  # the tiny model has 3 layers
         m.pop("max_steps", None)  # one step each (GRPO methods set their own)
         if "sparse_b" in m:
             m["sparse_b"]["k"] = 40
         if "grpo" in m:
             m["grpo"] = {"prompts_per_step": 2, "num_generations": 2, "max_completion_length": 4, "n_eval": 2,
                          "eval_max_new_tokens": 4}
+    d["probe"]["reuse_from"] = None
+    d.pop("checkpoints", None)
     params = parse_profile(d, name=profile)
     layout = Layout(tmp_path)
     prepare_dataset("arith", layout.data_dir("arith"), n_train=8, n_probe=2, n_eval=4, seed=0)
@@ -170,3 +174,13 @@ def test_every_method_logs_the_config_its_trainer_ran(tmp_path, profile, tiny_ch
             assert run.data.params[key] == str(value)[:6000], (cell.method, key)
         if m.grpo is not None:
             assert run.data.params["rank"] == str(params.train_config(cell.method).rank) == "8"
+
+
+@pytest.mark.parametrize("name,secret", [("api_key", True), ("judge.api_key", True), ("HF_TOKEN", True),
+                                         ("mlflow_tracking_token", True), ("password", True), ("apikey", True),
+                                         ("grpo.eval_max_new_tokens", False), ("tokens_per_s", False),
+                                         ("max_gen_toks", False), ("rank", False), ("monkey_rate", False)])
+def test_a_secret_param_is_never_logged_and_a_token_count_is(name, secret):
+    from domlora.pipeline.tracking import _scrub
+
+    assert (name not in _scrub({name: 1})) is secret

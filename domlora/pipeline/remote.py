@@ -240,14 +240,15 @@ def _waiting(remote: Remote, what: str, fn):
         except (*_NOT_AN_OUTAGE, NoOutputOrStageError, StagePathOutsideError, StageFileDoesNotExistError):
             raise
         except Exception as exc:  # network, permissions, a remote folder gone: wait for it
-            if time.monotonic() + delay > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise RemoteUnavailable(
                     f"{what}: the DVC remote '{remote.name}' ({remote.url}) did not answer for "
                     f"{remote.wait_s:.0f} s ({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); "
                     "what was computed stays recorded on this host and is pushed by the next run") from exc
             logger.warning("%s: remote %s not answering (%s); retrying in %.0f s", what, remote.url,
-                           str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__, delay)
-            time.sleep(delay)
+                           str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__, min(delay, left))
+            time.sleep(min(delay, left))
             delay = min(delay * 2, 30.0)
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from domlora.train import TrainRecord
 logger = logging.getLogger(__name__)
 
 PENDING = ".tracking_pending"
-SECRET_WORDS = ("key", "token", "secret", "password")
+SECRET_WORDS = ("key", "token", "secret", "password", "auth", "credential")
+"""a param whose name has one of these as a whole word (`api_key`, `hf_token`) is never logged; `max_new_tokens` is"""
 
 
 def grid_id_for(profile: str, params_hash: str) -> str:
@@ -29,8 +31,13 @@ def grid_id_for(profile: str, params_hash: str) -> str:
     return os.environ.get("DOMLORA_GRID_ID") or f"{profile}-{params_hash}"
 
 
+def _is_secret(name: str) -> bool:
+    words = re.split(r"[^a-z0-9]+|(?<=[a-z])(?=[0-9])", name.lower())
+    return any(w in SECRET_WORDS or w in ("apikey", "accesstoken") for w in words)
+
+
 def _scrub(d: dict) -> dict:
-    return {k: v for k, v in d.items() if not any(w in k.lower() for w in SECRET_WORDS)}
+    return {k: v for k, v in d.items() if not _is_secret(k)}
 
 
 class NullTracker:
