@@ -9,9 +9,11 @@ HELP = "full fine-tuning checkpoints (`finetune`) and PAGE layer curves across t
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from domlora.commands._args import MODEL_HELP, add_device, add_lora_shape, add_samples
+
     sub = p.add_subparsers(dest="action", required=True)
     f = sub.add_parser("finetune", help="full fine-tuning run saving the model at chosen steps")
-    f.add_argument("--model", required=True, help="`embedded`, a hub id or a local checkpoint folder")
+    f.add_argument("--model", required=True, help=MODEL_HELP)
     f.add_argument("--data", required=True, help="chat JSONL training data")
     f.add_argument("--out", required=True, help="folder for step-NNNN/ checkpoints and checkpoints.json")
     f.add_argument("--steps", type=int, default=20, help="optimizer steps")
@@ -24,14 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pr.add_argument("--checkpoint", action="append", required=True,
                     help="a full checkpoint folder or an adapter folder (repeat, in order)")
     pr.add_argument("--base", default=None, help="base model for adapter folders (default: the adapter's own)")
-    pr.add_argument("--data", required=True, help="chat JSONL probe set")
+    add_samples(pr)
     pr.add_argument("--out", required=True, help="output folder: checkpoints.json, checkpoints.png")
-    pr.add_argument("--samples", type=int, default=32, help="probe samples N")
-    pr.add_argument("--max-length", type=int, default=256, help="truncate samples to this many tokens")
-    pr.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha PAGE is computed for")
-    pr.add_argument("--rank", type=int, default=8, help="LoRA rank PAGE is computed for")
+    add_lora_shape(pr)
     pr.add_argument("--batch-size", type=int, default=4, help="samples per forward/backward")
-    pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    add_device(pr)
 
 
 def run(a: argparse.Namespace) -> int:

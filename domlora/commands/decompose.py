@@ -9,21 +9,17 @@ HELP = "split PAGE into what flows through the sink token(s) and the rest; effec
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="`embedded`, a hub id or a local checkpoint folder")
-    p.add_argument("--data", required=True, help="chat JSONL probe set")
+    from domlora.commands._args import add_lora_shape, add_model, add_samples
+
+    add_samples(p)
     p.add_argument("--out", required=True, help="output folder: decompose.json")
-    p.add_argument("--samples", type=int, default=32, help="probe samples N (the first N of --data)")
-    p.add_argument("--max-length", type=int, default=256, help="truncate samples to this many tokens")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha PAGE is computed for")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank PAGE is computed for")
+    add_lora_shape(p)
     p.add_argument("--batch-size", type=int, default=4, help="samples per forward/backward")
     p.add_argument("--sink", default="first", choices=("first", "massive"),
                    help="sink positions: the first token, or every position holding a massive activation")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the probe samples (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--dtype", default="auto", help="float32 (CPU default), bfloat16 (GPU default), float64")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
+    add_model(p)
 
 
 def run(a: argparse.Namespace) -> int:

@@ -9,11 +9,11 @@ HELP = "forward-only activation diagnostics and the `massive` prediction of the 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="`embedded`, a hub id or a local checkpoint folder")
-    p.add_argument("--data", required=True, help="chat JSONL; only the tokens are used (no labels)")
+    from domlora.commands._args import add_model, add_samples
+
+    add_samples(p, data_help="chat JSONL; only the tokens are used (no labels)",
+                samples_help="samples to run (the first N of --data)")
     p.add_argument("--out", required=True, help="output folder: activations.json, massive.json, activations.png")
-    p.add_argument("--samples", type=int, default=32, help="samples to run (the first N of --data)")
-    p.add_argument("--max-length", type=int, default=256, help="truncate samples to this many tokens")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
     p.add_argument("--probe", default=None, help="page.json of the same model: plot its down_proj PAGE curve "
                                                  "and record agreement with its `dom`")
@@ -21,9 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which down_proj the predictor picks")
     p.add_argument("--abs-threshold", type=float, default=100.0, help="a massive value exceeds this |value|")
     p.add_argument("--ratio", type=float, default=1000.0, help="... and this many times the median |value|")
-    p.add_argument("--dtype", default="auto", help="float32 (CPU default), bfloat16 (GPU default), float64")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
+    add_model(p)
 
 
 def run(a: argparse.Namespace) -> int:

@@ -9,7 +9,9 @@ HELP = "evaluate a model (+ adapter) on lm-eval suites/tasks and MT-Bench; write
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="`embedded`, a hub id or a local checkpoint folder (required)")
+    from domlora.commands._args import MODEL_HELP
+
+    p.add_argument("--model", default=None, help=MODEL_HELP + " (required)")
     p.add_argument("--adapter", default=None, help="adapter folder from the train stage (omit for the base model)")
     p.add_argument("--tasks", default=None,
                    help="suites (embedded, instruct, instruct_loglik, math, code, chat) and/or task names, "

@@ -10,27 +10,23 @@ HELP = "score every module by PAGE, NFN and the activation statistics, in one pa
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="`embedded`, a hub id or a local checkpoint folder")
-    p.add_argument("--data", required=True, help="chat JSONL ({'messages': [...]} per line)")
+    from domlora.commands._args import add_lora_shape, add_model, add_samples
+
+    add_samples(p)
     p.add_argument("--out", required=True, help="output folder: page.json, page.png, nfn.json, activations.json, "
                    "massive.json, activations.png")
-    p.add_argument("--samples", type=int, default=32, help="probe samples N (the first N of --data)")
-    p.add_argument("--max-length", type=int, default=256, help="truncate samples to this many tokens")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha PAGE is computed for")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank PAGE is computed for")
+    add_lora_shape(p)
     p.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="samples per forward/backward, or auto: the largest whose batches fit --memory-fraction of "
                         "the free memory (the scores do not change)")
     p.add_argument("--memory-fraction", type=float, default=0.5,
                    help="share of the free memory (RAM, or the GPU's) the pass's activations may use")
-    p.add_argument("--dtype", default="auto", help="float32 (CPU default), bfloat16 (GPU default), float64, float16")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    add_model(p, dtypes="float64, float16")
     p.add_argument("--no-nfn", action="store_true", help="skip the NFN (PLoP) scores: no nfn.json, so no `plop`")
     p.add_argument("--no-activations", action="store_true",
                    help="skip the activation statistics: no activations.json / massive.json, so no `massive`")
     p.add_argument("--massive-rule", default="onset", choices=("onset", "largest_jump", "largest_output"),
                    help="the forward-only predictor's rule written to massive.json")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
 
 
 def _batch_size(text: str) -> int | str:

@@ -25,10 +25,12 @@ def _k(text: str) -> int | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from domlora.commands._args import MODEL_HELP
+
     from domlora.studies.sparse_b import BUDGETS, SELECTIONS
 
     p.add_argument("--regime", choices=("sft", "grpo"), required=True, help="supervised fine-tuning or GRPO")
-    p.add_argument("--model", default="embedded", help="`embedded`, a hub id or a local checkpoint folder")
+    p.add_argument("--model", default="embedded", help=MODEL_HELP)
     p.add_argument("--train-data", required=True, help="chat JSONL; for GRPO assistant turns end with `#### <int>`")
     p.add_argument("--eval-data", default=None, help="eval JSONL with question/answer rows (required for GRPO)")
     p.add_argument("--placement", default=None, help="placement JSON (default: every projection)")

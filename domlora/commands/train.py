@@ -25,11 +25,13 @@ FLAGS = {"--variant": ("variant", str), "--rank": ("rank", int), "--alpha": ("al
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from domlora.commands._args import MODEL_HELP
+
     from domlora.config import field_docs
     from domlora.train import TrainConfig
 
     docs = field_docs(TrainConfig)
-    p.add_argument("--model", required=True, help="`embedded`, a hub id or a local checkpoint folder")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--dtype", default=None, help="the model's dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     p.add_argument("--data", required=True, help="training chat JSONL ({'messages': [...]} per line)")
     p.add_argument("--placement", default=None, help="placement JSON from `domlora select` (default: every "
