@@ -583,6 +583,8 @@ def _save_checkpoint(out_dir: Path, step: int, *, accelerator, net, optimizer, s
         (tmp / "ds").mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "ds"), exclude_frozen_parameters=True)
+        # every rank writes its RNG state after the collective part: all must be done before the folder moves
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with atomic_dir(target) as d:
             if use_ds:
