@@ -76,6 +76,7 @@ def _timed(fn):
 
 
 def run_task(model, tok, task: str, probe_file: Path, args, out: Path) -> dict:
+    name = args.model
     import torch
 
     from domlora.studies.decompose import page_decompose
@@ -91,20 +92,20 @@ def run_task(model, tok, task: str, probe_file: Path, args, out: Path) -> dict:
     (pred, report), t_massive, c_massive = _timed(lambda: massive_predict(model, enc, batch_size=args.batch_size))
     (pred_few, _), t_few, c_few = _timed(lambda: massive_predict(model, enc[: args.few], batch_size=args.batch_size))
     res, t_page, c_page = _timed(lambda: page_probe(model, enc, batch_size=args.batch_size))
-    page = page_summary(res, model="embedded")
+    page = page_summary(res, model=name)
     dec, t_dec, c_dec = _timed(lambda: page_decompose(model, enc, sink="first", batch_size=args.batch_size,
                                                       rank_types=("down_proj", "v_proj")))
-    ddoc = dec.to_dict(model="embedded")
+    ddoc = dec.to_dict(model=name)
     boot = bootstrap_choice(res, n_boot=args.n_boot, seed=0)
     boot_rest = bootstrap_choice(dec.page_result("rest"), n_boot=args.n_boot, seed=0)
     dom, argmax = page["dominant"], page["argmax"]
     table = ddoc["modules"]
     s_check = max(abs(table[n]["S"] - res.S[n]) / max(res.S[n], 1e-30) for n in res.S)
-    mdoc = massive_summary(pred, report, model="embedded") | {"page_dominant": dom, "agrees_with_dom": pred.module == dom}
+    mdoc = massive_summary(pred, report, model=name) | {"page_dominant": dom, "agrees_with_dom": pred.module == dom}
     task_dir = out / task
     task_dir.mkdir(parents=True, exist_ok=True)
     plot_activations(report.to_dict(), task_dir / "activations.png", page=page, massive=mdoc,
-                     title=f"embedded / {task}: massive activations vs down_proj PAGE (N={len(enc)})")
+                     title=f"{name} / {task}: massive activations vs down_proj PAGE (N={len(enc)})")
     (task_dir / "page.json").write_text(json.dumps(page, indent=1))
     (task_dir / "massive.json").write_text(json.dumps(mdoc, indent=1))
     (task_dir / "decompose.json").write_text(json.dumps(ddoc, indent=1))
@@ -163,7 +164,7 @@ def run_checkpoints(args, out: Path, seed: int, sizes: dict) -> dict:
     steps = args.ft_steps
     save = sorted({0, 1, max(1, steps // 2), steps})
     t0 = time.perf_counter()
-    man = finetune_checkpoints(model="embedded", train_data=data / "train.jsonl", out_dir=ck, steps=steps,
+    man = finetune_checkpoints(model=args.model, train_data=data / "train.jsonl", out_dir=ck, steps=steps,
                                save_steps=save, lr=args.ft_lr, batch_size=4, max_length=160, warmup_ratio=0.0)
     t_ft = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -182,6 +183,7 @@ def run_checkpoints(args, out: Path, seed: int, sizes: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="embedded", help="`embedded` (SmolLM2-135M) or `embedded-gemma` (Gemma-3-270M)")
     ap.add_argument("--tasks", default="arith,humaneval,strings", help="comma list of probe sets")
     ap.add_argument("--samples", type=int, default=32, help="probe samples per task (paper: 32)")
     ap.add_argument("--few", type=int, default=4, help="samples for the few-sample massive prediction")
@@ -210,8 +212,8 @@ def main(argv=None) -> int:
     seed, sizes = _profile_sizes(Path(args.params))
     tasks = [t for t in args.tasks.split(",") if t]
     t_start = time.perf_counter()
-    lm = load_model("embedded", dtype="float32", device="cpu")
-    print(f"# embedded = SmolLM2-135M-Instruct ({lm.model.config.num_hidden_layers} layers, config "
+    lm = load_model(args.model, dtype="float32", device="cpu")
+    print(f"# {args.model} = {type(lm.model).__name__} ({lm.model.config.num_hidden_layers} layers, config "
           f"{config_hash(lm.model)}), torch threads {torch.get_num_threads()}, N={args.samples}, "
           f"max_length={args.max_length}\n")
     rows = []

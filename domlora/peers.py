@@ -339,6 +339,28 @@ def eva_forward(model, inputs: dict):
                  logits_to_keep=1)
 
 
+EVA_MAX_PASSES = 12
+"""PEFT's EVA cycles over its batches until every module's components have converged (cosine >= tau), with no
+bound of its own: after this many passes over the samples it is stopped with an error that says what to change"""
+
+
+def bounded_eva_forward(n_batches: int, *, tau: float, max_passes: int = EVA_MAX_PASSES):
+    """`eva_forward` that refuses to run past `max_passes` passes over the `n_batches` batches."""
+    calls = [0]
+
+    def forward(model, inputs):
+        calls[0] += 1
+        if calls[0] > max_passes * n_batches:
+            raise ConfigError(f"EVA's SVD has not converged (tau {tau}) after {max_passes} passes over its "
+                              f"{n_batches} batch(es); fix: more samples (eva_samples), larger batches "
+                              "(eva_batch_size), or a lower eva_tau")
+        if calls[0] % n_batches == 0:
+            logger.info("EVA: pass %d over the samples", calls[0] // n_batches)
+        return eva_forward(model, inputs)
+
+    return forward
+
+
 def eva(model, encoded, opts: EvaOptions, *, pad_id: int) -> dict:
     """EVA: PEFT's rank redistribution over every projection from the SVD of their inputs on training data."""
     from peft import EvaConfig, LoraConfig, get_eva_state_dict
@@ -354,7 +376,8 @@ def eva(model, encoded, opts: EvaOptions, *, pad_id: int) -> dict:
     batches = eva_batches(encoded, batch_size=opts.batch_size, pad_id=pad_id, device=next(model.parameters()).device)
     check_eva(batches, rank=opts.rank, rho=opts.rho, min_d_in=min(c.d_in for c in cands))
     with _quiet_eva():
-        state = get_eva_state_dict(model, batches, peft_config=cfg, forward_fn=eva_forward,
+        state = get_eva_state_dict(model, batches, peft_config=cfg,
+                                   forward_fn=bounded_eva_forward(len(batches), tau=opts.tau),
                                    gather_distributed_inputs=False, show_progress_bar=False)
     ranks = {c.name: int(state[c.name].shape[0]) if c.name in state else 0 for c in cands}
     return {"chosen": [c.name for c in cands], "scores": ranks,

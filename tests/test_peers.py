@@ -182,3 +182,17 @@ def test_select_stage_runs_peers_and_records_cost(tmp_path, tiny_model_dir, tiny
         select_placement(probe_path=tmp_path / "page.json", strategy="dom", out=out, options={"k": 1})
     with pytest.raises(ConfigError, match="budget class adapts exactly 1"):
         select_placement(probe_path=tmp_path / "page.json", strategy="all", out=out, n_modules=1)
+
+
+def test_eva_that_does_not_converge_stops_with_the_fix():
+    """PEFT's EVA cycles over its batches until convergence, unbounded: ours stops after EVA_MAX_PASSES passes."""
+    from domlora.peers import bounded_eva_forward
+
+    calls = []
+    fwd = bounded_eva_forward(3, tau=0.99, max_passes=2)
+    inputs = {"input_ids": None, "attention_mask": None}
+    for _ in range(6):  # two passes over three batches run
+        fwd(lambda **kw: calls.append(kw), inputs)
+    with pytest.raises(ConfigError, match=r"not converged \(tau 0.99\) after 2 passes over its 3 batch.*eva_tau"):
+        fwd(lambda **kw: calls.append(kw), inputs)
+    assert len(calls) == 6

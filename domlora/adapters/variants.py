@@ -256,7 +256,7 @@ def init_eva(model, encoded, *, batch_size: int, pad_id: int, show_progress: boo
     from peft import initialize_lora_eva_weights
     from peft.tuners.lora import LoraLayer
 
-    from domlora.peers import _quiet_eva, check_eva, eva_batches, eva_forward
+    from domlora.peers import _quiet_eva, bounded_eva_forward, check_eva, eva_batches
 
     cfg = model.peft_config["default"]
     if cfg.init_lora_weights != "eva":
@@ -269,7 +269,8 @@ def init_eva(model, encoded, *, batch_size: int, pad_id: int, show_progress: boo
     t0 = time.perf_counter()
     with _quiet_eva(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        initialize_lora_eva_weights(model, dataloader=batches, forward_fn=eva_forward, gather_distributed_inputs=False,
+        initialize_lora_eva_weights(model, dataloader=batches, gather_distributed_inputs=False,
+                                    forward_fn=bounded_eva_forward(len(batches), tau=cfg.eva_config.tau),
                                     show_progress_bar=show_progress)
     ranks = {n: 0 for n in placed}
     for name, mod in model.named_modules():
