@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from domlora import rehearsal
+from domlora.locations import default_cache_dir
 from domlora.config import ModelSpec
 from domlora.errors import ModelError
 from domlora.io import atomic_dir, file_lock
@@ -109,15 +110,6 @@ class LoadedModel:
     """what the user asked for: `embedded`, `embedded-gemma`, a hub id or a folder"""
     path: str
     """the folder the weights were read from (a cache folder for an embedded backbone)"""
-
-
-def default_cache_dir() -> Path:
-    """Where converted checkpoints live: $DOMLORA_CACHE, else ~/.cache/domlora."""
-    env = os.environ.get("DOMLORA_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "domlora"
 
 
 def resolve_dtype(dtype: str, device: str | None = None):

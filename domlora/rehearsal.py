@@ -25,6 +25,7 @@ import random
 from pathlib import Path
 
 from domlora.errors import ConfigError, ModelError
+from domlora.locations import default_cache_dir, resolve_config
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ _WORDS = ("the a of to and in is that for it as with was on be by this are or at
 
 
 def config_path(name: str) -> Path:
-    from domlora.adapters.variants import resolve_config
 
     try:
         return resolve_config(name)
@@ -101,7 +101,6 @@ def checkpoint(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from domlora.io import atomic_dir, file_lock
-    from domlora.models import default_cache_dir
 
     src = config_path(name)
     real = json.loads(src.read_text())

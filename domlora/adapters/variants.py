@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args
 
 from domlora.errors import ConfigError, ModelError
 from domlora.io import atomic_dir, read_json, write_json
+from domlora.locations import resolve_config
 from domlora.modules import base_name
 
 logger = logging.getLogger(__name__)
@@ -528,24 +529,6 @@ def load_for_eval(model, adapter_dir: str | os.PathLike | None, *, device: str |
 
 # ---------------------------------------------------------------------------------------------
 # parameter counts without weights
-
-CONFIG_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[2] / "configs")
-
-
-def resolve_config(config: str | os.PathLike) -> Path:
-    """A config.json path, or a name of one shipped under configs/ (`Qwen3-8B`)."""
-    p = Path(config)
-    if p.is_file():
-        return p
-    for d in CONFIG_DIRS:
-        for cand in (d / str(config), d / f"{config}.json"):
-            if cand.is_file():
-                return cand
-    shipped = sorted({q.stem for d in CONFIG_DIRS if d.is_dir() for q in d.glob("*.json")
-                      if not q.stem.startswith("deepspeed")})
-    raise ConfigError(f"config {config!r} is neither a file nor a shipped config; fix: pass a config.json "
-                      f"path or one of: {', '.join(shipped) or 'none found'}")
-
 
 def count_placement(config: str | os.PathLike, *, strategy: str, layers: Sequence[int] = (),
                     types: Sequence[str] = (), rank: int = 64, alpha: float | None = None,

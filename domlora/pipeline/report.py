@@ -88,6 +88,8 @@ class Collected:
         self.placements = {c.id: _read(layout.placement(c.model, c.dataset, c.method)) for c in self.cells}
         self.probes = {(m, d): _read(layout.page_json(m, d))
                        for m in params.grid.probe_models for d in params.grid.probe_datasets}
+        self.massive = {(m, d): _read(layout.probe_dir(m, d) / "massive.json")
+                        for m in params.grid.probe_models for d in params.grid.probe_datasets}
 
     def status(self, cell: Cell) -> str:
         tm = self.train.get(cell.id)
@@ -299,21 +301,47 @@ def norm_table(col: Collected) -> tuple[str, list[dict]]:
 def dominant_table(col: Collected) -> tuple[str, list[dict]]:
     """The dominant module per backbone x probe set, and how stable it is across probe sets."""
     p = col.params
-    header = ["Model", "Probe set", "dom module", "share of all PAGE", "share of down_proj PAGE", "argmax", "argmax = dom"]
+    header = ["Model", "Probe set", "dom module", "share of all PAGE", "share of down_proj PAGE", "argmax", "argmax = dom",
+              "`massive` predicts dom"]
     lines = ["### Dominant adaptation module (PAGE at step 0)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = []
     for (m, d), doc in col.probes.items():
         if not doc:
-            lines.append(f"| {m} | {d} | {MISSING} | | | | |")
+            lines.append(f"| {m} | {d} | {MISSING} | | | | | |")
             continue
+        mass = col.massive.get((m, d)) or {}
         r = {"model": m, "dataset": d, "dominant": doc.get("dominant"), "share_total": doc.get("dominant_share_total"),
-             "share_type": doc.get("dominant_share_type"), "argmax": doc.get("argmax")}
+             "share_type": doc.get("dominant_share_type"), "argmax": doc.get("argmax"), "n_layers": doc.get("n_layers"),
+             "massive": mass.get("predicted")}
         rows.append(r)
+        pred = "" if not mass else ("yes" if r["massive"] == r["dominant"] else f"no (`{r['massive']}`)")
         lines.append(f"| {m} | {d} | `{r['dominant']}` | {_fmt(100 * (r['share_total'] or 0), 1)}% | "
-                     f"{_fmt(100 * (r['share_type'] or 0), 1)}% | `{r['argmax']}` | {'yes' if r['argmax'] == r['dominant'] else 'no'} |")
+                     f"{_fmt(100 * (r['share_type'] or 0), 1)}% | `{r['argmax']}` | {'yes' if r['argmax'] == r['dominant'] else 'no'} "
+                     f"| {pred} |")
     lines.append("")
     stab = stability_lines(col)
-    return "\n".join(lines + stab), rows
+    return "\n".join(lines + stab + backbone_lines(col, rows)), rows
+
+
+def backbone_lines(col: Collected, rows: list[dict]) -> list[str]:
+    """Across backbones: where each one's dom sits (layer, depth) and whether its probe sets agree on it."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    if len(models) < 2:
+        return []
+    out = ["**Across backbones** (is the dominant module's place the architecture's, not the task's?)", "",
+           "| Model | dom on every probe set | layer / layers (depth) | share of all PAGE (range) |", "|---|---|---|---|"]
+    for m in models:
+        mine = [r for r in rows if r["model"] == m]
+        doms = sorted({r["dominant"] for r in mine})
+        layers = sorted({int(x.split(".")[2]) for x in doms if x and x.split(".")[2].isdigit()})
+        n = mine[0].get("n_layers")
+        depth = ", ".join(f"{L} / {n} ({L / n:.2f})" if n else str(L) for L in layers)
+        shares = [100 * (r["share_total"] or 0) for r in mine]
+        label = col.params.models[m].label or m if m in col.params.models else m
+        out.append(f"| {label} | {'`' + doms[0] + '`' if len(doms) == 1 else 'differs: ' + ', '.join(doms)} | {depth} "
+                   f"| {min(shares):.1f}-{max(shares):.1f}% |")
+    out.append("")
+    return out
 
 
 def stability_lines(col: Collected) -> list[str]:
