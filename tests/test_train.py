@@ -468,18 +468,20 @@ def test_two_processes_ddp_on_cpu(base_dir, data, tmp_path):
     out = tmp_path / "ddp"
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
-        import json, torch
+        import json, os, pathlib, torch
         from domlora.train import TrainConfig, train
         torch.set_num_threads(1)
         doc = train(model={str(base_dir)!r}, train_data={str(data)!r}, placement={DOWN2!r}, out_dir={str(out)!r},
                     cfg=TrainConfig(rank=4, alpha=8, lr=1e-2, max_steps=3, batch_size=2, grad_accum=2,
                                     max_length=64, save_every=2, gradient_checkpointing=True))
-        print("RESULT", json.dumps({{k: doc[k] for k in ("status", "world_size", "samples_per_step", "loss")}}))
+        # one file per process: two processes printing to one pipe may interleave their lines
+        pathlib.Path({str(tmp_path)!r}, "result_" + os.environ["RANK"] + ".json").write_text(
+            json.dumps({{k: doc[k] for k in ("status", "world_size", "samples_per_step", "loss")}}))
     """))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
                           capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line.split("RESULT", 1)[1]) for line in proc.stdout.splitlines() if "RESULT" in line]
+    results = [json.loads((tmp_path / f"result_{rank}.json").read_text()) for rank in (0, 1)]
     assert len(results) == 2 and all(r["status"] == "success" for r in results)
     assert results[0]["world_size"] == 2 and results[0]["samples_per_step"] == 2 * 2 * 2
     assert results[0]["loss"] == results[1]["loss"]  # the logged loss is reduced over both processes
