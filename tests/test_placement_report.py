@@ -59,6 +59,8 @@ def test_rows_aggregate_seeds_and_read_costs(tmp_path, params):
     assert dom["flattened"] is True and dom["modules_text"] == f"`{DOM}`"
     assert rows["kappa1"]["cost"]["wall_s"] == 6.2 and rows["kappa1"]["em"] is None  # not run yet: a gap
     assert rows["lora"]["cost"]["what"] == "none"
+    # the broad class runs seed 0 only: its row counts 1 expected cell, not one per grid seed
+    assert rows["lora"]["cells"] == 1 and rows["dom"]["cells"] == 3
     out = write_placement_report(params, lay)
     md = (lay.reports / "placement.md").read_text()
     assert "| DomLoRA (PAGE dom) | module | 0.005 | 135.2k | PAGE probe: 41.5 s |" in md

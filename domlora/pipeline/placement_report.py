@@ -113,7 +113,7 @@ def collect(params: Params, layout: Layout) -> list[dict]:
                 m = params.methods[method]
                 if not m.runs_on(model):
                     continue
-                cells = [Cell(model, dataset, method, s) for s in params.grid.seeds]
+                cells = [Cell(model, dataset, method, s) for s in params.method_seeds(method)]  # a class may run fewer
                 placement = _read(layout.placement(model, dataset, method))
                 tune = _read(layout.tune_json(model, params.tune_dataset(dataset), m.budget)) \
                     if m.budget and params.tune else None
