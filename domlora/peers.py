@@ -19,6 +19,7 @@ model for these strategies only.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -159,6 +160,9 @@ def measure_cost(device: str = "cpu", *, interval_s: float = 0.02) -> Iterator[d
     """
     cost: dict = {}
     cuda = device.startswith("cuda")
+    # garbage still waiting for the cycle collector is resident now and may be freed inside the block:
+    # collected first, it cannot hide the work's own memory behind a falling baseline
+    gc.collect()
     start = _rss_mb()
     peak = [start]
     stop = threading.Event()

@@ -149,6 +149,28 @@ def test_measure_cost_sees_an_allocation():
     assert cost["peak_over_model_mb"] > 20
 
 
+def test_measure_cost_baseline_holds_no_pending_garbage():
+    """Cyclic garbage left by earlier work and freed inside the block must not hide the block's memory."""
+    import gc
+
+    import numpy as np
+
+    class Cycle:
+        def __init__(self):
+            self.me, self.data = self, np.ones(80 * 2**20 // 8)  # 80 MB, touched, only the collector frees it
+
+    gc.disable()
+    try:
+        Cycle()
+        with measure_cost(interval_s=0.005) as cost:
+            gc.collect()  # what an allocation-triggered collection does inside the work
+            a = np.ones(40 * 2**20 // 8)
+            a += 1
+    finally:
+        gc.enable()
+    assert cost["peak_over_model_mb"] > 20
+
+
 def test_a_peer_document_of_another_peer_is_refused(model):
     doc = run_peer("kappa", model)
     with pytest.raises(ConfigError, match="not aletheia's peer document"):
