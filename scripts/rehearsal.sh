@@ -5,16 +5,27 @@
 #   bash scripts/rehearsal.sh            every cell of the paper grid, the report, then the Prefect
 #                                        deployment on the same profile, which must find everything done
 #   bash scripts/rehearsal.sh --slice    one cell per method family on one dataset (CI), then the report
-# Set REHEARSAL_DIR to keep the clone (default: a temporary folder, removed at the end).
+# Set REHEARSAL_DIR to keep the clone (default: a temporary folder, removed at the end); run again with the
+# same REHEARSAL_DIR and it resumes, at this checkout's commit, where it stopped (stages already done stay done).
 set -euo pipefail
 src="$(cd "$(dirname "$0")/.." && pwd)"
 mode=${1:-full}
 work=${REHEARSAL_DIR:-$(mktemp -d)}
 [ -n "${REHEARSAL_DIR:-}" ] || trap 'rm -rf "$work"' EXIT
-rm -rf "$work/repo"
-git clone -q "$src" "$work/repo"
-cd "$work/repo"
-ln -s "$src/.venv" .venv
+if [ -n "${REHEARSAL_DIR:-}" ] && [ -d "$work/repo/.git" ]; then
+  # resume: bring the kept clone to this checkout's commit and keep what DVC computed (its lock and outputs)
+  cd "$work/repo"
+  cp dvc.lock "$work/dvc.lock.keep"
+  git fetch -q "$src" HEAD
+  git reset -q --hard FETCH_HEAD
+  mv "$work/dvc.lock.keep" dvc.lock
+  echo "rehearsal: resuming in $work/repo at $(git rev-parse --short HEAD)"
+else
+  rm -rf "$work/repo"
+  git clone -q "$src" "$work/repo"
+  cd "$work/repo"
+  ln -s "$src/.venv" .venv
+fi
 source scripts/env.sh
 export PATH="$PWD/.venv/bin:$PATH"
 python -m domlora profile use rehearsal >/dev/null

@@ -79,6 +79,20 @@ class TestProbe:
         assert png.read_bytes()[:4] == b"\x89PNG"
         json.dumps(doc)
 
+    def test_auto_batch_size(self, run, data):
+        """`auto` (the paper profile's probe batch size) is planned from free memory, as the probe stage plans
+        it, and gives the curves a fixed batch size gives."""
+        man, _ = run
+        paths = [c["path"] for c in man["checkpoints"]][:2]
+        auto = probe_checkpoints(paths, data=data, samples=4, max_length=64, batch_size="auto")
+        fixed = probe_checkpoints(paths, data=data, samples=4, max_length=64, batch_size=1)
+        assert auto["dominants"] == fixed["dominants"]
+        for ra, rf in zip(auto["checkpoints"], fixed["checkpoints"]):
+            assert ra["curves"]["down_proj"] == pytest.approx(rf["curves"]["down_proj"], rel=1e-4)
+        for bad in (0, "big", True):
+            with pytest.raises(ConfigError, match="batch_size"):
+                probe_checkpoints(paths, data=data, samples=4, max_length=64, batch_size=bad)
+
     def test_adapter_checkpoint_is_merged(self, tiny_model, tiny_tokenizer, data, tmp_path):
         from domlora.adapters.variants import attach, save_adapter
 

@@ -96,8 +96,21 @@ def layer_curves(page_doc: dict) -> dict[str, list[float]]:
     return out
 
 
+def _plan_batch_size(model, encoded, batch_size: int | str) -> int:
+    """`batch_size`, or for `auto` the largest that fits where `model` (already loaded) runs."""
+    from domlora.probes.budget import CPU_BATCH_TOKENS, available_memory, memory_model, plan_batch_size
+
+    device = next(model.parameters()).device
+    plan = plan_batch_size(memory_model(model.config, dtype=model.dtype), encoded, batch_size=batch_size,
+                           available=available_memory(device),
+                           max_batch_tokens=CPU_BATCH_TOKENS if device.type == "cpu" else None)
+    logger.info("batch size %d (%s; largest that fits %d)", plan.batch_size, "auto" if plan.auto else "given",
+                plan.largest_fitting)
+    return plan.batch_size
+
+
 def probe_checkpoints(checkpoints: Sequence[str | os.PathLike], *, data: str | os.PathLike, samples: int = 32,
-                      max_length: int = 256, alpha: float = 16.0, rank: int = 8, batch_size: int = 4,
+                      max_length: int = 256, alpha: float = 16.0, rank: int = 8, batch_size: int | str = 4,
                       base: str | None = None, labels: Sequence[str] | None = None, dtype: str = "float32",
                       device: str | None = None, cache_dir: str | os.PathLike | None = None,
                       massive: bool = False, show_progress: bool = False) -> dict:
@@ -107,6 +120,8 @@ def probe_checkpoints(checkpoints: Sequence[str | os.PathLike], *, data: str | o
         checkpoints: full checkpoint folders and/or adapter folders (merged into `base`).
         data: chat JSONL probe set (its first `samples` samples are used).
         labels: one per checkpoint (default: `step N` from the folder name, else the folder name).
+        batch_size: samples per PAGE pass, or `auto`: the largest that fits the device's free memory (decided
+            once, on the first checkpoint, as the probe stage decides it).
         massive: also run the forward-only `massive` predictor on each checkpoint and record
             whether it agrees with that checkpoint's `dom`.
 
@@ -127,6 +142,8 @@ def probe_checkpoints(checkpoints: Sequence[str | os.PathLike], *, data: str | o
     paths = [Path(c) for c in checkpoints]
     if not paths:
         raise ConfigError("no checkpoints given; fix: pass at least one checkpoint folder")
+    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch_size must be an integer >= 1 or auto, got {batch_size!r}")
     if labels is not None and len(labels) != len(paths):
         raise ConfigError(f"{len(labels)} labels for {len(paths)} checkpoints; fix: one label per checkpoint")
     missing = [str(p) for p in paths if not p.exists()]
@@ -142,6 +159,7 @@ def probe_checkpoints(checkpoints: Sequence[str | os.PathLike], *, data: str | o
         if ref_hash is None:
             ref_hash, ref_path = h, p
             encoded, report = encode_samples(loaded.tokenizer, chosen, max_length=max_length)
+            batch_size = _plan_batch_size(loaded.model, encoded, batch_size)
         elif h != ref_hash:
             raise ModelError(f"checkpoint {p} has another architecture than {ref_path} (config hash {h} vs "
                              f"{ref_hash}: {type(loaded.model).__name__}); fix: compare checkpoints of one run")
