@@ -142,6 +142,18 @@ def parse_options(peer: str, options: dict | None):
 
 
 def _rss_mb() -> float:
+    """The process's anonymous resident memory (its heap, tensors and arrays), in MB.
+
+    File-backed pages (mapped weight files, shared libraries) are left out: the kernel may drop or
+    re-read them at any time, which would move the baseline under the work being measured.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -155,7 +167,7 @@ def _rss_mb() -> float:
 def measure_cost(device: str = "cpu", *, interval_s: float = 0.02) -> Iterator[dict]:
     """Wall time and peak memory of the enclosed work, above what was resident when it started.
 
-    CPU: the process's resident memory, sampled every `interval_s` by a thread (so a short spike between
+    CPU: the process's anonymous resident memory (file-backed pages left out), sampled every `interval_s` by a thread (so a short spike between
     samples can be missed); CUDA: `torch.cuda.max_memory_allocated`. Fills the yielded dict on exit.
     """
     cost: dict = {}

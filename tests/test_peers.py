@@ -149,6 +149,23 @@ def test_measure_cost_sees_an_allocation():
     assert cost["peak_over_model_mb"] > 20
 
 
+def test_measure_cost_leaves_out_file_backed_pages(tmp_path):
+    """Pages of a mapped file (weights read through mmap) are the kernel's to drop and re-read: they are not
+    the work's memory, and counting them lets the baseline move under the work."""
+    import mmap
+
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"\1" * (40 * 2**20))
+    with open(f, "rb") as fh, measure_cost(interval_s=0.005) as cost:
+        m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        assert sum(m[i] for i in range(0, len(m), 4096)) == len(m) // 4096  # every page touched
+        import time
+
+        time.sleep(0.05)
+        m.close()
+    assert cost["peak_over_model_mb"] < 10
+
+
 def test_measure_cost_baseline_holds_no_pending_garbage():
     """Cyclic garbage left by earlier work and freed inside the block must not hide the block's memory."""
     import gc
