@@ -141,6 +141,16 @@ class TestPlan:
             budget.plan_batch_size(self.mm, self.enc, available=1e12, **kw)
 
 
+@pytest.mark.parametrize("value", [0, -3, "big", True, 2.0, None])
+def test_check_batch_size_refuses_what_is_not_auto_or_a_positive_integer(value):
+    with pytest.raises(ConfigError, match=r"batch_size must be >= 1 or auto, got"):
+        budget.check_batch_size(value, name="batch_size")
+
+
+def test_check_batch_size_passes_auto_and_integers():
+    assert budget.check_batch_size("auto") == "auto" and budget.check_batch_size(3) == 3
+
+
 def test_available_memory_is_positive():
     assert budget.available_memory("cpu") > 0
 

@@ -42,8 +42,8 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
     import torch
 
     from domlora.models import config_hash, load_model, load_tokenizer_and_config, resolve_dtype
-    from domlora.probes.budget import (CPU_BATCH_TOKENS, available_memory, memory_model, plan_batch_size,
-                                       weight_bytes)
+    from domlora.probes.budget import (CPU_BATCH_TOKENS, available_memory, check_batch_size, memory_model,
+                                       plan_batch_size, weight_bytes)
     from domlora.errors import ModelError
     from domlora.probes.activations import ffn_down_candidates
     from domlora.probes.massive import RULES, massive_summary, predict_from_report
@@ -56,8 +56,7 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
     check_lora_shape(alpha, rank)
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
-    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ConfigError(f"--batch-size must be >= 1 or auto, got {batch_size!r}")
+    check_batch_size(batch_size)
     if massive_rule not in RULES:
         raise ConfigError(f"unknown massive rule {massive_rule!r}; valid: {', '.join(RULES)}")
     chosen = read_samples(data, limit=samples)  # validate before loading the model

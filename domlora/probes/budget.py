@@ -241,6 +241,13 @@ class BatchPlan:
                 "bytes_per_token": round(self.bytes_per_token)}
 
 
+def check_batch_size(batch_size, *, name: str = "--batch-size") -> int | str:
+    """`batch_size` if it is `auto` or an integer >= 1 (a bool is not); else a ConfigError naming `name`."""
+    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"{name} must be >= 1 or auto, got {batch_size!r}")
+    return batch_size
+
+
 def plan_batch_size(mm: MemoryModel, encoded: Sequence[Encoded], *, batch_size: int | str = "auto",
                     available: float, memory_fraction: float = DEFAULT_MEMORY_FRACTION,
                     reserved: float = 0.0, max_batch_tokens: int | None = None) -> BatchPlan:
@@ -262,9 +269,7 @@ def plan_batch_size(mm: MemoryModel, encoded: Sequence[Encoded], *, batch_size: 
     """
     if not (isinstance(memory_fraction, (int, float)) and 0 < memory_fraction <= 1):
         raise ConfigError(f"memory fraction must be in (0, 1], got {memory_fraction!r}")
-    auto = batch_size == "auto"
-    if not auto and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ConfigError(f"--batch-size must be >= 1 or auto, got {batch_size!r}")
+    auto = check_batch_size(batch_size) == "auto"
     budget = memory_fraction * max(available - reserved, 0.0)
     fits = largest_fitting(mm, encoded, budget)
     T = max(len(e.input_ids) for e in encoded)

@@ -134,6 +134,7 @@ def probe_checkpoints(checkpoints: Sequence[str | os.PathLike], *, data: str | o
         DataError: a bad probe file.
     """
     from domlora.models import config_hash
+    from domlora.probes.budget import check_batch_size
     from domlora.probes.page import check_lora_shape, page_probe
     from domlora.samples import encode_samples, read_samples
     from domlora.probes.summary import page_summary
@@ -142,8 +143,7 @@ def probe_checkpoints(checkpoints: Sequence[str | os.PathLike], *, data: str | o
     paths = [Path(c) for c in checkpoints]
     if not paths:
         raise ConfigError("no checkpoints given; fix: pass at least one checkpoint folder")
-    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ConfigError(f"batch_size must be an integer >= 1 or auto, got {batch_size!r}")
+    check_batch_size(batch_size, name="batch_size")
     if labels is not None and len(labels) != len(paths):
         raise ConfigError(f"{len(labels)} labels for {len(paths)} checkpoints; fix: one label per checkpoint")
     missing = [str(p) for p in paths if not p.exists()]
