@@ -204,7 +204,7 @@ def _moves(read) -> bool:
     n = _PROBE_MB * 2**20
     try:
         before = read()
-        pages = mmap.mmap(-1, n)
+        pages = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # anonymous, as the work's pages
         for i in range(0, n, mmap.PAGESIZE):
             pages[i] = 1
         block = bytearray(n)

@@ -139,6 +139,28 @@ def test_every_peer_reports_its_cost(model, encoded):
                                        "process_rss_with_files_sampled", "process_max_rss"}
 
 
+class Reading:
+    """A memory reading measure_cost can take, and an allocation of `mb` MB, touched, that it must see."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def allocate(self, mb: int):
+        import mmap
+
+        import numpy as np
+
+        if self.kind == "malloc_heap_sampled":  # what tensors and arrays do: a heap block
+            a = np.ones(mb * 2**20 // 8)
+            a += 1
+            return a
+        # fresh anonymous pages: what a resident reading sees whatever the heap reuses
+        m = mmap.mmap(-1, mb * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for i in range(0, len(m), mmap.PAGESIZE):
+            m[i] = 1
+        return m
+
+
 @pytest.fixture(params=["heap", "proc"])
 def reading(request, monkeypatch):
     """Each live memory reading measure_cost can take: glibc's heap, and /proc's anonymous RSS where the heap
@@ -146,39 +168,35 @@ def reading(request, monkeypatch):
     import domlora.peers as peers
 
     if request.param == "heap":
-        if peers._malloc_heap_reader() is None:
-            pytest.skip("not glibc >= 2.33: no mallinfo2")
-        return "malloc_heap_sampled"
+        heap = peers._malloc_heap_reader()
+        if heap is None or not peers._moves(heap):
+            pytest.skip("no live glibc heap count here (not glibc >= 2.33, or another allocator)")
+        return Reading("malloc_heap_sampled")
     monkeypatch.setattr(peers, "_malloc_heap_reader", lambda: None)
     if not peers._moves(peers._proc_anon_mb):
-        pytest.skip("this process's /proc status does not follow its memory now")
-    return "process_rss_sampled"
+        pytest.skip("this process's /proc status does not follow its memory here")
+    return Reading("process_rss_sampled")
 
 
 def test_measure_cost_sees_an_allocation(reading):
-    import numpy as np
-
     with measure_cost(interval_s=0.005) as cost:
-        a = np.ones(40 * 2**20 // 8)  # 40 MB, touched
-        a += 1
+        a = reading.allocate(40)
         import time
 
         time.sleep(0.05)
-    assert cost["memory_kind"] == reading
+    del a
+    assert cost["memory_kind"] == reading.kind
     assert cost["peak_over_model_mb"] > 20, cost
 
 
 def test_measure_cost_sees_an_allocation_under_an_earlier_peak(reading):
     """Work smaller than what the process once held is still seen: the reading is live, not the peak so far."""
-    import numpy as np
-
-    big = np.ones(200 * 2**20 // 8)
-    big += 1
+    big = reading.allocate(200)
     del big
     with measure_cost(interval_s=0.005) as cost:
-        a = np.ones(40 * 2**20 // 8)
-        a += 1
-    assert cost["memory_kind"] == reading
+        a = reading.allocate(40)
+    del a
+    assert cost["memory_kind"] == reading.kind
     assert 20 < cost["peak_over_model_mb"] < 150, cost
 
 
@@ -221,22 +239,20 @@ def test_measure_cost_baseline_holds_no_pending_garbage(reading):
     """Cyclic garbage left by earlier work and freed inside the block must not hide the block's memory."""
     import gc
 
-    import numpy as np
-
     class Cycle:
         def __init__(self):
-            self.me, self.data = self, np.ones(80 * 2**20 // 8)  # 80 MB, touched, only the collector frees it
+            self.me, self.data = self, reading.allocate(80)  # 80 MB, touched, only the collector frees it
 
     gc.disable()
     try:
         Cycle()
         with measure_cost(interval_s=0.005) as cost:
             gc.collect()  # what an allocation-triggered collection does inside the work
-            a = np.ones(40 * 2**20 // 8)
-            a += 1
+            a = reading.allocate(40)
+        del a
     finally:
         gc.enable()
-    assert cost["memory_kind"] == reading
+    assert cost["memory_kind"] == reading.kind
     assert cost["peak_over_model_mb"] > 20, cost
 
 
