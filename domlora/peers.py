@@ -193,8 +193,8 @@ _PROBE_MB = 16
 
 
 def _moves(read) -> bool:
-    """Whether `read` sees a fresh allocation of _PROBE_MB now: a reading that is missing, or that the platform
-    does not keep live (some sandboxes report a frozen or lagging figure), fails this.
+    """Whether `read` sees a fresh allocation of _PROBE_MB now: a reading that cannot be read (no /proc in a
+    chroot or another PID namespace), or whose figure does not follow the process, fails this.
 
     The allocation is both kinds the work makes: fresh anonymous pages, touched (what resident readings see;
     the heap may reuse pages already resident), and a heap block (what the allocator's count sees).
@@ -220,8 +220,8 @@ def _memory_reader():
     """The best live memory reading this process has, as (read() -> MB, memory_kind).
 
     Each candidate is tried on a small allocation first, and the first that sees it is taken: glibc's live heap
-    (what tensors and arrays hold, counted by the allocator itself, so always current); /proc's anonymous
-    resident memory (some kernels and sandboxes serve a lagging or frozen figure, which the trial catches);
+    (what tensors and arrays hold, counted by the allocator itself, so always current, even for a block placed
+    in pages the heap already holds resident, which resident figures miss); /proc's anonymous resident memory;
     /proc's whole resident set (file-backed pages in); else the process's peak so far, which cannot see
     work that stays under an earlier peak (its kind says so).
     """

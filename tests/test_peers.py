@@ -201,8 +201,8 @@ def test_measure_cost_sees_an_allocation_under_an_earlier_peak(reading):
 
 
 def test_a_frozen_proc_reading_is_not_taken(tmp_path, monkeypatch, caplog):
-    """Some kernels and sandboxes serve a /proc status whose figures do not follow the process: a reading must be
-    seen to move before it is trusted, else every cost reads 0 and says nothing of why."""
+    """A /proc status whose figures do not follow the process (a sandbox's, another namespace's): a reading must
+    be seen to move before it is trusted, else every cost reads 0 and says nothing of why."""
     import domlora.peers as peers
 
     frozen = tmp_path / "status"
