@@ -488,6 +488,33 @@ def _deepspeed_config(path: str, cfg: TrainConfig, world: int, bf16: bool) -> di
     return ds
 
 
+_CLOSE_AT_EXIT: list = []
+
+
+def close_process_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, if it is still up then (registered once).
+
+    A gloo group left to the interpreter's teardown can abort its process ("terminate called without an active
+    exception") after the work is done and saved, failing the launcher's run; destroyed at exit, after the last
+    barrier, it shuts its threads down first. At exit, so that a process may still train again after `train`.
+    """
+    if _CLOSE_AT_EXIT:
+        return
+    import atexit
+
+    def close():
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception as e:  # exiting anyway: say so, do not mask the exit status
+                logger.warning("could not destroy the process group at exit: %s", e)
+
+    atexit.register(close)
+    _CLOSE_AT_EXIT.append(close)
+
+
 def _make_accelerator(cfg: TrainConfig, device: str, *, bf16: bool):
     from accelerate import Accelerator
 
@@ -691,6 +718,8 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     encoded, enc_report = encode_samples(loaded.tokenizer, samples, max_length=cfg.max_length)
 
     accelerator = _make_accelerator(cfg, device, bf16=_runs_bf16(loaded.model, device))
+    if accelerator.num_processes > 1:
+        close_process_group_at_exit()
     world, rank = accelerator.num_processes, accelerator.process_index
     use_ds = bool(cfg.deepspeed)
     plan = StepPlan.make(len(encoded), cfg, world)

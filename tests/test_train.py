@@ -486,3 +486,24 @@ def test_two_processes_ddp_on_cpu(base_dir, data, tmp_path):
     assert results[0]["world_size"] == 2 and results[0]["samples_per_step"] == 2 * 2 * 2
     assert results[0]["loss"] == results[1]["loss"]  # the logged loss is reduced over both processes
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_process_group_is_destroyed_at_exit(tmp_path):
+    """A launched process leaves with its gloo group destroyed, before the interpreter's own teardown, and
+    registering twice registers once."""
+    out = tmp_path / "at_exit.txt"
+    script = textwrap.dedent(f"""
+        import atexit, pathlib, torch.distributed as dist
+        from domlora.train import close_process_group_at_exit
+        # registered first, so it runs after the hook under test (atexit runs last-in first-out)
+        atexit.register(lambda: pathlib.Path({str(out)!r}).write_text(str(dist.is_initialized())))
+        dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+        close_process_group_at_exit()
+        close_process_group_at_exit()
+        import domlora.train as t
+        assert len(t._CLOSE_AT_EXIT) == 1
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.read_text() == "False"
