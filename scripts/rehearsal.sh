@@ -15,10 +15,10 @@ work=${REHEARSAL_DIR:-$(mktemp -d)}
 if [ -n "${REHEARSAL_DIR:-}" ] && [ -d "$work/repo/.git" ]; then
   # resume: bring the kept clone to this checkout's commit and keep what DVC computed (its lock and outputs)
   cd "$work/repo"
-  cp dvc.lock "$work/dvc.lock.keep"
+  [ ! -f dvc.lock ] || cp dvc.lock "$work/dvc.lock.keep"
   git fetch -q "$src" HEAD
   git reset -q --hard FETCH_HEAD
-  mv "$work/dvc.lock.keep" dvc.lock
+  [ ! -f "$work/dvc.lock.keep" ] || mv "$work/dvc.lock.keep" dvc.lock
   echo "rehearsal: resuming in $work/repo at $(git rev-parse --short HEAD)"
 else
   rm -rf "$work/repo"

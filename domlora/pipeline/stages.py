@@ -42,8 +42,7 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
     import torch
 
     from domlora.models import config_hash, load_model, load_tokenizer_and_config, resolve_dtype
-    from domlora.probes.budget import (CPU_BATCH_TOKENS, available_memory, check_batch_size, memory_model,
-                                       plan_batch_size, weight_bytes)
+    from domlora.probes.budget import check_batch_size, memory_model, plan_on_device, weight_bytes
     from domlora.errors import ModelError
     from domlora.probes.activations import ffn_down_candidates
     from domlora.probes.massive import RULES, massive_summary, predict_from_report
@@ -67,12 +66,8 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
     if len(chosen) < samples:
         logger.warning("asked for %d probe samples, %s holds %d", samples, data, len(chosen))
     mm = memory_model(config, dtype=torch_dtype)
-    plan = plan_batch_size(mm, encoded, batch_size=batch_size, available=available_memory(device),
-                           memory_fraction=memory_fraction,
-                           reserved=weight_bytes(config, dtype=torch_dtype, trust_remote_code=trust_remote_code),
-                           max_batch_tokens=CPU_BATCH_TOKENS if torch.device(device).type == "cpu" else None)
-    logger.info("batch size %d (%s; largest that fits %d; budget %.2f GiB)", plan.batch_size,
-                "auto" if plan.auto else "given", plan.largest_fitting, plan.budget_bytes / 2**30)
+    plan = plan_on_device(mm, encoded, batch_size=batch_size, device=device, memory_fraction=memory_fraction,
+                          reserved=weight_bytes(config, dtype=torch_dtype, trust_remote_code=trust_remote_code))
     loaded = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
     if activations:
         try:

@@ -292,3 +292,16 @@ def plan_batch_size(mm: MemoryModel, encoded: Sequence[Encoded], *, batch_size: 
                           "raise --memory-fraction")
     return BatchPlan(batch_size=chosen, largest_fitting=fits, budget_bytes=budget, worst_batch_bytes=worst,
                      bytes_per_token=per_token, auto=auto, max_batch_tokens=max_batch_tokens if auto else None)
+
+
+def plan_on_device(mm: MemoryModel, encoded: Sequence[Encoded], *, batch_size: int | str, device,
+                   memory_fraction: float = DEFAULT_MEMORY_FRACTION, reserved: float = 0.0) -> BatchPlan:
+    """`plan_batch_size` against `device`'s free memory, with `CPU_BATCH_TOKENS` on a CPU; logs the choice."""
+    import torch
+
+    plan = plan_batch_size(mm, encoded, batch_size=batch_size, available=available_memory(device),
+                           memory_fraction=memory_fraction, reserved=reserved,
+                           max_batch_tokens=CPU_BATCH_TOKENS if torch.device(device).type == "cpu" else None)
+    logger.info("batch size %d (%s; largest that fits %d; budget %.2f GiB)", plan.batch_size,
+                "auto" if plan.auto else "given", plan.largest_fitting, plan.budget_bytes / 2**30)
+    return plan

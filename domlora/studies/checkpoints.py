@@ -96,19 +96,6 @@ def layer_curves(page_doc: dict) -> dict[str, list[float]]:
     return out
 
 
-def _plan_batch_size(model, encoded, batch_size: int | str) -> int:
-    """`batch_size`, or for `auto` the largest that fits where `model` (already loaded) runs."""
-    from domlora.probes.budget import CPU_BATCH_TOKENS, available_memory, memory_model, plan_batch_size
-
-    device = next(model.parameters()).device
-    plan = plan_batch_size(memory_model(model.config, dtype=model.dtype), encoded, batch_size=batch_size,
-                           available=available_memory(device),
-                           max_batch_tokens=CPU_BATCH_TOKENS if device.type == "cpu" else None)
-    logger.info("batch size %d (%s; largest that fits %d)", plan.batch_size, "auto" if plan.auto else "given",
-                plan.largest_fitting)
-    return plan.batch_size
-
-
 def probe_checkpoints(checkpoints: Sequence[str | os.PathLike], *, data: str | os.PathLike, samples: int = 32,
                       max_length: int = 256, alpha: float = 16.0, rank: int = 8, batch_size: int | str = 4,
                       base: str | None = None, labels: Sequence[str] | None = None, dtype: str = "float32",
@@ -134,7 +121,7 @@ def probe_checkpoints(checkpoints: Sequence[str | os.PathLike], *, data: str | o
         DataError: a bad probe file.
     """
     from domlora.models import config_hash
-    from domlora.probes.budget import check_batch_size
+    from domlora.probes.budget import check_batch_size, memory_model, plan_on_device
     from domlora.probes.page import check_lora_shape, page_probe
     from domlora.samples import encode_samples, read_samples
     from domlora.probes.summary import page_summary
@@ -159,7 +146,8 @@ def probe_checkpoints(checkpoints: Sequence[str | os.PathLike], *, data: str | o
         if ref_hash is None:
             ref_hash, ref_path = h, p
             encoded, report = encode_samples(loaded.tokenizer, chosen, max_length=max_length)
-            batch_size = _plan_batch_size(loaded.model, encoded, batch_size)
+            batch_size = plan_on_device(memory_model(loaded.model.config, dtype=loaded.model.dtype), encoded,
+                                        batch_size=batch_size, device=next(loaded.model.parameters()).device).batch_size
         elif h != ref_hash:
             raise ModelError(f"checkpoint {p} has another architecture than {ref_path} (config hash {h} vs "
                              f"{ref_hash}: {type(loaded.model).__name__}); fix: compare checkpoints of one run")
