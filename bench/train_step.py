@@ -73,7 +73,9 @@ def child(a) -> dict:
     from domlora.modules import find_candidates
     from domlora.placement import PlacementSpec, select
     from domlora.samples import collate, encode_samples, read_samples
-    from domlora.train import StepPlan, TrainConfig, train
+    from domlora.train.config import TrainConfig
+    from domlora.train.loop import train
+    from domlora.train.plan import StepPlan
 
     desc, spec, variant = CONFIGS[a.child]
     loaded = load_model("embedded", device="cpu", dtype="float32")

@@ -9,7 +9,7 @@ import sys
 from domlora.cli import run_main, stage_parser
 from domlora.pipeline.grid import stage_params
 from domlora.pipeline.paths import Layout
-from domlora.pipeline.stages import probe_stage
+from domlora.pipeline.stages.probe import probe_stage
 from domlora.pipeline.tracking import make_tracker
 
 

@@ -32,43 +32,16 @@ from typing import Any
 from domlora.adapters.variants import load_for_eval
 from domlora.config import ModelSpec
 from domlora.errors import ConfigError, DomloraError, ModelError
-from domlora.evaluate.lm import (
-    make_lm,
-    math_path,
-    resolve_batch_size,
-    run_lm_eval,
-    summarize_lm_eval,
-    torch_threads,
-)
-from domlora.evaluate.mt_bench import (
-    JudgeConfig,
-    JudgeError,
-    run_mt_bench,
-    why_unconfigured,
-)
-from domlora.evaluate.stand_in import NOTE as STAND_IN_NOTE
-from domlora.evaluate.stand_in import (
-    STAND_IN_TASKS,
-    check_stand_in_dir,
-    stand_in_digest,
-    stand_in_task_manager,
-    stand_in_tasks,
-)
-from domlora.evaluate.tasks import (
-    NLL_TASKS,
-    SELF_CONTAINED,
-    TASKS,
-    TaskSpec,
-    expand_tasks,
-    full_task_manager,
-    lm_eval_version,
-    local_task_manager,
-    paper_average,
-    paper_columns,
-    resolve_tasks,
-    task_config_hash,
-    task_spec,
-)
+from domlora.evaluate.lm import make_lm, math_path, resolve_batch_size, run_lm_eval, summarize_lm_eval, torch_threads
+from domlora.evaluate.mt_bench import JudgeConfig, JudgeError, run_mt_bench, why_unconfigured
+from domlora.evaluate.nll import nll_task
+from domlora.evaluate.sandbox import code_exec_allowed
+from domlora.evaluate.scoring import LOCAL_FIELDS, read_eval_rows, resolve_eval_file
+from domlora.evaluate.stand_in import (NOTE as STAND_IN_NOTE, STAND_IN_TASKS, check_stand_in_dir, stand_in_digest,
+                                       stand_in_task_manager, stand_in_tasks)
+from domlora.evaluate.tasks import (NLL_TASKS, SELF_CONTAINED, TASKS, TaskSpec, expand_tasks, full_task_manager,
+                                    lm_eval_version, local_task_manager, paper_average, paper_columns, resolve_tasks,
+                                    task_config_hash, task_spec)
 from domlora.io import file_sha256, read_json, write_json
 from domlora.provenance import run_info
 
@@ -357,8 +330,6 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
     Raises:
         ConfigError / DataError / ModelError: bad input, before any evaluation starts.
     """
-    from domlora.evaluate.sandbox import code_exec_allowed
-
     t_start = time.perf_counter()
     spec = ModelSpec.of(model)
     if dtype is not None:
@@ -386,12 +357,6 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
     data_files: dict[str, Path] = {}
     for n, s in specs.items():
         if s.local_data:
-            from domlora.evaluate.scoring import (
-                LOCAL_FIELDS,
-                read_eval_rows,
-                resolve_eval_file,
-            )
-
             f = resolve_eval_file(data_dir, s.local_data)
             read_eval_rows(f, LOCAL_FIELDS.get(s.local_data, ()))
             data_files[n] = f
@@ -520,9 +485,6 @@ def _run_task(name: str, spec: TaskSpec, *, lm, tm, config_hash: str, gen_kwargs
             body = run_mt_bench(lm, judge=judge, data_dir=data_dir, limit=limit, max_gen_toks=max_gen_toks,
                                  cache_path=mt_bench_cache, gen_key=gen_key, show_progress=show_progress)
         elif name in NLL_TASKS:
-            from domlora.evaluate.nll import nll_task
-            from domlora.evaluate.scoring import resolve_eval_file
-
             body = nll_task(lm, resolve_eval_file(data_dir, NLL_TASKS[name]), limit=limit)
         else:
             res = run_lm_eval(lm, tm, spec.lm_eval, limit=limit, chat_template=spec.chat_template,

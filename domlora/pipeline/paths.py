@@ -15,8 +15,12 @@ class Layout:
         object.__setattr__(self, "root", Path(self.root))
 
     # prepare_data
+    @property
+    def data_root(self) -> Path:
+        return self.root / "data"
+
     def data_dir(self, dataset: str) -> Path:
-        return self.root / "data" / dataset
+        return self.data_root / dataset
 
     def split(self, dataset: str, split: str) -> Path:
         return self.data_dir(dataset) / f"{split}.jsonl"
@@ -31,6 +35,10 @@ class Layout:
     def checkpoints_json(self, model: str, dataset: str) -> Path:
         """PAGE across full fine-tuning checkpoints (the Figure 2 study)."""
         return self.probe_dir(model, dataset) / "checkpoints.json"
+
+    def checkpoints_work(self, model: str, dataset: str) -> Path:
+        """Where the checkpoint study keeps its step checkpoints (whole models) while it probes them."""
+        return self.root / ".checkpoints_work" / f"{model}-{dataset}"
 
     # select
     def placement(self, model: str, dataset: str, method: str) -> Path:

@@ -16,6 +16,7 @@ import math
 import statistics
 from pathlib import Path
 
+from domlora.evaluate.tasks import NLL_TASKS
 from domlora.io import save_figure, write_text
 from domlora.pipeline.params import Cell, Params
 from domlora.pipeline.paths import Layout
@@ -77,8 +78,6 @@ def describe_modules(names: list[str], table: dict[str, dict]) -> str:
 
 def _task_metrics(params: Params, dataset: str) -> tuple[str | None, str | None]:
     """The exact-match key and the NLL key of a dataset's tasks in scores.json."""
-    from domlora.evaluate.tasks import NLL_TASKS
-
     em = nll = None
     for t in params.datasets[dataset].tasks:
         if t in NLL_TASKS:

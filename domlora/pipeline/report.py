@@ -14,9 +14,15 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from domlora.pipeline.params import Cell, Params
+from domlora.evaluate.tasks import PAPER_COLUMNS, STAND_IN_WARNING, TABLE_COLUMNS, compare_with_paper, is_stand_in
 from domlora.io import save_figure, write_json, write_text
+from domlora.models import config_hash_of
+from domlora.pipeline.params import Cell, Params
 from domlora.pipeline.paths import Layout
+from domlora.pipeline.registry import record
+from domlora.pipeline.sparse_b_report import render_report_section
+from domlora.pipeline.tracking import train_summary
+from domlora.probes.agreement import compare_probes
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +134,6 @@ def _paper_cols(col: Collected, model: str, datasets: list[str], table: int) -> 
     the instruction-tuning suite in Tables 1 and 3, from the math suite elsewhere); the task is the first of
     `evaluate.tasks.PAPER_COLUMNS` that ran (the paper's protocol, else its log-likelihood alternative).
     """
-    from domlora.evaluate.tasks import PAPER_COLUMNS, TABLE_COLUMNS
-
     p = col.params
     out = []
     for column in TABLE_COLUMNS.get(table, []):
@@ -241,8 +245,6 @@ def score_table(col: Collected, table: int) -> tuple[str, list[dict]]:
 def efficiency_table(col: Collected) -> tuple[str, list[dict]]:
     """Table 10: wall time and peak memory per cell, with the effective batch each ran at (flagged where it
     is not the recipe's, e.g. a stage started without its processes)."""
-    from domlora.pipeline.tracking import train_summary
-
     p = col.params
     methods = [m for m in p.grid.methods if 10 in p.methods[m].tables] or list(p.grid.methods)
     header = ["Model", "Dataset", "Method", "Trainable params", "Batch (effective)", "Backend", "Wall time (s)",
@@ -346,8 +348,6 @@ def backbone_lines(col: Collected, rows: list[dict]) -> list[str]:
 
 def stability_lines(col: Collected) -> list[str]:
     """Per backbone: do the probe sets agree on dom and argmax; rank correlation; top-k overlap."""
-    from domlora.studies.stability import compare_probes
-
     out = []
     for m in col.params.grid.probe_models:
         docs = {d: doc for (mm, d), doc in col.probes.items() if mm == m and doc}
@@ -376,7 +376,6 @@ def results_csv(col: Collected) -> str:
             w.writerow([c.id, c.model, c.dataset, c.method, c.seed, st, "", ""])
         for k, v in sorted(met.items()):
             w.writerow([c.id, c.model, c.dataset, c.method, c.seed, st, k, v])
-        from domlora.pipeline.tracking import train_summary
 
         for k, v in train_summary(col.train.get(c.id) or {}).items():
             if isinstance(v, (int, float)):
@@ -434,8 +433,6 @@ def figures(col: Collected, out: Path) -> list[Path]:
 
 def paper_comparison(col: Collected) -> str:
     """For the `paper` profile: our numbers beside the paper's Tables 1 and 2, per backbone."""
-    from domlora.evaluate.tasks import compare_with_paper
-
     parts = []
     p = col.params
     for table in (1, 2):
@@ -466,9 +463,6 @@ def paper_comparison(col: Collected) -> str:
 
 def update_registry(col: Collected, path: Path) -> int:
     """Record every probe of the grid in the dominant-module registry (backbone -> dom module)."""
-    from domlora.models import config_hash_of
-    from domlora.pipeline.registry import record
-
     n = 0
     for (m, d), doc in col.probes.items():
         if not doc or not doc.get("dominant"):
@@ -486,8 +480,6 @@ def update_registry(col: Collected, path: Path) -> int:
 
 def _stand_in_runs(col: Collected) -> list[str]:
     """Cells and base runs whose eval.json was computed on stand-in data."""
-    from domlora.evaluate.tasks import is_stand_in
-
     runs = [c.id for c in col.cells if is_stand_in(col.evals.get(c.id) or {})]
     runs += [col.layout.base_id(m, d) for (m, d), doc in col.base_evals.items() if is_stand_in(doc or {})]
     return runs
@@ -547,8 +539,6 @@ def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections
         all_rows["figure2"] = rows
     sparse = [c for c in col.cells if params.methods[c.method].sparse_b or params.methods[c.method].grpo]
     if sparse:
-        from domlora.studies.sparse_b import render_report_section
-
         docs = [(d.get("study") or {}).get("outcome") for d in (col.train.get(c.id) for c in sparse) if d]
         docs = [d for d in docs if d]
         sections.append(render_report_section(docs))
@@ -559,7 +549,6 @@ def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections
         if cmp:
             sections.append("## Beside the paper\n\n" + cmp)
     # results from stand-in data (an offline rehearsal) are marked wherever they are shown
-    from domlora.evaluate.tasks import STAND_IN_WARNING
 
     stand_in = _stand_in_runs(col)
     banner = [f"> **{STAND_IN_WARNING}** Runs on stand-in data: {', '.join(stand_in)}.", ""] if stand_in else []

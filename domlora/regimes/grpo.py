@@ -2,7 +2,7 @@
 
 The reward of a completion is `answer_weight * [final answer correct] + format_weight * [it ends
 with a parsable "#### <int>" line]`. The policy is a LoRA adapter on any placement, either
-full (A and B train) or sparse-B (A frozen, k chosen entries of B; see `domlora.studies.sparse_b`).
+full (A and B train) or sparse-B (A frozen, k chosen entries of B; see `domlora.regimes.sparse_b`).
 Gradient-informed selection scores entries on the GRPO objective itself: S probe rollouts at
 the initial adapter, each a group of sampled completions with group-normalised advantages.
 
@@ -19,16 +19,22 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from domlora.adapters.variants import apply_adapter, save_adapter
 from domlora.config import ModelSpec
 from domlora.errors import ConfigError, DataError
+from domlora.evaluate.answers import final_int, is_correct
+from domlora.io import atomic_outputs, write_json
+from domlora.models import LoadedModel, hub_id, load_model
 from domlora.provenance import run_info
-from domlora.evaluate.scoring import final_int, is_correct
-from domlora.studies.arith import arith_accuracy, generate, read_prompts
-from domlora.studies.sparse_b import method_label
+from domlora.regimes.arith import arith_accuracy, generate, read_prompts
+from domlora.regimes.settings import GRPOSettings, check_reward_weights
+from domlora.regimes.sparse_b import (DIAGNOSTICS, GradRecorder, attach_lora, b_sizes, install, landing, make_masks,
+                                      method_label, module_info, outside_mask_nonzero, resolve_placement, save_masks)
+from domlora.train.config import TrainRecord
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +97,7 @@ class ArithReward:
     format_weight: float = 0.2
 
     def __post_init__(self):
-        if self.answer_weight < 0 or self.format_weight < 0 or self.answer_weight + self.format_weight <= 0:
-            raise ConfigError("reward weights must be >= 0 and not both 0, got "
-                              f"answer_weight={self.answer_weight}, format_weight={self.format_weight}")
+        check_reward_weights(self.answer_weight, self.format_weight)
 
     def score(self, completion: str, answer: Any) -> tuple[float, bool, bool]:
         """(reward, parsable, correct) of one completion."""
@@ -206,65 +210,6 @@ def policy_probe_loss(model, tokenizer, rows: Sequence[dict], *, reward: ArithRe
     return loss_fn
 
 
-# ---------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class GRPOSettings:
-    """GRPO's own settings (a method's `grpo:` section). The LoRA shape, learning rate, schedule,
-    steps and seed come from the method's `TrainConfig`, and sparse-B from its `sparse_b:` section,
-    so the one configuration says what ran."""
-
-    prompts_per_step: int = 2
-    """distinct prompts per step (each gets `num_generations` completions)"""
-    num_generations: int = 4
-    """group size G"""
-    max_completion_length: int = 64
-    """tokens generated per completion"""
-    temperature: float = 1.0
-    """sampling temperature of the rollouts"""
-    reward_answer_weight: float = 1.0
-    """reward of a correct final answer"""
-    reward_format_weight: float = 0.2
-    """reward of a parsable `#### <int>` line"""
-    probe_max_tries: int = 4
-    """sparse-B probe: redraw a probe step on new prompts (up to this many times) while all its groups have
-    constant rewards"""
-    n_train: int | None = None
-    """use only the first n training prompts"""
-    n_eval: int | None = 40
-    """evaluate on the first n eval rows"""
-    eval_max_new_tokens: int = 96
-    """greedy tokens per evaluation answer"""
-    eval_batch_size: int = 8
-    """evaluation prompts per generation batch"""
-    eval_base: bool = False
-    """also evaluate the model before training (same rows)"""
-    system_prompt: str | None = None
-    """prepended as a system turn to every prompt (training and evaluation)"""
-
-    def __post_init__(self):
-        checks = {"prompts_per_step": self.prompts_per_step, "max_completion_length": self.max_completion_length,
-                  "probe_max_tries": self.probe_max_tries, "eval_max_new_tokens": self.eval_max_new_tokens,
-                  "eval_batch_size": self.eval_batch_size}
-        for k, v in checks.items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"grpo.{k} must be an integer >= 1, got {v!r}")
-        if self.num_generations < 2:
-            raise ConfigError(f"grpo.num_generations must be >= 2 (GRPO compares completions within a group), "
-                              f"got {self.num_generations}")
-        if not self.temperature > 0:
-            raise ConfigError(f"grpo.temperature must be > 0 for sampling, got {self.temperature}")
-        for k in ("n_train", "n_eval"):
-            v = getattr(self, k)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ConfigError(f"grpo.{k} must be None or an integer >= 1, got {v!r}")
-        ArithReward(self.reward_answer_weight, self.reward_format_weight)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -360,8 +305,6 @@ def _on_gpu(model) -> bool:
 
 
 def _load(model):
-    from domlora.models import LoadedModel, load_model
-
     if isinstance(model, LoadedModel):
         return model, getattr(model, "spec", "model")
     if isinstance(model, (str, ModelSpec)):
@@ -428,24 +371,6 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
 
     import torch
 
-    from domlora.adapters.variants import save_adapter
-    from domlora.io import atomic_outputs, write_json
-    from domlora.models import hub_id
-    from domlora.studies.sparse_b import (
-        GradRecorder,
-        DIAGNOSTICS,
-        attach_lora,
-        b_sizes,
-        install,
-        landing,
-        make_masks,
-        module_info,
-        outside_mask_nonzero,
-        resolve_placement,
-        save_masks,
-    )
-    from domlora.train import TrainRecord
-
     settings = settings or GRPOSettings()
     if cfg.variant != "lora":
         raise ConfigError(f"GRPO trains a plain LoRA adapter, but the method's variant is {cfg.variant!r}; "
@@ -469,8 +394,6 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
     loaded, model_name = _load(model)
     tok = loaded.tokenizer
     if init_adapter is not None:
-        from domlora.adapters.variants import apply_adapter
-
         loaded.model = apply_adapter(loaded.model, init_adapter, merge=True)
     info = module_info(loaded.model)
     if modules is None:  # no placement: every projection (vanilla LoRA's placement)
