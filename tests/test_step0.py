@@ -180,13 +180,13 @@ def test_probe_stage_without_a_down_projection_skips_the_statistics(tmp_path, mo
     """A model whose blocks have no recognisable FFN down projection still gets PAGE and NFN."""
     from domlora.errors import ModelError
     from domlora.io import read_json
+    from domlora.pipeline.stages import probe as probe_stage
     from domlora.pipeline.stages.probe import probe
-    from domlora.probes import activations
 
     def no_down(model):
         raise ModelError("no FFN down projection recognised in Toy (module types found: q_proj); fix: ...")
 
-    monkeypatch.setattr(activations, "ffn_down_candidates", no_down)
+    monkeypatch.setattr(probe_stage, "ffn_down_candidates", no_down)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in chat_samples(3)))
     from conftest import make_tiny_tokenizer
