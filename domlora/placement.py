@@ -219,11 +219,6 @@ STRATEGIES: dict[str, Callable] = {
 }
 
 
-def register_strategy(name: str, fn: Callable) -> None:
-    """Add a strategy `fn(spec, probe, nfn, mods) -> (names, evidence)`."""
-    STRATEGIES[name] = fn
-
-
 def _massive(probe, mods, activations):
     return choose_from_doc(activations, mods, probe)
 

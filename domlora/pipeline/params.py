@@ -263,10 +263,15 @@ class Cell:
 
     @classmethod
     def parse(cls, cell_id: str) -> Cell:
-        parts = cell_id.split("-")
-        if len(parts) != 4 or not parts[3].isdigit():
-            raise ConfigError(f"cell id {cell_id!r} must be MODEL-DATASET-METHOD-SEED")
-        return cls(parts[0], parts[1], parts[2], int(parts[3]))
+        return cls(*split_id(cell_id, what="cell", form="MODEL-DATASET-METHOD-SEED"))
+
+
+def split_id(run_id: str, *, what: str, form: str, prefix: str = "") -> tuple[str, str, str, int]:
+    """`MODEL-DATASET-METHOD-<prefix>N` -> (model, dataset, method, N): the ids of cells and sweep runs."""
+    parts = run_id.split("-")
+    if len(parts) != 4 or not parts[3].startswith(prefix) or not parts[3][len(prefix):].isdigit():
+        raise ConfigError(f"{what} id {run_id!r} must be {form}")
+    return parts[0], parts[1], parts[2], int(parts[3][len(prefix):])
 
 
 @dataclass(frozen=True)

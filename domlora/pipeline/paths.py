@@ -29,8 +29,15 @@ class Layout:
     def probe_dir(self, model: str, dataset: str) -> Path:
         return self.root / "probes" / model / dataset
 
+    def probe_json(self, model: str, dataset: str, kind: str) -> Path:
+        """One of the probe's documents: `page`, `nfn`, `activations` or `massive`."""
+        return self.probe_dir(model, dataset) / f"{kind}.json"
+
     def page_json(self, model: str, dataset: str) -> Path:
-        return self.probe_dir(model, dataset) / "page.json"
+        return self.probe_json(model, dataset, "page")
+
+    def massive_json(self, model: str, dataset: str) -> Path:
+        return self.probe_json(model, dataset, "massive")
 
     def checkpoints_json(self, model: str, dataset: str) -> Path:
         """PAGE across full fine-tuning checkpoints (the Figure 2 study)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import shutil
@@ -15,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from domlora.evaluate.tasks import PAPER_COLUMNS, STAND_IN_WARNING, TABLE_COLUMNS, compare_with_paper, is_stand_in
-from domlora.io import save_figure, write_json, write_text
+from domlora.io import read_json_or_none, save_figure, write_json, write_text
 from domlora.models import config_hash_of
 from domlora.pipeline.params import Cell, Params
 from domlora.pipeline.paths import Layout
@@ -38,13 +37,6 @@ TABLE_TITLES = {
     11: "Table 11: LoRA rank sensitivity of DomLoRA",
     12: "Table 12: full-parameter updates, dominant module vs all modules",
 }
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def primary_metric(task: str, metrics: dict[str, float]) -> tuple[str, float] | None:
@@ -84,17 +76,17 @@ class Collected:
     def __init__(self, params: Params, layout: Layout):
         self.params, self.layout = params, layout
         self.cells = params.cells()
-        self.train = {c.id: _read(layout.train_metrics(c)) for c in self.cells}
-        self.metrics = {c.id: _read(layout.scores_json(c)) for c in self.cells}
-        self.evals = {c.id: _read(layout.eval_json(c)) for c in self.cells}
-        self.base = {(m, d): _read(layout.scores_json(layout.base_id(m, d)))
+        self.train = {c.id: read_json_or_none(layout.train_metrics(c)) for c in self.cells}
+        self.metrics = {c.id: read_json_or_none(layout.scores_json(c)) for c in self.cells}
+        self.evals = {c.id: read_json_or_none(layout.eval_json(c)) for c in self.cells}
+        self.base = {(m, d): read_json_or_none(layout.scores_json(layout.base_id(m, d)))
                      for m in params.grid.models for d in params.grid.datasets}
-        self.base_evals = {(m, d): _read(layout.eval_json(layout.base_id(m, d)))
+        self.base_evals = {(m, d): read_json_or_none(layout.eval_json(layout.base_id(m, d)))
                            for m in params.grid.models for d in params.grid.datasets}
-        self.placements = {c.id: _read(layout.placement(c.model, c.dataset, c.method)) for c in self.cells}
-        self.probes = {(m, d): _read(layout.page_json(m, d))
+        self.placements = {c.id: read_json_or_none(layout.placement(c.model, c.dataset, c.method)) for c in self.cells}
+        self.probes = {(m, d): read_json_or_none(layout.page_json(m, d))
                        for m in params.grid.probe_models for d in params.grid.probe_datasets}
-        self.massive = {(m, d): _read(layout.probe_dir(m, d) / "massive.json")
+        self.massive = {(m, d): read_json_or_none(layout.massive_json(m, d))
                         for m in params.grid.probe_models for d in params.grid.probe_datasets}
 
     def status(self, cell: Cell) -> str:
@@ -112,10 +104,11 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return MISSING if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
-def _fmt_params(n: int | None) -> str:
+def fmt_params(n: int | None) -> str:
+    """A parameter count as `19.54M` or `135.2k` (both reports)."""
     if n is None:
         return MISSING
-    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
 def _table_datasets(params: Params, table: int) -> list[str]:
@@ -173,8 +166,8 @@ def _all_cols(col: Collected, model: str, datasets: list[str]) -> list[tuple[str
 def _params_cell(tms: list[dict]) -> tuple[int | None, str]:
     n = next((tm.get("trainable_params") for tm in tms if tm.get("trainable_params")), None)
     after = next((tm.get("params_after_norm") for tm in tms if tm.get("params_after_norm")), None)
-    text = _fmt_params(n)
-    return n, (f"{text} → {_fmt_params(after)}" if after is not None else text)
+    text = fmt_params(n)
+    return n, (f"{text} → {fmt_params(after)}" if after is not None else text)
 
 
 def score_table(col: Collected, table: int) -> tuple[str, list[dict]]:
@@ -262,7 +255,7 @@ def efficiency_table(col: Collected) -> tuple[str, list[dict]]:
         if r["intended_batch"] and r["samples_per_step"] and r["intended_batch"] != r["samples_per_step"]:
             batch += f" (recipe: {r['intended_batch']})"
         lines.append("| " + " | ".join([c.model, c.dataset, p.methods[c.method].label or c.method,
-                                          _fmt_params(r["trainable_params"]), batch, r["backend"] or MISSING,
+                                          fmt_params(r["trainable_params"]), batch, r["backend"] or MISSING,
                                           _fmt(r["wall_time_s"], 1), _fmt(r["step_time_s"], 3),
                                           _fmt(r["tokens_per_s"], 0), _fmt(r["peak_memory_mb"], 0),
                                           _fmt(r["final_loss"], 3)]) + " |")
@@ -293,8 +286,8 @@ def norm_table(col: Collected) -> tuple[str, list[dict]]:
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['cell']} | {r['modules']} | {r['rank']} | {r['kept_mean']:.1f} ({r['kept_min']}-"
-                     f"{r['kept_max']}) | {r['reduced']} | {_fmt_params(r['params_before'])} → "
-                     f"{_fmt_params(r['params_after'])} |")
+                     f"{r['kept_max']}) | {r['reduced']} | {fmt_params(r['params_before'])} → "
+                     f"{fmt_params(r['params_after'])} |")
     lines += ["", "NoRM reloads the kept directions with lora_alpha equal to the kept rank, as its reference "
               "does, so the kept update has half the trained magnitude at alpha = 2r.", ""]
     return "\n".join(lines), rows
@@ -489,7 +482,7 @@ def checkpoints_section(col: Collected, fig_dir: Path) -> tuple[str, list[dict]]
     """Figure 2: PAGE across full fine-tuning checkpoints, per backbone (the curves and where `dom` sits)."""
     rows, lines = [], []
     for m, d in col.params.checkpoint_studies():
-        doc = _read(col.layout.checkpoints_json(m, d))
+        doc = read_json_or_none(col.layout.checkpoints_json(m, d))
         label = col.params.models[m].label or m
         if not doc:
             lines += [f"**{label}** ({d}): {MISSING} (not computed)", ""]

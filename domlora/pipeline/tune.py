@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from domlora.errors import ConfigError
 from domlora.io import read_json, write_json
+from domlora.pipeline.params import split_id
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +46,7 @@ class Sweep:
 
     @classmethod
     def parse(cls, run_id: str) -> Sweep:
-        parts = run_id.split("-")
-        if len(parts) != 4 or not parts[3].startswith("lr") or not parts[3][2:].isdigit():
-            raise ConfigError(f"sweep id {run_id!r} must be MODEL-DATASET-METHOD-lrN")
-        return cls(parts[0], parts[1], parts[2], int(parts[3][2:]))
+        return cls(*split_id(run_id, what="sweep", form="MODEL-DATASET-METHOD-lrN", prefix="lr"))
 
 
 def sweeps(params) -> list[Sweep]:
