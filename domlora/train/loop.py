@@ -24,7 +24,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -192,12 +192,7 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     t_call = time.perf_counter()
     out_dir = Path(out_dir)
     method = None if cfg.layer_sampling == "none" else cfg.layer_sampling
-    if cfg.deepspeed and cfg.variant == "adalora":
-        raise ConfigError("AdaLoRA's rank allocation reads full gradients, which ZeRO-2 partitions; "
-                          "fix: train AdaLoRA on plain DDP (`deepspeed: null` in the method)")
-    if cfg.deepspeed and method is not None:
-        raise ConfigError(f"{method.upper()} toggles which adapters train each step, which ZeRO-2's fixed buckets do "
-                          "not allow; fix: run it on plain DDP (`deepspeed: null` in the method)")
+    _check_backend(cfg, method)
     spec = model.spec if isinstance(model, LoadedModel) else ModelSpec.of(model)
     spec = ModelSpec.of(spec)
     device = resolve_device(cfg, spec.dtype)
@@ -215,7 +210,7 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     accelerator = make_accelerator(cfg, device, bf16=runs_bf16(loaded.model, device))
     if accelerator.num_processes > 1:
         close_process_group_at_exit()
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     use_ds = bool(cfg.deepspeed)
     plan = StepPlan.make(len(encoded), cfg, world)
     intended = cfg.batch_size * cfg.grad_accum * cfg.num_processes
@@ -226,13 +221,125 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
                        cfg.num_processes, world)
     fp = fingerprint(model_id=model_id, data_digest=data_digest, modules=modules, cfg=cfg, study=study)
 
+    net, init_doc, counts = _attach(loaded, modules, samples, cfg=cfg, total_steps=plan.total_steps,
+                                    model_hook=model_hook)
+    loop = _make_loop(net, cfg, method=method, plan=plan, accelerator=accelerator, encoded=encoded,
+                      pad_id=loaded.tokenizer.pad_token_id)
+    run = _resume(loop, out_dir=out_dir, fp=fp)
+    logger.info("training %s on %d module(s): %d steps x %d samples, lr %g, %s trainable parameters",
+                cfg.variant, len(modules), plan.total_steps, plan.per_step, cfg.lr, f"{counts['trainable_params']:,}")
+
+    record = TrainRecord(
+        config=asdict(cfg), model=model_doc, placement=placement_doc, study=dict(study or {}),
+        trainable_params=counts["trainable_params"], total_params=counts["total_params"], n_modules=counts["modules"],
+        steps=plan.total_steps, samples_per_step=plan.per_step, intended_batch=intended, world_size=world,
+        backend="deepspeed" if use_ds else ("ddp" if world > 1 else "single"), device=device,
+        data={"path": str(train_data), "digest": data_digest, "n_samples": len(samples), **enc_report.to_dict()},
+        fingerprint=fp, run_info=run_info())
+
+    def metrics_doc(status: str, *, error: str | None = None, step_done: int) -> dict:
+        peak, kind = peak_memory(device)
+        history, train_time = run["history"], run["train_time"]
+        tokens = sum(history["tokens"])
+        return dataclasses.replace(
+            record, status=status, error=error, completed_steps=step_done, resumed_from=run["resumed_from"],
+            loss=history["loss"], lr=history["lr"], grad_norm=history["grad_norm"],
+            step_time_s=history["step_time_s"], tokens_seen=tokens, train_time_s=round(train_time, 3),
+            wall_time_s=round(time.perf_counter() - t_call, 3),
+            tokens_per_s=round(tokens / train_time, 2) if train_time > 0 else None,
+            peak_memory_mb=round(peak, 1), peak_memory_kind=kind, ist=loop.ist.summary() if loop.ist else None,
+            lora_init=init_doc).to_dict()
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    _run_steps(loop, run, out_dir=out_dir, fp=fp, on_step=on_step, metrics_doc=metrics_doc,
+               show_progress=show_progress)
+    if loop.ist is not None:
+        loop.ist.activate_all()
+    doc = metrics_doc("success", step_done=plan.total_steps)
+    if accelerator.is_main_process:
+        _save(loop, doc, out_dir=out_dir, spec=spec, model_doc=model_doc, placement_doc=placement_doc,
+              loaded_path=loaded.path, counts=counts)
+    accelerator.wait_for_everyone()
+    return doc
+
+
+def _run_steps(loop: _Loop, run: dict, *, out_dir: Path, fp: str, on_step, metrics_doc, show_progress: bool) -> None:
+    """The steps from where the run starts to the last, checkpointed every `save_every`; a failure writes the
+    record (`metrics_doc`) with its status before it propagates (divergence as `TrainingDiverged`)."""
+    cfg = loop.cfg
+    bar = None
+    if show_progress and loop.accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=loop.plan.total_steps, initial=run["start_step"], desc=f"train {cfg.variant}", unit="step")
+    history = run["history"]
+    try:
+        for step in range(run["start_step"], loop.plan.total_steps):
+            t0 = time.perf_counter()
+            metrics = _step(loop, step)
+            dt = time.perf_counter() - t0
+            run["train_time"] += dt
+            history["loss"].append(round(metrics["loss"], 6))
+            history["lr"].append(metrics["lr"])
+            history["tokens"].append(metrics["tokens"])
+            history["step_time_s"].append(round(dt, 4))
+            history["grad_norm"].append(None if metrics["grad_norm"] is None else round(metrics["grad_norm"], 6))
+            done = step + 1
+            if cfg.save_every and done % cfg.save_every == 0 and done < loop.plan.total_steps:
+                save_checkpoint(out_dir, done, accelerator=loop.accelerator, net=loop.net, optimizer=loop.optimizer,
+                                scheduler=loop.scheduler, ist=loop.ist,
+                                history=history | {"train_time_s": run["train_time"]}, fp=fp,
+                                keep=cfg.keep_checkpoints, use_ds=bool(cfg.deepspeed), names=loop.trainable_names)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if on_step is not None:
+                on_step(done, {"loss": metrics["loss"], "lr": metrics["lr"], "tokens": metrics["tokens"],
+                               "step_time_s": dt, "grad_norm": metrics["grad_norm"],
+                               "active_layers": metrics["active_layers"]})
+    except _Diverged as exc:
+        last = list_checkpoints(out_dir)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written before it"
+        msg = (f"training diverged: the {exc.what} became {exc.value} at step {exc.step} (micro-batch "
+               f"{exc.micro}); {where}; fix: lower the learning rate (now {cfg.lr}) or check the data")
+        if loop.accelerator.is_main_process:
+            write_json(out_dir / METRICS, metrics_doc("failed", error=msg, step_done=exc.step - 1))
+        raise TrainingDiverged(msg) from None
+    except BaseException as exc:
+        if loop.accelerator.is_main_process:
+            status = "canceled" if isinstance(exc, KeyboardInterrupt) else "failed"
+            with contextlib.suppress(Exception):
+                write_json(out_dir / METRICS, metrics_doc(status, error=f"{type(exc).__name__}: {exc}",
+                                                          step_done=len(history["loss"])))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _check_backend(cfg: TrainConfig, method: str | None) -> None:
+    """What ZeRO-2 cannot train: AdaLoRA (full gradients) and IST/RST (adapters toggled per step)."""
+    if cfg.deepspeed and cfg.variant == "adalora":
+        raise ConfigError("AdaLoRA's rank allocation reads full gradients, which ZeRO-2 partitions; "
+                          "fix: train AdaLoRA on plain DDP (`deepspeed: null` in the method)")
+    if cfg.deepspeed and method is not None:
+        raise ConfigError(f"{method.upper()} toggles which adapters train each step, which ZeRO-2's fixed buckets do "
+                          "not allow; fix: run it on plain DDP (`deepspeed: null` in the method)")
+
+
+def _attach(loaded, modules: list[str], samples: list, *, cfg: TrainConfig, total_steps: int,
+            model_hook: Callable[[Any], None] | None) -> tuple[Any, dict | None, dict]:
+    """The seeded adapter on the placed modules (EVA-initialised, hooked), as (model, init record, counts)."""
+    import torch
+
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     net = loaded.model
     if cfg.gradient_checkpointing:
         enable_checkpointing(net)
     net = attach(net, modules, variant=cfg.variant, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                 **_variant_kwargs(cfg, plan.total_steps))
+                 **_variant_kwargs(cfg, total_steps))
     init_doc = None
     if cfg.lora_init == "eva":
         eva_enc, _ = encode_samples(loaded.tokenizer, samples[: cfg.eva_samples], max_length=cfg.max_length)
@@ -247,9 +354,37 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     counts = count_params(net)
     if counts["trainable_params"] == 0:
         raise ConfigError("nothing to train: no parameter requires grad after the adapter (and model_hook)")
-    optimizer = _build_optimizer(net, cfg)
+    return net, init_doc, counts
+
+
+@dataclass
+class _Loop:
+    """What every optimizer step of a run reads: the prepared model and optimizer, the data and its plan."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    net: Any
+    unwrapped: Any
+    optimizer: Any
+    scheduler: Any
+    ist: Any
+    plan: StepPlan
+    probe_plan: StepPlan
+    """IST's fresh batches: the data in another seeded order, one global batch per importance update"""
+    encoded: list
+    lengths: list[int]
+    pad_id: int | None
+    trainable: list
+    trainable_names: list[str]
+    """note: IST switches requires_grad per step; these names are what the run trains overall"""
+
+
+def _make_loop(net, cfg: TrainConfig, *, method: str | None, plan: StepPlan, accelerator, encoded: list,
+               pad_id: int | None) -> _Loop:
+    """Optimizer, schedule and IST controller over the attached model, prepared on the run's processes."""
     from transformers import get_scheduler
 
+    optimizer = _build_optimizer(net, cfg)
     warmup = math.ceil(cfg.warmup_ratio * plan.total_steps)
     sched_name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_schedule]
     scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=plan.total_steps)
@@ -260,159 +395,100 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     # note: the scheduler stays outside `prepare` (accelerate would step it once per process)
     net, optimizer = accelerator.prepare(net, optimizer)
     unwrapped = accelerator.unwrap_model(net)
-    # note: IST switches requires_grad per step; these names are what the run trains overall
-    trainable_names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
-    trainable = [p for p in unwrapped.parameters() if p.requires_grad]
+    return _Loop(cfg=cfg, accelerator=accelerator, net=net, unwrapped=unwrapped, optimizer=optimizer,
+                 scheduler=scheduler, ist=ist, plan=plan,
+                 probe_plan=dataclasses.replace(plan, seed=plan.seed + _PROBE_SEED_OFFSET), encoded=encoded,
+                 lengths=[len(e.input_ids) for e in encoded], pad_id=pad_id,
+                 trainable=[p for p in unwrapped.parameters() if p.requires_grad],
+                 trainable_names=[n for n, p in unwrapped.named_parameters() if p.requires_grad])
 
-    history: dict[str, list] = {"loss": [], "lr": [], "tokens": [], "step_time_s": [], "grad_norm": []}
-    start_step, resumed_from, train_time = 0, None, 0.0
+
+def _resume(loop: _Loop, *, out_dir: Path, fp: str) -> dict:
+    """Where the run starts: the last checkpoint of the same configuration, else step 0 (others are removed)."""
+    run = {"history": {"loss": [], "lr": [], "tokens": [], "step_time_s": [], "grad_norm": []}, "start_step": 0,
+           "resumed_from": None, "train_time": 0.0}
     cks = list_checkpoints(out_dir)
-    if cks:
-        info = read_json(cks[-1] / "info.json")
-        if info.get("fingerprint") == fp:
-            info = load_checkpoint(cks[-1], accelerator=accelerator, net=net, optimizer=optimizer,
-                                    scheduler=scheduler, ist=ist, use_ds=use_ds)
-            start_step = resumed_from = int(info["step"])
-            history = info["history"]
-            train_time = float(history.pop("train_time_s", 0.0))
-            logger.info("resuming from %s (step %d of %d)", cks[-1], start_step, plan.total_steps)
-        else:
-            logger.warning("ignoring checkpoints in %s: they belong to another configuration", cks[-1].parent)
-            if accelerator.is_main_process:
-                shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
-    logger.info("training %s on %d module(s): %d steps x %d samples, lr %g, %s trainable parameters",
-                cfg.variant, len(modules), plan.total_steps, plan.per_step, cfg.lr, f"{counts['trainable_params']:,}")
+    if not cks:
+        return run
+    info = read_json(cks[-1] / "info.json")
+    if info.get("fingerprint") == fp:
+        info = load_checkpoint(cks[-1], accelerator=loop.accelerator, net=loop.net, optimizer=loop.optimizer,
+                               scheduler=loop.scheduler, ist=loop.ist, use_ds=bool(loop.cfg.deepspeed))
+        run["start_step"] = run["resumed_from"] = int(info["step"])
+        run["history"] = info["history"]
+        run["train_time"] = float(run["history"].pop("train_time_s", 0.0))
+        logger.info("resuming from %s (step %d of %d)", cks[-1], run["start_step"], loop.plan.total_steps)
+    else:
+        logger.warning("ignoring checkpoints in %s: they belong to another configuration", cks[-1].parent)
+        if loop.accelerator.is_main_process:
+            shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    return run
 
-    record = TrainRecord(
-        config=asdict(cfg), model=model_doc, placement=placement_doc, study=dict(study or {}),
-        trainable_params=counts["trainable_params"], total_params=counts["total_params"], n_modules=counts["modules"],
-        steps=plan.total_steps, samples_per_step=plan.per_step, intended_batch=intended, world_size=world,
-        backend="deepspeed" if use_ds else ("ddp" if world > 1 else "single"), device=device,
-        data={"path": str(train_data), "digest": data_digest, "n_samples": len(samples), **enc_report.to_dict()},
-        fingerprint=fp, run_info=run_info())
 
-    def metrics_doc(status: str, *, error: str | None = None, step_done: int) -> dict:
-        peak, kind = peak_memory(device)
-        tokens = sum(history["tokens"])
-        return dataclasses.replace(
-            record, status=status, error=error, completed_steps=step_done, resumed_from=resumed_from,
-            loss=history["loss"], lr=history["lr"], grad_norm=history["grad_norm"],
-            step_time_s=history["step_time_s"], tokens_seen=tokens, train_time_s=round(train_time, 3),
-            wall_time_s=round(time.perf_counter() - t_call, 3),
-            tokens_per_s=round(tokens / train_time, 2) if train_time > 0 else None,
-            peak_memory_mb=round(peak, 1), peak_memory_kind=kind, ist=ist.summary() if ist else None,
-            lora_init=init_doc).to_dict()
+def _step(loop: _Loop, step: int) -> dict:
+    """One optimizer step (its micro-batches, clipping, the schedule, IST's updates): what `on_step` gets."""
+    import torch
 
-    lengths = [len(e.input_ids) for e in encoded]
-    full_logits = cfg.variant == "adalora"
-    pad_id = loaded.tokenizer.pad_token_id
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    bar = None
-    if show_progress and accelerator.is_main_process:
-        from tqdm.auto import tqdm
+    cfg, accelerator, net = loop.cfg, loop.accelerator, loop.net
+    world, rank = accelerator.num_processes, accelerator.process_index
+    active = None
+    if loop.ist is not None:
+        active = loop.ist.sample(step)
+        loop.ist.activate(active)
+    mbs = loop.plan.micro_batches(step, rank=rank, world=world, batch_size=cfg.batch_size, lengths=loop.lengths)
+    losses, ntok, gnorm = [], 0, None
+    for j, idx in enumerate(mbs):
+        batch = collate([loop.encoded[i] for i in idx], pad_id=loop.pad_id, device=accelerator.device)
+        with accelerator.accumulate(net):
+            loss = _forward_loss(net, batch, full_logits=cfg.variant == "adalora")
+            if not torch.isfinite(loss.detach()).all():
+                raise _Diverged(step + 1, j + 1, float(loss.detach()))
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and not cfg.deepspeed and cfg.max_grad_norm > 0:
+                gnorm = float(accelerator.clip_grad_norm_(loop.trainable, cfg.max_grad_norm))
+                if not math.isfinite(gnorm):
+                    raise _Diverged(step + 1, j + 1, gnorm, what="gradient norm")
+            loop.optimizer.step()
+            if cfg.variant == "adalora" and accelerator.sync_gradients:
+                loop.unwrapped.base_model.update_and_allocate(step)
+            loop.optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach().float())
+        ntok += int(batch["attention_mask"].sum())
+    lr_now = loop.optimizer.param_groups[0]["lr"]
+    loop.scheduler.step()
+    step_loss = torch.stack(losses).mean()
+    if world > 1:
+        step_loss = accelerator.reduce(step_loss, reduction="mean")
+        ntok = int(accelerator.reduce(torch.tensor(ntok, device=accelerator.device), reduction="sum"))
+    if loop.ist is not None and loop.ist.due(step + 1, loop.plan.total_steps):
+        # a fresh batch: update u takes batch u of an independent seeded order of the data
+        u = (step + 1) // loop.ist.cfg.update_every - 1
+        fresh = [collate([loop.encoded[i] for i in idx], pad_id=loop.pad_id, device=accelerator.device)
+                 for idx in loop.probe_plan.micro_batches(u, rank=rank, world=world, batch_size=cfg.batch_size,
+                                                          lengths=loop.lengths)]
+        loop.ist.update_importance(lambda b=fresh: _batches_loss(net, b, accelerator=accelerator, world=world),
+                                   step=step + 1)
+    return {"loss": float(step_loss), "lr": lr_now, "tokens": ntok, "grad_norm": gnorm, "active_layers": active}
 
-        bar = tqdm(total=plan.total_steps, initial=start_step, desc=f"train {cfg.variant}", unit="step")
-    # IST's fresh batches: the data in another seeded order, one global batch per importance update
-    probe_plan = dataclasses.replace(plan, seed=plan.seed + _PROBE_SEED_OFFSET)
-    step = start_step
-    try:
-        for step in range(start_step, plan.total_steps):
-            t0 = time.perf_counter()
-            active = None
-            if ist is not None:
-                active = ist.sample(step)
-                ist.activate(active)
-            mbs = plan.micro_batches(step, rank=rank, world=world, batch_size=cfg.batch_size, lengths=lengths)
-            losses, ntok, gnorm = [], 0, None
-            for j, idx in enumerate(mbs):
-                batch = collate([encoded[i] for i in idx], pad_id=pad_id, device=accelerator.device)
-                with accelerator.accumulate(net):
-                    loss = _forward_loss(net, batch, full_logits=full_logits)
-                    if not torch.isfinite(loss.detach()).all():
-                        raise _Diverged(step + 1, j + 1, float(loss.detach()))
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and not use_ds and cfg.max_grad_norm > 0:
-                        gnorm = float(accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm))
-                        if not math.isfinite(gnorm):
-                            raise _Diverged(step + 1, j + 1, gnorm, what="gradient norm")
-                    optimizer.step()
-                    if cfg.variant == "adalora" and accelerator.sync_gradients:
-                        unwrapped.base_model.update_and_allocate(step)
-                    optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach().float())
-                ntok += int(batch["attention_mask"].sum())
-            lr_now = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            step_loss = torch.stack(losses).mean()
-            if world > 1:
-                step_loss = accelerator.reduce(step_loss, reduction="mean")
-                ntok = int(accelerator.reduce(torch.tensor(ntok, device=accelerator.device), reduction="sum"))
-            if ist is not None and ist.due(step + 1, plan.total_steps):
-                # a fresh batch: update u takes batch u of an independent seeded order of the data
-                u = (step + 1) // ist.cfg.update_every - 1
-                fresh = [collate([encoded[i] for i in idx], pad_id=pad_id, device=accelerator.device)
-                         for idx in probe_plan.micro_batches(u, rank=rank, world=world, batch_size=cfg.batch_size,
-                                                             lengths=lengths)]
-                ist.update_importance(lambda b=fresh: _batches_loss(net, b, accelerator=accelerator, world=world),
-                                      step=step + 1)
-            dt = time.perf_counter() - t0
-            train_time += dt
-            history["loss"].append(round(float(step_loss), 6))
-            history["lr"].append(lr_now)
-            history["tokens"].append(ntok)
-            history["step_time_s"].append(round(dt, 4))
-            history["grad_norm"].append(None if gnorm is None else round(gnorm, 6))
-            done = step + 1
-            if cfg.save_every and done % cfg.save_every == 0 and done < plan.total_steps:
-                save_checkpoint(out_dir, done, accelerator=accelerator, net=net, optimizer=optimizer,
-                                 scheduler=scheduler, ist=ist, history=history | {"train_time_s": train_time},
-                                 fp=fp, keep=cfg.keep_checkpoints, use_ds=use_ds, names=trainable_names)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(step_loss):.4f}")
-            if on_step is not None:
-                on_step(done, {"loss": float(step_loss), "lr": lr_now, "tokens": ntok, "step_time_s": dt,
-                               "grad_norm": gnorm, "active_layers": active})
-    except _Diverged as exc:
-        last = list_checkpoints(out_dir)
-        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written before it"
-        msg = (f"training diverged: the {exc.what} became {exc.value} at step {exc.step} (micro-batch "
-               f"{exc.micro}); {where}; fix: lower the learning rate (now {cfg.lr}) or check the data")
-        if accelerator.is_main_process:
-            write_json(out_dir / METRICS, metrics_doc("failed", error=msg, step_done=exc.step - 1))
-        raise TrainingDiverged(msg) from None
-    except BaseException as exc:
-        if accelerator.is_main_process:
-            status = "canceled" if isinstance(exc, KeyboardInterrupt) else "failed"
-            with contextlib.suppress(Exception):
-                write_json(out_dir / METRICS, metrics_doc(status, error=f"{type(exc).__name__}: {exc}",
-                                                          step_done=len(history["loss"])))
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if ist is not None:
-        ist.activate_all()
 
-    doc = metrics_doc("success", step_done=plan.total_steps)
-    if accelerator.is_main_process:
-        meta = {"base_model": model_doc["hub_id"], "base_model_local": loaded.path, "model_spec": asdict(spec),
-                "rank": cfg.rank, "alpha": cfg.alpha, "layer_sampling": cfg.layer_sampling,
-                "placement": placement_doc["modules"], "trainable_params": counts["trainable_params"]}
-        if spec.id in _EMBEDDED_NOTES:
-            meta["base_model_note"] = _EMBEDDED_NOTES[spec.id]
-        adoc = save_adapter(unwrapped, out_dir / ADAPTER, variant=cfg.variant, meta=meta,
-                            norm_step=cfg.norm_step, norm_range_start=cfg.norm_range_start)
-        if cfg.variant == "norm":
-            doc["norm"] = adoc["norm"]
-            doc["params_after_norm"] = adoc["params_after_norm"]
-        if cfg.variant == "adalora":
-            doc["adalora_rank_pattern"] = _rank_summary(unwrapped)
-        write_json(out_dir / METRICS, doc)
-        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return doc
+def _save(loop: _Loop, doc: dict, *, out_dir: Path, spec, model_doc: dict, placement_doc: dict, loaded_path,
+          counts: dict) -> None:
+    """The adapter (with what it was trained on) and the record; the checkpoints go (main process only)."""
+    cfg = loop.cfg
+    meta = {"base_model": model_doc["hub_id"], "base_model_local": loaded_path, "model_spec": asdict(spec),
+            "rank": cfg.rank, "alpha": cfg.alpha, "layer_sampling": cfg.layer_sampling,
+            "placement": placement_doc["modules"], "trainable_params": counts["trainable_params"]}
+    if spec.id in _EMBEDDED_NOTES:
+        meta["base_model_note"] = _EMBEDDED_NOTES[spec.id]
+    adoc = save_adapter(loop.unwrapped, out_dir / ADAPTER, variant=cfg.variant, meta=meta,
+                        norm_step=cfg.norm_step, norm_range_start=cfg.norm_range_start)
+    if cfg.variant == "norm":
+        doc["norm"] = adoc["norm"]
+        doc["params_after_norm"] = adoc["params_after_norm"]
+    if cfg.variant == "adalora":
+        doc["adalora_rank_pattern"] = _rank_summary(loop.unwrapped)
+    write_json(out_dir / METRICS, doc)
+    shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
 
 
 def _rank_summary(model) -> dict:
