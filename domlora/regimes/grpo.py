@@ -411,23 +411,8 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
         with pm.disable_adapter():
             base_eval = arith_accuracy(pm, tok, eval_rows, max_new_tokens=settings.eval_max_new_tokens,
                                        batch_size=settings.eval_batch_size, show_progress=show_progress)
-    masks, scoring = None, None
-    if spec is not None:
-        loss_fn = None
-        if spec.selection != "random":
-            loss_fn = policy_probe_loss(pm, tok, rows, reward=reward, num_generations=settings.num_generations,
-                                        prompts_per_step=spec.probe_batch_size,
-                                        max_new_tokens=settings.max_completion_length,
-                                        temperature=settings.temperature, seed=seed,
-                                        max_tries=settings.probe_max_tries, log=probe_log)
-        masks, scoring = make_masks(pm, spec, loss_fn, show_progress=show_progress)
-        ps = probe_log.summary()
-        scoring["probe_rewards"] = ps
-        if ps.get("calls") and ps["groups_zero_std"] == ps["groups"]:
-            msg = ("every probe rollout had constant rewards, so the gradient scores are all zero and the informed "
-                   "choice reduces to tie-breaking; fix: more probe steps or generations")
-            logger.warning(msg)
-            state.warnings.append(msg)
+    masks, scoring = _choose_entries(pm, tok, rows, spec=spec, settings=settings, reward=reward,
+                                     probe_log=probe_log, state=state, seed=seed, show_progress=show_progress)
     handle = install(pm, masks, recorder=recorder)
     torch.manual_seed(seed)
     try:
@@ -450,6 +435,49 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
     trainable = (sum(p.numel() for p in pm.parameters() if p.requires_grad) if masks is None
                  else int(sum(int(m.sum()) for m in masks.values())))
     land = landing(masks, info) if masks is not None else None
+    metrics = _outcome(label=label, k=k, selection=selection, spec=spec, seed=seed, model_name=model_name,
+                       modules=modules, trainable=trainable, sizes=sizes, tr=tr, scoring=scoring, state=state, ev=ev,
+                       base_eval=base_eval, signal=signal, leaked=leaked, land=land, recorder=recorder,
+                       total_s=total_s)
+    diagnostics = {"regime": "grpo", "method": label, "landing": land, "scoring": scoring,
+                   "grad_steps": recorder.steps, "grad_summary": recorder.summary(),
+                   "reward_log": log.calls, "eval_samples": ev["samples"],
+                   "base_eval_samples": None if base_eval is None else base_eval["samples"]}
+    _write(out_dir, pm, masks, cfg=cfg, settings=settings, spec=spec, init_adapter=init_adapter, label=label,
+           model_name=model_name, loaded=loaded, placement=placement, modules=modules, metrics=metrics,
+           diagnostics=diagnostics, steps=steps, tr=tr, total_s=total_s, trainable=trainable, rows=rows,
+           train_data=train_data)
+    logger.info("%s: reward %.3f -> %.3f, eval accuracy %.3f (n=%d), %.1fs", label, metrics["reward_first"] or 0,
+                metrics["reward_last"] or 0, ev["accuracy"], ev["n"], total_s)
+    return metrics
+
+
+def _choose_entries(pm, tok, rows, *, spec, settings: GRPOSettings, reward: ArithReward, probe_log: RewardLog,
+                    state: RunState, seed: int, show_progress: bool) -> tuple[dict | None, dict | None]:
+    """Sparse-B's masks (scored on the GRPO objective unless random) and their scoring, or (None, None)."""
+    if spec is None:
+        return None, None
+    loss_fn = None
+    if spec.selection != "random":
+        loss_fn = policy_probe_loss(pm, tok, rows, reward=reward, num_generations=settings.num_generations,
+                                    prompts_per_step=spec.probe_batch_size,
+                                    max_new_tokens=settings.max_completion_length,
+                                    temperature=settings.temperature, seed=seed,
+                                    max_tries=settings.probe_max_tries, log=probe_log)
+    masks, scoring = make_masks(pm, spec, loss_fn, show_progress=show_progress)
+    ps = probe_log.summary()
+    scoring["probe_rewards"] = ps
+    if ps.get("calls") and ps["groups_zero_std"] == ps["groups"]:
+        msg = ("every probe rollout had constant rewards, so the gradient scores are all zero and the informed "
+               "choice reduces to tie-breaking; fix: more probe steps or generations")
+        logger.warning(msg)
+        state.warnings.append(msg)
+    return masks, scoring
+
+
+def _outcome(*, label, k, selection, spec, seed, model_name, modules, trainable, sizes, tr, scoring, state: RunState,
+             ev, base_eval, signal, leaked, land, recorder, total_s) -> dict:
+    """The run's outcome: what the report reads (`study.outcome` of its record)."""
     curve = state.reward_curve
     half = max(1, len(curve) // 2)
     metrics = {
@@ -474,10 +502,15 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
         "total_seconds": total_s,
         "warnings": state.warnings,
     }
-    diagnostics = {"regime": "grpo", "method": label, "landing": land, "scoring": scoring,
-                   "grad_steps": recorder.steps, "grad_summary": recorder.summary(),
-                   "reward_log": log.calls, "eval_samples": ev["samples"],
-                   "base_eval_samples": None if base_eval is None else base_eval["samples"]}
+    return metrics
+
+
+def _write(out_dir: Path, pm, masks, *, cfg, settings: GRPOSettings, spec, init_adapter, label, model_name, loaded,
+           placement, modules, metrics, diagnostics, steps, tr, total_s, trainable, rows, train_data) -> None:
+    """The adapter (masks and diagnostics beside it) and the `TrainRecord`, together and atomically."""
+    import dataclasses
+
+    curve = metrics["reward_curve"]
     peak = _peak_memory_mb(pm)
     record = TrainRecord(
         config=dataclasses.asdict(cfg), regime="grpo",
@@ -502,6 +535,3 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
                                                        "regime": "grpo"})
         write_json(stage / "adapter" / DIAGNOSTICS, diagnostics)
         record.write(stage / "train_metrics.json")
-    logger.info("%s: reward %.3f -> %.3f, eval accuracy %.3f (n=%d), %.1fs", label, metrics["reward_first"] or 0,
-                metrics["reward_last"] or 0, ev["accuracy"], ev["n"], total_s)
-    return metrics

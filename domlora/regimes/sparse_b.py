@@ -771,6 +771,25 @@ def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: st
     train_s = float(tdoc.get("train_time_s") or 0.0)
     score_s = float(scoring["seconds"]) if scoring else 0.0
     first, last = _loss_summary(tdoc.get("loss", []))
+    metrics = _sft_outcome(tdoc, label=label, k=k, selection=selection, spec=spec, seed=seed, model_name=model_name,
+                           modules=modules, masks=masks, sizes=sizes, train_s=train_s, score_s=score_s, first=first,
+                           last=last, ev=ev, leaked=leaked, land=land, recorder=recorder, warnings=warnings)
+    diagnostics = {"regime": "sft", "method": label, "landing": land, "scoring": scoring,
+                   "grad_steps": recorder.steps, "grad_summary": recorder.summary(),
+                   "eval_samples": None if ev is None else ev["samples"]}
+    write_json(out_dir / "adapter" / DIAGNOSTICS, diagnostics)
+    tdoc["study"] = study | {"outcome": metrics}
+    write_json(out_dir / "train_metrics.json", tdoc)
+    shutil.rmtree(work, ignore_errors=True)
+    logger.info("%s: loss %.4f -> %.4f, eval accuracy %s, scoring %.2fs = %.2f%% of training", label,
+                first or float("nan"), last or float("nan"), None if ev is None else f"{ev['accuracy']:.3f}",
+                score_s, 100 * metrics["score_fraction"])
+    return metrics
+
+
+def _sft_outcome(tdoc: dict, *, label, k, selection, spec, seed, model_name, modules, masks, sizes, train_s, score_s,
+                 first, last, ev, leaked, land, recorder, warnings) -> dict:
+    """The run's outcome: what the report reads (`study.outcome` of its record)."""
     metrics = {
         "status": "success", "regime": "sft", "method": label, "k": k,
         "selection": None if k is None else selection, "budget": None if spec is None else spec.budget, "seed": seed,
@@ -787,16 +806,6 @@ def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: st
         "landing_by_type": None if land is None else {t: r["share_selected"] for t, r in land["by_type"].items()},
         "grad": recorder.summary(), "warnings": warnings,
     }
-    diagnostics = {"regime": "sft", "method": label, "landing": land, "scoring": scoring,
-                   "grad_steps": recorder.steps, "grad_summary": recorder.summary(),
-                   "eval_samples": None if ev is None else ev["samples"]}
-    write_json(out_dir / "adapter" / DIAGNOSTICS, diagnostics)
-    tdoc["study"] = study | {"outcome": metrics}
-    write_json(out_dir / "train_metrics.json", tdoc)
-    shutil.rmtree(work, ignore_errors=True)
-    logger.info("%s: loss %.4f -> %.4f, eval accuracy %s, scoring %.2fs = %.2f%% of training", label,
-                first or float("nan"), last or float("nan"), None if ev is None else f"{ev['accuracy']:.3f}",
-                score_s, 100 * metrics["score_fraction"])
     return metrics
 
 
