@@ -1,4 +1,5 @@
-"""probe stage: PAGE (and NFN) of every module of a model on a dataset's probe split.
+"""probe stage: every step-0 signal of a model's modules on a dataset's probe split: PAGE, NFN and the
+activation statistics (massive activations and their prediction of the dominant module).
 
 Run as: python -m stages.probe --model smol --dataset arith
 """

@@ -39,6 +39,14 @@ class Layout:
     def massive_json(self, model: str, dataset: str) -> Path:
         return self.probe_json(model, dataset, "massive")
 
+    def page_png(self, model: str, dataset: str) -> Path:
+        """PAGE as a layer x type heatmap."""
+        return self.probe_dir(model, dataset) / "page.png"
+
+    def page_layers_csv(self, model: str, dataset: str) -> Path:
+        """PAGE by layer, one column per module type (a DVC plot)."""
+        return self.probe_dir(model, dataset) / "page_layers.csv"
+
     def checkpoints_json(self, model: str, dataset: str) -> Path:
         """PAGE across full fine-tuning checkpoints (the Figure 2 study)."""
         return self.probe_dir(model, dataset) / "checkpoints.json"

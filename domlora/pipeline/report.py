@@ -388,7 +388,7 @@ def figures(col: Collected, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     made = []
     for (m, d), doc in col.probes.items():
-        src = col.layout.probe_dir(m, d) / "page.png"
+        src = col.layout.page_png(m, d)
         if doc and src.is_file():
             dst = out / f"page_{m}_{d}.png"
             shutil.copyfile(src, dst)

@@ -3,9 +3,9 @@
 Placements are compared within budget classes (a profile's `tune.budgets`: e.g. one module at rank r,
 broad placements, full updates of one module). For each model x dataset x class:
 
-- sweep (`pipeline.stages.sweep.sweep_stage`): every method of the class is trained at every candidate learning rate of the
-  class, at the tuning seed, on the training split minus its last `tune.val_samples` samples; the
-  held-out NLL of those last samples (the validation split: never the evaluation split, never trained
+- sweep (`pipeline.stages.sweep.sweep_stage`): every method of the class is trained at every candidate
+  learning rate of the class, at the tuning seed, on the training split minus its last `tune.val_samples`
+  samples; the held-out NLL of those last samples (the validation split: never the evaluation split, never trained
   on) is written per run;
 - tune (`tune_stage`): the class's learning rate is the candidate with the lowest validation NLL averaged
   over the class's methods (a diverged run counts as infinite), so no method's own optimum decides it;

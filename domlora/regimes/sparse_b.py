@@ -675,7 +675,7 @@ def _loss_summary(losses: list[float], n: int = 5) -> tuple[float | None, float 
 def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: str | os.PathLike, cfg,
                  spec: SparseBSpec | None, eval_data: str | os.PathLike | None = None, n_eval: int | None = 40,
                  eval_max_new_tokens: int = 96, eval_batch_size: int = 8, show_progress: bool = False) -> dict:
-    """SFT stage for sparse-B LoRA: score + select k entries of B, train them through `train.train`.
+    """SFT stage for sparse-B LoRA: score + select k entries of B, train them through `train.loop.train`.
 
     Writes `out_dir/adapter/` (the PEFT adapter `train` writes, plus the masks), `out_dir/train_metrics.json`
     (`train`'s record, whose `study` holds the sparse-B settings as run and their outcome) and

@@ -218,7 +218,7 @@ def finetune_checkpoints(*, model, train_data: str | os.PathLike, out_dir: str |
                          show_progress: bool = False) -> dict:
     """A full fine-tuning run that saves the whole model at `save_steps` (0 = before any update).
 
-    Training goes through `domlora.train.train` (variant `full`, every projection placed); with
+    Training goes through `domlora.train.loop.train` (variant `full`, every projection placed); with
     `all_parameters` the embeddings and norms train too (true full fine-tuning). Each saved step
     is a plain checkpoint folder `out_dir/step-NNNN` that `load_model` / `probe_checkpoints` read.
 

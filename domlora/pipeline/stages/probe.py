@@ -100,7 +100,8 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
 
 
 def probe_stage(params, model: str, dataset: str, *, layout, tracker=None, show_progress: bool = False) -> dict:
-    """probe: probes/<model>/<dataset>/{page.json,page.png,nfn.json,page_layers.csv}."""
+    """probe: probes/<model>/<dataset>/ page.json, page.png, page_layers.csv, and with the profile's signals
+    nfn.json (NFN) and activations.json, massive.json, activations.png (the activation statistics)."""
     spec, p = params.models[model], params.probe
     out_dir = layout.probe_dir(model, dataset)
     doc = probe(model=spec.id, data=layout.split(dataset, "probe"), out_dir=out_dir, samples=p.samples,
@@ -108,7 +109,7 @@ def probe_stage(params, model: str, dataset: str, *, layout, tracker=None, show_
                 memory_fraction=p.memory_fraction, dtype=spec.dtype, nfn=p.nfn, activations=p.activations,
                 trust_remote_code=spec.trust_remote_code, show_progress=show_progress,
                 model_name=spec.id)
-    write_layer_csv(doc, out_dir / "page_layers.csv")
+    write_layer_csv(doc, layout.page_layers_csv(model, dataset))
     if tracker is not None:
         tracker.log_probe(model=model, dataset=dataset, layout=layout)
     return doc
