@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from domlora.cli import run_main, stage_parser
+from domlora.entry import run_main, stage_parser
 from domlora.errors import DomloraError
 from domlora.pipeline.grid import stage_params
 from domlora.pipeline.launch import launch_command
