@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from domlora.errors import ConfigError
 from domlora.modules import ATTN_TYPES, FFN_TYPES, TYPES
-from domlora.probes.massive import choose_from_doc
+from domlora.probes.massive_choice import choose_from_doc
 
 # group names usable wherever a list of types is taken
 TYPE_GROUPS = {"ffn_all": FFN_TYPES, "attn_all": ATTN_TYPES, "all": TYPES}

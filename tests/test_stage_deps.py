@@ -198,10 +198,11 @@ def test_the_core_does_not_import_the_studies():
     assert not bad, bad
 
 
-def test_training_does_not_run_the_report_or_the_studies():
+def test_training_does_not_run_the_report_the_studies_or_the_probes():
     stages = _stages(ROOT)
     runs = stage_code(ROOT, "train", stages["train"])
     assert not [f for f in runs if f.startswith(("domlora/studies/", "domlora/pipeline/report", "domlora/probes/page",
+                                                 "domlora/probes/runner", "domlora/probes/activations",
                                                  "domlora/pipeline/sparse_b_report", "domlora/pipeline/placement_report"))]
     assert "domlora/samples.py" in runs  # the tokeniser: what train, probe and evaluate share
     for name in ("probe", "evaluate"):
