@@ -46,6 +46,7 @@ from domlora.evaluate.mt_bench import (
     run_mt_bench,
     why_unconfigured,
 )
+from domlora.evaluate.sandbox import preflight as sandbox_preflight
 from domlora.evaluate.stand_in import NOTE as STAND_IN_NOTE
 from domlora.evaluate.stand_in import (
     STAND_IN_TASKS,
@@ -464,6 +465,13 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
     if not todo:
         save()
         return doc
+    # the sandbox must confine what generated code reads here (or broad reads were accepted), else
+    # refuse before the model loads
+    if any(specs[n].code_exec for n in todo):
+        warning = sandbox_preflight()
+        if warning:
+            doc["warnings"] = [warning]
+            logger.warning("%s", warning)
     # 5. stand-in tasks (their YAMLs live for this call), the model, then the tasks one at a time
     with contextlib.ExitStack() as stack, torch_threads(num_threads):
         import torch
