@@ -177,11 +177,11 @@ real = os.path.realpath
 reads = {real(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
 exe = real(sys.executable)
 with open("/proc/self/maps") as fh:
-    for line in fh:
-        parts = line.split(None, 5)
-        f = parts[5].strip() if len(parts) == 6 else ""
-        if f.startswith("/") and os.path.isfile(f) and real(f) != exe:  # regular files: no /dev/zero
-            reads.add(os.path.dirname(real(f)))
+    mapped = {parts[5].strip() for parts in (line.split(None, 5) for line in fh) if len(parts) == 6}
+for f in mapped:
+    f = real(f) if f.startswith("/") else ""
+    if f and f != exe and os.path.isfile(f):  # regular files only: no /dev/zero
+        reads.add(os.path.dirname(f))
 reads = sorted(p for p in reads | {real(p) for p in cfg["system_reads"] if os.path.exists(p)} | {exe}
                if p not in ("", "/"))
 workdir = real(cfg["workdir"])
