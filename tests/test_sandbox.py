@@ -1,6 +1,7 @@
 """The code-execution sandbox: programs pass or fail for the right reasons and cannot harm the host."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -398,3 +399,29 @@ def test_reason_is_the_exception_on_one_bounded_line():
     assert exception_reason("Traceback (most recent call last):\n  File 'x'\nKeyError: 'a\\tb'\n", 1) == "KeyError: 'a\\tb'"
     assert exception_reason("Traceback (most recent call last):\n  File 'x'\nStopIteration\n", 1) == "StopIteration"
     assert exception_reason("", 2) == "exit status 2"
+
+
+def test_evaluate_refuses_before_the_model_loads_or_records_the_warning(monkeypatch, tmp_path):
+    import torch
+
+    from domlora.evaluate import run
+
+    def no_model(*a, **k):
+        raise AssertionError("the model must not load")
+
+    def refuse():
+        raise SandboxError("reads cannot be confined here; fix: ...")
+
+    monkeypatch.setattr(run, "load_for_eval", no_model)
+    monkeypatch.setattr(run, "sandbox_preflight", refuse)
+    out = tmp_path / "eval.json"
+    with pytest.raises(SandboxError, match="cannot be confined"):
+        run.evaluate(model="embedded", adapter=None, tasks="humaneval_sandbox", out=out, allow_code_exec=True)
+    # with broad reads accepted, the warning lands in eval.json
+    monkeypatch.setattr(run, "sandbox_preflight", lambda: "generated code ran with unconfined reads")
+    monkeypatch.setattr(run, "load_for_eval", lambda *a, **k: type("L", (), {"model": torch.nn.Linear(1, 1)})())
+    monkeypatch.setattr(run, "make_lm", lambda *a, **k: None)
+    monkeypatch.setattr(run, "_run_task", lambda *a, **k: {"status": "success", "metrics": {}})
+    doc = run.evaluate(model="embedded", adapter=None, tasks="humaneval_sandbox", out=out, allow_code_exec=True)
+    assert doc["warnings"] == ["generated code ran with unconfined reads"]
+    assert json.loads(out.read_text())["warnings"] == doc["warnings"]

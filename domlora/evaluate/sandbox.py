@@ -199,6 +199,7 @@ def blocked_top(p):
                 or (st.st_gid == drop_to and st.st_mode & 0o010)):
             return d
     return None
+mount_error = None
 if drop_to is not None and cfg["mountns"]:
     groups = {}
     for p in reads + [workdir]:
@@ -229,10 +230,10 @@ if drop_to is not None and cfg["mountns"]:
                         open(p, "a").close()
                     ok = mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC, None)
                 os.close(fd)
-        if not ok:
-            fail(97, "could not set up the mount namespace that exposes the interpreter: "
-                 + os.strerror(ctypes.get_errno()))
-        done.append("mountns")
+        if ok:
+            done.append("mountns")
+        else:  # e.g. a container without CAP_SYS_ADMIN: the check below says whether it mattered
+            mount_error = os.strerror(ctypes.get_errno()) or "failed"
 for name, value in cfg["rlimits"].items():
     resource.setrlimit(getattr(resource, name), (value, value))
 done.append("rlimits")
@@ -309,7 +310,8 @@ for d in [os.path.dirname(os.__file__)] + [p for p in site.getsitepackages() if 
         if d == os.path.dirname(os.__file__):
             open(os.__file__, "rb").close()
     except OSError as exc:
-        fail(96, f"the interpreter's files are unreadable to the sandboxed child: {exc}")
+        fail(96, f"the interpreter's files are unreadable to the sandboxed child: {exc}"
+             + (f" (the mount namespace that exposes them could not be set up: {mount_error})" if mount_error else ""))
 if "netns" not in done and "landlock-net" not in done:
     import socket, _socket
     def _deny(*a, **k):
@@ -530,10 +532,9 @@ def run_program(source: str, *, limits: SandboxLimits | None = None, python: str
         if rc == 96:
             exe = python or sys.executable
             raise SandboxError(
-                f"{stderr.strip()[-300:]}; the sandboxed child runs as `nobody` without any capability "
-                f"and reads only the interpreter's installation ({exe}); fix: make that installation "
-                f"readable by every user (e.g. chmod -R o+rX on its prefix), install Python where `nobody` can read it, "
-                + BROAD_READS_FIX)
+                f"{stderr.strip()[-400:]}; the sandboxed child runs as `nobody` without any capability; fix: "
+                f"let every user reach and read the installation of {exe} (o+x on the folders above it, "
+                f"chmod -R o+rX on it), install Python where they can, " + BROAD_READS_FIX)
         if rc is not None and rc < 0:
             reason = _signal_reason(rc)
         elif rc == 98 or (rc == 0 and not finished):
