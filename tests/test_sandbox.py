@@ -272,6 +272,10 @@ def test_reads_outside_the_installation_fail(secrets_outside):
     _assert_attacks_fail(secrets_outside)
     res = _assert_normal_programs_pass()
     assert res.reads == ("read:landlock" if LANDLOCK else "read:nobody"), res.isolation
+    # accepting broad reads changes nothing where they are not needed
+    _assert_attacks_fail(secrets_outside, allow_broad_reads=True)
+    res = run_program("print(1)\n", limits=FAST, allow_broad_reads=True)
+    assert res.passed and "cap:dac-read-search" not in res.isolation and res.reads != "read:unconfined", res
     if LANDLOCK:  # world-readable is not enough
         for path in (secrets_outside["public"], "/etc/passwd", "/proc/1/cmdline"):
             res = run_program(f"print(open({path!r}).read())\n", limits=FAST)

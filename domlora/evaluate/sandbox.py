@@ -23,8 +23,10 @@ Reads are always confined (`ExecResult.reads`): by Landlock, or without it by ru
 (`read:nobody`: world-readable files stay readable). Where neither is possible (no Landlock and not
 root), or the interpreter is unreadable to `nobody`, programs are refused with the reason and the
 fix, unless broad reads are accepted explicitly (`allow_broad_reads`, or
-DOMLORA_SANDBOX_BROAD_READS=1): then the child keeps CAP_DAC_READ_SEARCH (`cap:dac-read-search`)
-and, without Landlock, `read:unconfined`; `preflight` returns the warning eval.json carries.
+DOMLORA_SANDBOX_BROAD_READS=1), which changes nothing where reads can be confined: only where the
+interpreter is unreadable without it does the child keep CAP_DAC_READ_SEARCH
+(`cap:dac-read-search`), and without Landlock as a non-root user reads are `read:unconfined`;
+`preflight` returns the warning eval.json then carries. The child always sets no_new_privs.
 
 A program passes only if it runs to its end: exiting early with status 0 (`sys.exit(0)`,
 `os._exit(0)`) counts as a failure, as the launcher prints a secret marker only after the
@@ -237,25 +239,49 @@ if drop_to is not None and cfg["mountns"]:
 for name, value in cfg["rlimits"].items():
     resource.setrlimit(getattr(resource, name), (value, value))
 done.append("rlimits")
+def unreadable():
+    """None if the interpreter can read its standard library and site-packages, else the error"""
+    for d in [os.path.dirname(os.__file__)] + [p for p in site.getsitepackages() if os.path.isdir(p)]:
+        try:
+            os.listdir(d)
+            if d == os.path.dirname(os.__file__):
+                open(os.__file__, "rb").close()
+        except OSError as exc:
+            return exc
+    return None
+def unreadable_fail(exc):
+    fail(96, f"the interpreter's files are unreadable to the sandboxed child: {exc}"
+         + (f" (the mount namespace that exposes them could not be set up: {mount_error})" if mount_error else ""))
 if drop_to is not None:
-    if cfg["broad_reads"]:
-        # explicitly accepted: keep CAP_DAC_READ_SEARCH alone, so the interpreter's files stay
-        # readable wherever they are (and so does everything else Landlock does not confine)
+    broad = cfg["broad_reads"]
+    if broad:  # keep CAP_DAC_READ_SEARCH in the permitted set, to use it below only if needed
         libc.prctl(8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS
     os.setgroups([])
     os.setgid(drop_to)
     os.setuid(drop_to)  # without PR_SET_KEEPCAPS this clears every capability
-    if cfg["broad_reads"]:
-        class CapHeader(ctypes.Structure):
-            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-        class CapData(ctypes.Structure):
-            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+    class CapHeader(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+    class CapData(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+    def set_dac_read_search(on):
         caps = (CapData * 2)()
-        caps[0].effective = caps[0].permitted = 1 << 2  # CAP_DAC_READ_SEARCH
-        libc.capset(ctypes.byref(CapHeader(0x20080522, 0)), caps)
+        caps[0].effective = caps[0].permitted = (1 << 2) if on else 0  # CAP_DAC_READ_SEARCH
+        return libc.capset(ctypes.byref(CapHeader(0x20080522, 0)), caps) == 0
+    if broad:
         libc.prctl(8, 0, 0, 0, 0)
-        done.append("cap:dac-read-search")
+        problem = unreadable()
+        # explicitly accepted, and only where the interpreter is unreadable without it: keep
+        # CAP_DAC_READ_SEARCH alone (what Landlock does not confine is then readable too)
+        if problem is not None and set_dac_read_search(True):
+            done.append("cap:dac-read-search")
+        elif not set_dac_read_search(False):
+            fail(97, "could not drop CAP_DAC_READ_SEARCH")
     done.append("uid:nobody")
+problem = unreadable()
+if problem is not None:
+    unreadable_fail(problem)
+if libc.prctl(38, 1, 0, 0, 0) == 0:  # PR_SET_NO_NEW_PRIVS: no set-uid program can give anything back
+    done.append("no-new-privs")
 abi = cfg["landlock_abi"]
 if abi >= 1:
     class RulesetAttr(ctypes.Structure):
@@ -303,15 +329,9 @@ elif "uid:nobody" in done and "cap:dac-read-search" not in done:
     done.append("read:nobody")
 else:
     done.append("read:unconfined")
-# the interpreter must still be able to read itself
-for d in [os.path.dirname(os.__file__)] + [p for p in site.getsitepackages() if os.path.isdir(p)]:
-    try:
-        os.listdir(d)
-        if d == os.path.dirname(os.__file__):
-            open(os.__file__, "rb").close()
-    except OSError as exc:
-        fail(96, f"the interpreter's files are unreadable to the sandboxed child: {exc}"
-             + (f" (the mount namespace that exposes them could not be set up: {mount_error})" if mount_error else ""))
+problem = unreadable()  # still, under Landlock
+if problem is not None:
+    unreadable_fail(problem)
 if "netns" not in done and "landlock-net" not in done:
     import socket, _socket
     def _deny(*a, **k):
