@@ -36,6 +36,7 @@ from domlora.evaluate.lm import make_lm, math_path, resolve_batch_size, run_lm_e
 from domlora.evaluate.mt_bench import JudgeConfig, JudgeError, run_mt_bench, why_unconfigured
 from domlora.evaluate.nll import nll_task
 from domlora.evaluate.sandbox import code_exec_allowed
+from domlora.evaluate.sandbox import preflight as sandbox_preflight
 from domlora.evaluate.scoring import LOCAL_FIELDS, read_eval_rows, resolve_eval_file
 from domlora.evaluate.stand_in import (NOTE as STAND_IN_NOTE, STAND_IN_TASKS, check_stand_in_dir, stand_in_digest,
                                        stand_in_task_manager, stand_in_tasks)
@@ -471,6 +472,13 @@ def _run_todo(todo: list[str], specs: dict[str, TaskSpec], doc: dict, save: Call
               out: Path, run_key, device, cache_dir, merge_adapter, num_threads, show_progress, on_result) -> None:
     """Load the model once and run the tasks one at a time, saving eval.json after each."""
     judge_cfg = judge
+    # the sandbox must confine what generated code reads here (or broad reads were accepted), else
+    # refuse before the model loads
+    if any(specs[n].code_exec for n in todo):
+        warning = sandbox_preflight()
+        if warning:
+            doc["warnings"] = [warning]
+            logger.warning("%s", warning)
     with contextlib.ExitStack() as stack, torch_threads(num_threads):
         import torch
 

@@ -121,7 +121,9 @@ def execute_programs(resps: list[list[str]], docs: list[dict], *, timeout_s: flo
     outs = run_programs([p for _, p in flat], limits=limits, workers=workers)
     per_doc: list[list[dict]] = [[] for _ in docs]
     for (i, _), res in zip(flat, outs):
-        per_doc[i].append({"passed": res.passed, "status": res.status, "reason": res.reason[:200]})
+        # reason: the exception's type and the start of its message, one line (`REASON_CHARS`); it
+        # stays in lm-eval's per-sample results, written only when samples are logged (domlora does not)
+        per_doc[i].append({"passed": res.passed, "status": res.status, "reason": res.reason})
     return per_doc
 
 
