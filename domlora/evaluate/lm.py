@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from domlora.errors import ConfigError
+from domlora.samples import CHAT_TEMPLATE_ARGS
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +159,8 @@ def make_lm(loaded, *, batch_size: int | str, show_progress: bool):
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
     return _HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, max_batch_size=64,
                  max_length=min(int(max_pos), MAX_LENGTH),
-                 # Qwen3-style templates default to "thinking" mode; the paper decodes answers greedily
-                 chat_template_args={"enable_thinking": False})
+                 # the switches training and the probe render with (Qwen3-style templates: no thinking)
+                 chat_template_args=dict(CHAT_TEMPLATE_ARGS))
 
 
 
