@@ -91,6 +91,8 @@ class Encoded:
     """1 where the token is a target (assistant); the loss at position t predicts token t"""
     truncated: bool = False
     """cut at max_length"""
+    length: int = 0
+    """tokens before the cut"""
     differs_from_full_text: bool = False
     """its ids differ from tokenising the whole rendered conversation at once (a token merges
     across a prompt/response boundary there, e.g. the prompt's newline with code indentation)"""
@@ -112,6 +114,13 @@ class EncodeReport:
     n_target_tokens: int = 0
     n_differ_from_full_text: int = 0
     """samples read whose ids differ from tokenising the whole rendered conversation at once"""
+    longest: int = 0
+    """tokens of the longest sample read, uncut: the max_length at which no sample is cut"""
+
+    @property
+    def n_cut(self) -> int:
+        """samples cut at max_length (truncated or skipped)"""
+        return self.n_truncated + self.n_skipped
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -181,6 +190,9 @@ def prompt_batch(tokenizer, prompts: Sequence[list[dict]], *, device=None) -> di
         batch = {k: v.to(device) for k, v in batch.items()}
     return batch
 
+
+CUT_WARN_SHARE = 0.25
+"""`encode_samples` warns when more than this share of a set is cut at max_length"""
 
 _PROBE_REPLY = "\x00domlora-reply\x00"
 
@@ -303,7 +315,7 @@ def encode_sample(tokenizer, messages: list[dict], *, max_length: int) -> Encode
         mask += [int(target)] * len(piece_ids)
         text += piece
     truncated = len(ids) > max_length
-    return Encoded(input_ids=ids[:max_length], loss_mask=mask[:max_length], truncated=truncated,
+    return Encoded(input_ids=ids[:max_length], loss_mask=mask[:max_length], truncated=truncated, length=len(ids),
                    differs_from_full_text=ids != _ids(tokenizer, text))
 
 
@@ -323,8 +335,10 @@ def encode_samples(tokenizer, samples: Sequence[dict], *, max_length: int) -> tu
         raise DataError(f"max_length must be at least 2, got {max_length}")
     report = EncodeReport(n_read=len(samples), max_length=max_length)
     out: list[Encoded] = []
+    lengths = []
     for i, s in enumerate(samples):
         e = encode_sample(tokenizer, s["messages"], max_length=max_length)
+        lengths.append(e.length)
         report.n_differ_from_full_text += int(e.differs_from_full_text)
         # the first token is never a target (nothing predicts it)
         if sum(e.loss_mask[1:]) == 0:
@@ -335,6 +349,7 @@ def encode_samples(tokenizer, samples: Sequence[dict], *, max_length: int) -> tu
         report.n_target_tokens += sum(e.loss_mask[1:])
         out.append(e)
     report.n_used = len(out)
+    report.longest = max(lengths, default=0)
     if report.n_differ_from_full_text:
         logger.warning("%d of %d samples tokenise differently from their whole rendered text (a token merges across "
                        "a prompt/response boundary there); they are encoded as the model sees them at inference",
@@ -347,8 +362,13 @@ def encode_samples(tokenizer, samples: Sequence[dict], *, max_length: int) -> tu
     if not out:
         shortest = min(prompt_length(tokenizer, s["messages"]) for s in samples)
         raise DataError(f"none of the {report.n_read} samples keeps an assistant token within max_length={max_length}: "
-                        f"the shortest prompt is {shortest} tokens; fix: raise max_length above {shortest} "
-                        "(room for the prompt and the response), or shorten the prompts")
+                        f"the shortest prompt is {shortest} tokens, the shortest sample {min(lengths)} and the longest "
+                        f"{report.longest}; fix: raise max_length to {report.longest} (no sample cut; at least "
+                        f"{shortest + 2} keeps one response token of one sample), or shorten the prompts")
+    if report.n_cut > CUT_WARN_SHARE * report.n_read:
+        logger.warning("%d of %d samples cut at max_length=%d (%d truncated, %d skipped): their scores and losses see "
+                       "mostly the start of each response; fix: raise max_length to %d, where no sample is cut",
+                       report.n_cut, report.n_read, max_length, report.n_truncated, report.n_skipped, report.longest)
     return out, report
 
 

@@ -94,6 +94,29 @@ class TestTruncation:
         with pytest.raises(DataError, match=r"none of the 3 samples.*fix: raise max_length"):
             encode_samples(tiny_tokenizer, chat_samples(3), max_length=5)
 
+    def test_set_cut_to_nothing_names_the_length_needed(self, tiny_tokenizer):
+        samples = chat_samples(3)
+        longest = max(len(encode_sample(tiny_tokenizer, s["messages"], max_length=10_000).input_ids) for s in samples)
+        with pytest.raises(DataError, match=rf"none of the 3 samples.*longest {longest}; fix: raise max_length to "
+                                            rf"{longest} \(no sample cut"):
+            encode_samples(tiny_tokenizer, samples, max_length=5)
+        _, report = encode_samples(tiny_tokenizer, samples, max_length=longest)
+        assert report.longest == longest and report.n_cut == 0
+
+    def test_warns_when_more_than_a_quarter_is_cut(self, tiny_tokenizer, caplog):
+        samples = chat_samples(8)
+        lengths = sorted(len(encode_sample(tiny_tokenizer, s["messages"], max_length=10_000).input_ids)
+                         for s in samples)
+        # two of eight cut (a quarter): quiet; three: a warning naming the length that cuts none
+        with caplog.at_level("WARNING"):
+            _, report = encode_samples(tiny_tokenizer, samples, max_length=lengths[-3])
+        assert report.n_cut <= 2 and "cut at max_length" not in caplog.text
+        with caplog.at_level("WARNING"):
+            _, report = encode_samples(tiny_tokenizer, samples, max_length=lengths[-4])
+        assert report.n_cut == sum(n > lengths[-4] for n in lengths) > 2
+        assert f"samples cut at max_length={lengths[-4]}" in caplog.text
+        assert f"fix: raise max_length to {lengths[-1]}" in caplog.text
+
     def test_max_length_below_two(self, tiny_tokenizer):
         with pytest.raises(DataError, match="at least 2"):
             encode_samples(tiny_tokenizer, chat_samples(1), max_length=1)

@@ -17,6 +17,7 @@ from pathlib import Path
 from domlora.pipeline.params import Cell, Params
 from domlora.io import save_figure, write_json, write_text
 from domlora.pipeline.paths import Layout
+from domlora.samples import CUT_WARN_SHARE
 
 logger = logging.getLogger(__name__)
 
@@ -302,25 +303,47 @@ def dominant_table(col: Collected) -> tuple[str, list[dict]]:
     """The dominant module per backbone x probe set, and how stable it is across probe sets."""
     p = col.params
     header = ["Model", "Probe set", "dom module", "share of all PAGE", "share of down_proj PAGE", "argmax", "argmax = dom",
-              "`massive` predicts dom"]
+              "`massive` predicts dom", "samples cut (truncated / skipped of N at length)"]
     lines = ["### Dominant adaptation module (PAGE at step 0)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = []
     for (m, d), doc in col.probes.items():
         if not doc:
-            lines.append(f"| {m} | {d} | {MISSING} | | | | | |")
+            lines.append(f"| {m} | {d} | {MISSING} | | | | | | |")
             continue
         mass = col.massive.get((m, d)) or {}
         r = {"model": m, "dataset": d, "dominant": doc.get("dominant"), "share_total": doc.get("dominant_share_total"),
              "share_type": doc.get("dominant_share_type"), "argmax": doc.get("argmax"), "n_layers": doc.get("n_layers"),
              "massive": mass.get("predicted")}
+        r.update(probe_cut(doc))
         rows.append(r)
         pred = "" if not mass else ("yes" if r["massive"] == r["dominant"] else f"no (`{r['massive']}`)")
         lines.append(f"| {m} | {d} | `{r['dominant']}` | {_fmt(100 * (r['share_total'] or 0), 1)}% | "
                      f"{_fmt(100 * (r['share_type'] or 0), 1)}% | `{r['argmax']}` | {'yes' if r['argmax'] == r['dominant'] else 'no'} "
-                     f"| {pred} |")
+                     f"| {pred} | {_fmt_cut(r)} |")
     lines.append("")
+    heavy = [r for r in rows if r.get("n_read") and r["n_truncated"] + r["n_skipped"] > CUT_WARN_SHARE * r["n_read"]]
+    if heavy:
+        lines += ["**More than a quarter of a probe set cut** at its max length: "
+                  + "; ".join(f"{r['model']}/{r['dataset']} ({r['n_truncated'] + r['n_skipped']} of {r['n_read']}; "
+                              f"the longest sample is {r['longest']} tokens)" if r.get("longest") else
+                              f"{r['model']}/{r['dataset']} ({r['n_truncated'] + r['n_skipped']} of {r['n_read']})"
+                              for r in heavy)
+                  + ". Its PAGE sees mostly the start of each response; fix: raise `probe.max_lengths` for the set.", ""]
     stab = stability_lines(col)
     return "\n".join(lines + stab + backbone_lines(col, rows)), rows
+
+
+def probe_cut(doc: dict) -> dict:
+    """What tokenisation cut of a probe set (page.json's `samples`): truncated, skipped, read, the length."""
+    smp = doc.get("samples") or {}
+    return {"n_truncated": smp.get("n_truncated"), "n_skipped": smp.get("n_skipped"), "n_read": smp.get("n_read"),
+            "max_length": doc.get("max_length", smp.get("max_length")), "longest": smp.get("longest")}
+
+
+def _fmt_cut(r: dict) -> str:
+    if r.get("n_read") is None:
+        return MISSING
+    return f"{r['n_truncated'] + r['n_skipped']} ({r['n_truncated']} / {r['n_skipped']} of {r['n_read']} at {r['max_length']})"
 
 
 def backbone_lines(col: Collected, rows: list[dict]) -> list[str]:

@@ -256,7 +256,7 @@ def probe_stage(params, model: str, dataset: str, *, layout, tracker=None, show_
     spec, p = params.models[model], params.probe
     out_dir = layout.probe_dir(model, dataset)
     doc = probe(model=spec.id, data=layout.split(dataset, "probe"), out_dir=out_dir, samples=p.samples,
-                max_length=params.probe_max_length(), alpha=p.alpha, rank=p.rank, batch_size=p.batch_size,
+                max_length=params.probe_max_length(dataset), alpha=p.alpha, rank=p.rank, batch_size=p.batch_size,
                 memory_fraction=p.memory_fraction, dtype=spec.dtype, nfn=p.nfn, activations=p.activations,
                 trust_remote_code=spec.trust_remote_code, show_progress=show_progress,
                 model_name=spec.id)
@@ -293,7 +293,7 @@ def select_stage(params, model: str, dataset: str, method: str, *, layout) -> di
         split = DATA[m.placement]
         peer = {"model": params.models[model], "options": peer_options(params, method),
                 "data": None if split is None else layout.split(probe_set if split == "probe" else dataset, split),
-                "samples": params.probe.samples, "max_length": params.probe_max_length()}
+                "samples": params.probe.samples, "max_length": params.probe_max_length(probe_set)}
     size = params.tune.budgets[m.budget].modules if m.budget is not None and params.tune is not None else None
     return select_placement(probe_path=layout.page_json(model, probe_set), strategy=m.placement,
                             out=layout.placement(model, dataset, method), k=m.k, types=tuple(m.types),
@@ -428,7 +428,7 @@ def checkpoints_stage(params, model: str, dataset: str, *, layout, launch=None, 
             finetune_checkpoints_stage(params, model, dataset, work=work, layout=layout, show_progress=show_progress)
         paths = [work / STEP_DIR.format(s) for s in sorted(set(study.steps))]
         doc = probe_checkpoints(paths, data=layout.split(dataset, "probe"), samples=p.samples,
-                                max_length=params.probe_max_length(), alpha=p.alpha, rank=p.rank,
+                                max_length=params.probe_max_length(dataset), alpha=p.alpha, rank=p.rank,
                                 batch_size=p.batch_size, dtype=spec.dtype, show_progress=show_progress)
         doc["model"], doc["dataset"], doc["steps"] = model, dataset, sorted(set(study.steps))
         out = layout.checkpoints_json(model, dataset)
