@@ -116,6 +116,25 @@ def test_probe_table_counts_the_samples_cut(grid):
     assert (rows["humaneval"]["n_truncated"], rows["humaneval"]["n_skipped"]) == (26, 4)
 
 
+def test_report_shows_multiple_choice_replies_with_no_letter(grid):
+    params, lay = grid
+    lora = params.cells()[0]
+    doc = json.loads(lay.eval_json(lora).read_text())
+    doc["tasks"]["commonsense_qa_gen"] = {"status": "success", "metrics": {
+        "exact_match": {"value": 0.5, "stderr": 0.1, "n": 40}, "no_letter": {"value": 0.25, "stderr": 0.07, "n": 40},
+        "exact_match_constrained": {"value": 0.6, "stderr": 0.08, "n": 40},
+        "acc_loglik": {"value": 0.55, "stderr": 0.08, "n": 40}},
+        "answers": {"n": 40, "read_by": {"letter": 28, "option_text": 2, "none": 10},
+                    "no_letter_examples": ["I am not sure which one", "Hmm"]}}
+    lay.eval_json(lora).write_text(json.dumps(doc))
+    out = write_report(params, lay)
+    tables = (lay.reports / "tables.md").read_text()
+    assert "### Multiple-choice answers" in tables
+    assert f"| {lora.id} | commonsense_qa_gen | 40 | 25.0 | 2 | 50.0 | 60.0 | 55.0 |" in tables
+    assert '"I am not sure which one"' in tables
+    assert out["tables"]["mc_answers"][0]["no_letter"] == 0.25
+
+
 def test_report_with_nothing_present(tmp_path):
     params = load_params(ROOT / "params.yaml", profile="ci")
     out = write_report(params, Layout(tmp_path))

@@ -154,6 +154,7 @@ def test_every_method_logs_the_config_its_trainer_ran(tmp_path, profile, tiny_ch
             m["grpo"] = {"prompts_per_step": 2, "num_generations": 2, "max_completion_length": 4, "n_eval": 2,
                          "eval_max_new_tokens": 4}
     d["probe"]["reuse_from"] = None
+    d["probe"].pop("max_lengths", None)  # its datasets are gone
     d.pop("checkpoints", None)
     params = parse_profile(d, name=profile)
     layout = Layout(tmp_path)
@@ -184,3 +185,23 @@ def test_a_secret_param_is_never_logged_and_a_token_count_is(name, secret):
     from domlora.pipeline.tracking import _scrub
 
     assert (name not in _scrub({name: 1})) is secret
+
+
+def test_experiments_are_typed_as_model_training(tmp_path):
+    """MLflow 3's UI opens an untyped experiment in its GenAI view; typed as model training it opens the runs
+    table. A new experiment is created typed; an untyped one from before gets the type; a type set by hand stays."""
+    from mlflow.tracking import MlflowClient
+
+    from domlora.pipeline.tracking import EXPERIMENT_KIND
+
+    assert EXPERIMENT_KIND == {"mlflow.experimentKind": "custom_model_development"}
+    tr = _tracker(tmp_path)
+    tr.parent_run_id()
+    client = MlflowClient(tracking_uri=tr.uri)
+    assert client.get_experiment_by_name("t").tags["mlflow.experimentKind"] == "custom_model_development"
+    old = client.create_experiment("untyped")
+    MlflowTracker(uri=tr.uri, experiment="untyped", grid_id="g", profile="ci", params_hash="x").client
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    mine = client.create_experiment("mine", tags={"mlflow.experimentKind": "finetuning"})
+    MlflowTracker(uri=tr.uri, experiment="mine", grid_id="g", profile="ci", params_hash="x").client
+    assert client.get_experiment(mine).tags["mlflow.experimentKind"] == "finetuning"

@@ -165,7 +165,7 @@ def make_lm(loaded, *, batch_size: int | str, show_progress: bool):
 
 
 def run_lm_eval(lm, task_manager, task: str, *, limit: int | None, chat_template: bool, gen_kwargs: dict,
-                allow_unsafe_code: bool, seed: int = 1234) -> dict:
+                allow_unsafe_code: bool, seed: int = 1234, log_samples: bool = False) -> dict:
     """One task or group through `lm_eval.evaluator.evaluate`, set up as `simple_evaluate` does it.
 
     (`simple_evaluate` also gathers environment information by running `collect_env`
@@ -187,7 +187,7 @@ def run_lm_eval(lm, task_manager, task: str, *, limit: int | None, chat_template
         if obj.get_config("num_fewshot") is None:
             obj.set_config(key="num_fewshot", value=0)
         obj.set_fewshot_seed(seed=seed)
-    return lm_eval_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
+    return lm_eval_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=log_samples,
                             apply_chat_template=chat_template, fewshot_as_multiturn=chat_template,
                             confirm_run_unsafe_code=allow_unsafe_code)
 

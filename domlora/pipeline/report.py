@@ -299,6 +299,47 @@ def norm_table(col: Collected) -> tuple[str, list[dict]]:
     return "\n".join(lines), rows
 
 
+def mc_answers_table(col: Collected) -> tuple[str, list[dict]]:
+    """Per cell (and base run) and generative multiple-choice task: how the answers were read (replies with no
+    letter, read by the option text) beside the accuracy and its two format-free cross-checks."""
+    from domlora.evaluate.multiple_choice import MC_TASKS
+
+    runs = [(c.id, col.evals.get(c.id)) for c in col.cells]
+    runs += [(col.layout.base_id(m, d), doc) for (m, d), doc in col.base_evals.items()]
+    rows, examples = [], []
+    for run, doc in runs:
+        for task, rec in ((doc or {}).get("tasks") or {}).items():
+            if task not in MC_TASKS or rec.get("status") != "success" or "answers" not in rec:
+                continue
+            ms, a = rec.get("metrics", {}), rec["answers"]
+            val = {k: (ms.get(k) or {}).get("value") for k in ("exact_match", "no_letter", "exact_match_constrained",
+                                                                "acc_loglik")}
+            rows.append({"run": run, "task": task, "n": a.get("n"), "option_text": a.get("read_by", {}).get("option_text"),
+                         **val})
+            examples += [f"- `{run}` {task}: {json.dumps(x)}" for x in a.get("no_letter_examples", [])[:1]]
+    if not rows:
+        return "", []
+
+    def pct(v):
+        return MISSING if v is None else f"{100 * v:.1f}"
+
+    lines = ["### Multiple-choice answers: replies with no letter, and the accuracy read two other ways", "",
+             "Accuracy reads the letter from each reply (or the one option whose text it states); a reply with "
+             "neither scores 0. *Constrained*: replies with no letter followed by \"The answer is \" and the "
+             "likeliest option letter (as the NoRM evaluator reads replies); *log-likelihood*: the likeliest letter "
+             "right after the prompt. A gap between methods in the first column that the last two do not show is "
+             "a gap in answer format, not in knowledge.", "",
+             "| run | task | n | no letter (%) | read by option text | accuracy | constrained | log-likelihood |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['task']} | {r['n']} | {pct(r['no_letter'])} | {r['option_text']} | "
+                     f"{pct(r['exact_match'])} | {pct(r['exact_match_constrained'])} | {pct(r['acc_loglik'])} |")
+    if examples:
+        lines += ["", "A reply with no letter per run and task (all kept in eval.json, `answers.no_letter_examples`):",
+                  ""] + examples[:40]
+    return "\n".join(lines) + "\n", rows
+
+
 def dominant_table(col: Collected) -> tuple[str, list[dict]]:
     """The dominant module per backbone x probe set, and how stable it is across probe sets."""
     p = col.params
@@ -557,6 +598,10 @@ def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections
         if md:
             sections.append(md)
             all_rows[f"table{t}"] = rows
+    md, rows = mc_answers_table(col)
+    if md:
+        sections.append(md)
+        all_rows["mc_answers"] = rows
     md, rows = efficiency_table(col)
     sections.append(md)
     all_rows["table10"] = rows

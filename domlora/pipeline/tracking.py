@@ -22,6 +22,9 @@ from domlora.train import TrainRecord
 logger = logging.getLogger(__name__)
 
 PENDING = ".tracking_pending"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""the experiment's type in MLflow 3's UI: model training ("Machine learning"), so an experiment opens on its runs
+table, metrics and charts; an untyped one opens in the GenAI view (traces, judges, prompts)"""
 SECRET_WORDS = ("key", "token", "secret", "password", "auth", "credential")
 """a param whose name has one of these as a whole word (`api_key`, `hf_token`) is never logged; `max_new_tokens` is"""
 
@@ -74,11 +77,14 @@ class MlflowTracker:
             exp = self._client.get_experiment_by_name(self.experiment)
             if exp is None:
                 try:
-                    self._exp_id = self._client.create_experiment(self.experiment)
+                    self._exp_id = self._client.create_experiment(self.experiment, tags=EXPERIMENT_KIND)
                 except Exception:  # created meanwhile by a parallel cell
-                    self._exp_id = self._client.get_experiment_by_name(self.experiment).experiment_id
-            else:
+                    exp = self._client.get_experiment_by_name(self.experiment)
+            if exp is not None:
                 self._exp_id = exp.experiment_id
+                (key, kind), = EXPERIMENT_KIND.items()
+                if not exp.tags.get(key):  # an experiment written before it was typed; a type set by hand stays
+                    self._client.set_experiment_tag(self._exp_id, key, kind)
         return self._client
 
     def _find(self, filter_string: str):
