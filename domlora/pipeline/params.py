@@ -77,7 +77,10 @@ class ProbeSpec:
     memory_fraction: float = 0.5
     """the probe's memory budget: this share of the free memory after the weights"""
     nfn: bool = True
-    """also compute PLoP's NFN (same pass)"""
+    """also compute PLoP's NFN"""
+    nfn_form: Literal["reference", "squared"] = "reference"
+    """`reference`: the PLoP authors' estimator on the raw task prompts (a forward pass of its own); `squared`: the
+    paper's per-token squared ratio on the probe samples (same pass as PAGE); docs/probe.md"""
     activations: bool = True
     """also compute the activation statistics behind the `massive` predictor (same pass)"""
     reuse_from: str | None = None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from domlora.errors import ConfigError
 from domlora.io import atomic_outputs, read_json, write_json
+from domlora.probes.nfn import check_form, nfn_reference_probe
 from domlora.studies.checkpoints import STEP_DIR
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
           max_length: int = 256, alpha: float = 16.0, rank: int = 8, batch_size: int | str = "auto",
           memory_fraction: float = 0.5, dtype: str = "auto", device: str | None = None, nfn: bool = True,
           activations: bool = True, massive_rule: str = "onset", trust_remote_code: bool = False,
-          cache_dir: str | None = None, show_progress: bool = False, model_name: str | None = None) -> dict:
+          cache_dir: str | None = None, show_progress: bool = False, model_name: str | None = None,
+          nfn_form: str = "reference") -> dict:
     """Probe stage: every step-0 signal from one pass over the probe set, written into `out_dir`.
 
     Writes `page.json` and `page.png` (PAGE), `nfn.json` (with `nfn`), and `activations.json`,
@@ -53,6 +55,7 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
     from domlora.studies.diagnostics import plot_activations
 
     check_lora_shape(alpha, rank)
+    check_form(nfn_form)
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
     check_batch_size(batch_size)
@@ -75,8 +78,11 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
         except ModelError as exc:  # PAGE and NFN still apply; the statistics need each block's down_proj
             logger.warning("no activation statistics: %s", str(exc).split(";")[0])
             activations = False
-    result = step0_probe(loaded.model, encoded, page=True, nfn=nfn, activations=activations, alpha=alpha, rank=rank,
-                         batch_size=plan.batch_size, show_progress=show_progress)
+    result = step0_probe(loaded.model, encoded, page=True, nfn=nfn and nfn_form == "squared", activations=activations,
+                         alpha=alpha, rank=rank, batch_size=plan.batch_size, show_progress=show_progress)
+    if nfn and nfn_form == "reference":  # PLoP's own input: the raw task prompts, a forward pass of their own
+        result.nfn = nfn_reference_probe(loaded.model, tokenizer, chosen, batch_size=plan.batch_size,
+                                         show_progress=show_progress)
     result.page.encode_report = report
     name = model_name or model
     doc = page_summary(result.page, model=name)
@@ -257,7 +263,8 @@ def probe_stage(params, model: str, dataset: str, *, layout, tracker=None, show_
     out_dir = layout.probe_dir(model, dataset)
     doc = probe(model=spec.id, data=layout.split(dataset, "probe"), out_dir=out_dir, samples=p.samples,
                 max_length=params.probe_max_length(dataset), alpha=p.alpha, rank=p.rank, batch_size=p.batch_size,
-                memory_fraction=p.memory_fraction, dtype=spec.dtype, nfn=p.nfn, activations=p.activations,
+                memory_fraction=p.memory_fraction, dtype=spec.dtype, nfn=p.nfn, nfn_form=p.nfn_form,
+                activations=p.activations,
                 trust_remote_code=spec.trust_remote_code, show_progress=show_progress,
                 model_name=spec.id)
     write_layer_csv(doc, out_dir / "page_layers.csv")
