@@ -205,3 +205,57 @@ def test_experiments_are_typed_as_model_training(tmp_path):
     mine = client.create_experiment("mine", tags={"mlflow.experimentKind": "finetuning"})
     MlflowTracker(uri=tr.uri, experiment="mine", grid_id="g", profile="ci", params_hash="x").client
     assert client.get_experiment(mine).tags["mlflow.experimentKind"] == "finetuning"
+
+
+def test_experiment_link_opens_the_model_training_view():
+    from domlora.pipeline.tracking import experiment_url
+
+    assert experiment_url("sqlite:///mlflow.db", "3") == "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
+    assert experiment_url("http://host:5000/", "7") == "http://host:5000/#/experiments/7?workflowType=machine_learning"
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_the_runs_table(tmp_path):
+    """In a real browser (headless Chromium, when installed): the experiment's link opens MLflow's runs table with
+    the grid's run; without the view query the UI opens its GenAI overview (traces), whatever the experiment's type."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        pytest.skip("no Chromium; install it (apt-get install chromium) or do the manual check in README")
+    from domlora.pipeline.tracking import experiment_url
+
+    tr = _tracker(tmp_path)
+    tr.cell_run_id("smol-arith-lora-0")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tr.uri, "--host",
+                               "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(base, timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+
+        def dom(url, png):
+            out = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,900",
+                                  "--virtual-time-budget=30000", f"--screenshot={tmp_path / png}", "--dump-dom", url],
+                                 capture_output=True, text=True, timeout=300)
+            return out.stdout
+
+        page = dom(experiment_url(base, tr._exp_id), "runs.png")
+        assert "Run Name" in page and "grid-g1" in page
+        assert "Run Name" not in dom(f"{base}/#/experiments/{tr._exp_id}", "genai.png")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
