@@ -173,3 +173,11 @@ def test_a_probe_set_has_its_own_length(raw):
     d["probe"]["max_lengths"] = {"humaneval": 1}
     with pytest.raises(ConfigError, match="probe values out of range"):
         parse_profile(d, name="run")
+
+
+def test_nfn_form_is_the_reference_unless_named(raw):
+    assert load_params(ROOT / "params.yaml", profile="embedded").probe.nfn_form == "reference"
+    d = copy.deepcopy(raw["profiles"]["embedded"])
+    d["probe"]["nfn_form"] = "squard"
+    with pytest.raises(ConfigError, match="nfn_form.*allowed values: reference, squared"):
+        parse_profile(d, name="run")
