@@ -35,16 +35,40 @@ WIDTHS = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
           "head_dim": 16, "max_position_embeddings": 8192}
 """the tiny widths (the layer count, module names and attention layout stay the real model's)"""
 VOCAB = 1024
-FORMAT = 1  # bump when what `checkpoint` writes changes
+FORMAT = 2  # bump when what `checkpoint` writes changes
 
 # the families' own chat formats, written as the tokenizers' chat templates
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Qwen3's own template, less its tool calls: a turn's `<think>` block is written into the assistant turns
+# after the last user message (into the last one even when it has no reasoning: `<think>\n\n</think>\n\n`,
+# and its content stripped of leading newlines), earlier turns are written bare, and the generation
+# prompt closes an empty think block only when `enable_thinking` is false
+QWEN3 = (
+    "{% if messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{% endif %}"
+    "{% set ns = namespace(last_query=messages|length - 1) %}"
+    "{% for m in messages %}{% if m.role == 'user' %}{% set ns.last_query = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'user' or (m.role == 'system' and not loop.first) %}"
+    "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+    "{% elif m.role == 'assistant' %}"
+    "{% set content = m.content %}{% set reasoning = '' %}"
+    "{% if '</think>' in content %}"
+    "{% set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{% set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{% endif %}"
+    "{% if loop.index0 > ns.last_query and (loop.last or reasoning) %}"
+    "<|im_start|>assistant\n<think>\n{{ reasoning.strip('\\n') }}\n</think>\n\n{{ content.lstrip('\\n') }}"
+    "{% else %}<|im_start|>assistant\n{{ content }}{% endif %}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
 LLAMA3 = ("{{ '<|begin_of_text|>' }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
           "{{ m['content'] }}<|eot_id|>{% endfor %}"
           "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 FAMILIES = {
-    "qwen3": {"template": CHATML, "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "eos": "<|im_end|>",
+    "qwen3": {"template": QWEN3, "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "eos": "<|im_end|>",
               "pad": "<|endoftext|>", "bos": None},
     "llama": {"template": LLAMA3, "specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                                                "<|end_header_id|>", "<|eot_id|>", "<|finetune_right_pad_id|>"],

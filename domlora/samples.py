@@ -91,6 +91,8 @@ class Encoded:
     """1 where the token is a target (assistant); the loss at position t predicts token t"""
     truncated: bool = False
     """cut at max_length"""
+    length: int = 0
+    """tokens before the cut"""
     differs_from_full_text: bool = False
     """its ids differ from tokenising the whole rendered conversation at once (a token merges
     across a prompt/response boundary there, e.g. the prompt's newline with code indentation)"""
@@ -112,6 +114,13 @@ class EncodeReport:
     n_target_tokens: int = 0
     n_differ_from_full_text: int = 0
     """samples read whose ids differ from tokenising the whole rendered conversation at once"""
+    longest: int = 0
+    """tokens of the longest sample read, uncut: the max_length at which no sample is cut"""
+
+    @property
+    def n_cut(self) -> int:
+        """samples cut at max_length (truncated or skipped)"""
+        return self.n_truncated + self.n_skipped
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -125,11 +134,18 @@ def ensure_chat_template(tokenizer) -> None:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
 
 
+CHAT_TEMPLATE_ARGS = {"enable_thinking": False}
+"""what every render of a chat template is given, in training, probes and evaluation alike: Qwen3-style
+templates answer without a thinking trace (the paper decodes greedily), so their generation prompt
+closes an empty `<think>` block and the prompt pieces of training samples end with it too
+(templates that do not read a variable ignore it)"""
+
+
 def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
     # the fallback is passed per call, so the caller's tokenizer is left as it was
     template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         chat_template=template)
+                                         chat_template=template, **CHAT_TEMPLATE_ARGS)
 
 
 def prompt_text(tokenizer, messages: list[dict]) -> str:
@@ -175,6 +191,9 @@ def prompt_batch(tokenizer, prompts: Sequence[list[dict]], *, device=None) -> di
     return batch
 
 
+CUT_WARN_SHARE = 0.25
+"""`encode_samples` warns when more than this share of a set is cut at max_length"""
+
 _PROBE_REPLY = "\x00domlora-reply\x00"
 
 
@@ -188,27 +207,59 @@ def end_of_turn(tokenizer) -> str:
     return text[at + len(_PROBE_REPLY):].rstrip() if at >= 0 else ""
 
 
+def _response_start(region: str, content: str) -> int:
+    """Where an assistant turn's content starts in its rendered text after the inference prompt."""
+    if not content:
+        return 0
+    at = region.find(content)
+    if at < 0 and region.lstrip("\n").startswith(content.lstrip("\n")):  # a template that trims leading newlines
+        return len(region) - len(region.lstrip("\n"))
+    return at
+
+
 def _response_length(region: str, content: str) -> int:
     """How much of an assistant turn's rendered text is response: up to the end of the end-of-turn
     marker, so trailing whitespace after it (a template's newline) is never a target."""
-    at = region.find(content) if content else 0
+    at = _response_start(region, content)
     if at < 0:  # the template rewrote the content (e.g. trimmed it): all but trailing whitespace
         return len(region.rstrip())
-    end = at + len(content)
+    end = at + len(content) if region.startswith(content, at) else at + len(content.lstrip("\n"))
     return end + len(region[end:].rstrip())
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = next((i for i in range(n) if a[i] != b[i]), n)
+    return i
+
+
+def _unsplittable(messages: list[dict], k: int, what: str) -> DataError:
+    shown = repr(messages)
+    shown = shown if len(shown) <= 400 else shown[:400] + "...]"
+    return DataError(f"assistant turn {k} of the sample {shown}: {what}, so its prompt cannot be split from its "
+                     "response as the model sees them at inference; fix: give the tokenizer a chat template whose "
+                     "generation prompt ends where the written turn's content starts (for a template with a switch "
+                     f"such as Qwen3's `enable_thinking`, render it with the value evaluation uses: {CHAT_TEMPLATE_ARGS}),"
+                     " or drop the sample")
 
 
 def chat_pieces(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
     """Split the rendered conversation into `(text, is_target)` pieces, each tokenised on its own.
 
-    Before each assistant turn the prompt piece runs up to where `prompt_text` of the messages
-    before the turn ends (for the first turn it is exactly that text); the response piece is the
-    turn's content and its end-of-turn marker; what the template writes after the marker joins
-    the next prompt piece. A template whose renders are not prefixes of one another (one that
-    rewrites earlier turns) is split by locating each reply's content in the full text instead.
+    Every render (whole conversation, each prefix, each generation prompt) gets `CHAT_TEMPLATE_ARGS`, the
+    switches evaluation renders with. Before each assistant turn the prompt piece runs up to where
+    `prompt_text` of the messages before the turn ends (for the first turn it is exactly that text); the
+    response piece is the turn's content and its end-of-turn marker; what the template writes after the
+    marker joins the next prompt piece. A template whose renders are not prefixes of one another (one that
+    rewrites earlier turns, as Qwen3's drops the think block from turns before the last user message) is
+    split by locating each reply's content in the full text, searching from the end of the turn's own
+    rendered prefix (the conversation before it and as much of the generation prompt as the text shares),
+    so a short reply is never found inside the preceding user turn.
 
     Raises:
-        DataError: an assistant turn that cannot be located in the rendered text.
+        DataError: an assistant turn that cannot be located in the rendered text, or a template that writes
+            text between the inference prompt and the reply's content (which the model would learn to
+            emit, and never be shown at inference), with the sample and the fix.
     """
     text = _render(tokenizer, messages)
     pieces: list[tuple[str, bool]] = []
@@ -222,17 +273,29 @@ def chat_pieces(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
         if (before is not None and pos <= len(before) < len(through) and text.startswith(before)
                 and text.startswith(through)):
             start = len(before)
-            stop = start + _response_length(text[start:len(through)], m["content"])
+            region = text[start:len(through)]
+            at = _response_start(region, m["content"])
+            if at > 0 and region[:at].strip():
+                raise _unsplittable(messages, k, f"the template writes {region[:at]!r} between the generation prompt "
+                                                 f"{before[-40:]!r} and the reply")
+            stop = start + _response_length(region, m["content"])
         else:  # not prefix-stable: locate the reply and its end-of-turn marker in the full text
             eot = end_of_turn(tokenizer)
+            head = _render(tokenizer, messages[:k]) if k else ""
+            lo = max(pos, len(head)) if text.startswith(head) else pos
+            # the turn's header is what the text shares with the inference prompt past the conversation before it
+            hi = max(lo, _common_prefix(before, text)) if before is not None else lo
             if m["content"]:
-                start = text.find(m["content"], pos)
+                # the content starts where the shared prefix ends, or inside it when it begins like the
+                # generation prompt's tail (a reply "<b>" after a prompt ending "<think>")
+                inside = [i for i in range(lo, hi + 1) if text.startswith(m["content"], i)]
+                start = inside[-1] if inside else text.find(m["content"], hi)
                 stop = start + len(m["content"])
             else:
-                start = stop = text.find(eot, pos) if eot else -1
+                start = stop = text.find(eot, lo) if eot else -1
             if start < 0:
-                raise DataError(f"could not locate assistant turn {k} in the rendered chat template; fix: use a "
-                                "chat template that writes each message's content verbatim")
+                raise _unsplittable(messages, k, "its content is not written verbatim after the turn's prefix in "
+                                                 "the rendered chat template")
             if eot and text[stop:].lstrip(" ").startswith(eot):
                 stop = text.index(eot, stop) + len(eot)
         pieces += [(text[pos:start], False), (text[start:stop], True)]
@@ -252,7 +315,7 @@ def encode_sample(tokenizer, messages: list[dict], *, max_length: int) -> Encode
         mask += [int(target)] * len(piece_ids)
         text += piece
     truncated = len(ids) > max_length
-    return Encoded(input_ids=ids[:max_length], loss_mask=mask[:max_length], truncated=truncated,
+    return Encoded(input_ids=ids[:max_length], loss_mask=mask[:max_length], truncated=truncated, length=len(ids),
                    differs_from_full_text=ids != _ids(tokenizer, text))
 
 
@@ -272,8 +335,10 @@ def encode_samples(tokenizer, samples: Sequence[dict], *, max_length: int) -> tu
         raise DataError(f"max_length must be at least 2, got {max_length}")
     report = EncodeReport(n_read=len(samples), max_length=max_length)
     out: list[Encoded] = []
+    lengths = []
     for i, s in enumerate(samples):
         e = encode_sample(tokenizer, s["messages"], max_length=max_length)
+        lengths.append(e.length)
         report.n_differ_from_full_text += int(e.differs_from_full_text)
         # the first token is never a target (nothing predicts it)
         if sum(e.loss_mask[1:]) == 0:
@@ -284,6 +349,7 @@ def encode_samples(tokenizer, samples: Sequence[dict], *, max_length: int) -> tu
         report.n_target_tokens += sum(e.loss_mask[1:])
         out.append(e)
     report.n_used = len(out)
+    report.longest = max(lengths, default=0)
     if report.n_differ_from_full_text:
         logger.warning("%d of %d samples tokenise differently from their whole rendered text (a token merges across "
                        "a prompt/response boundary there); they are encoded as the model sees them at inference",
@@ -296,8 +362,13 @@ def encode_samples(tokenizer, samples: Sequence[dict], *, max_length: int) -> tu
     if not out:
         shortest = min(prompt_length(tokenizer, s["messages"]) for s in samples)
         raise DataError(f"none of the {report.n_read} samples keeps an assistant token within max_length={max_length}: "
-                        f"the shortest prompt is {shortest} tokens; fix: raise max_length above {shortest} "
-                        "(room for the prompt and the response), or shorten the prompts")
+                        f"the shortest prompt is {shortest} tokens, the shortest sample {min(lengths)} and the longest "
+                        f"{report.longest}; fix: raise max_length to {report.longest} (no sample cut; at least "
+                        f"{shortest + 2} keeps one response token of one sample), or shorten the prompts")
+    if report.n_cut > CUT_WARN_SHARE * report.n_read:
+        logger.warning("%d of %d samples cut at max_length=%d (%d truncated, %d skipped): their scores and losses see "
+                       "mostly the start of each response; fix: raise max_length to %d, where no sample is cut",
+                       report.n_cut, report.n_read, max_length, report.n_truncated, report.n_skipped, report.longest)
     return out, report
 
 

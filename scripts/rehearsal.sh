@@ -2,7 +2,8 @@
 # The paper profile rehearsed offline (params.yaml `rehearsal`: the paper grid on tiny stand-ins of its
 # models and data, the same methods, tables, lm-eval tasks, launcher and DeepSpeed config), in a scratch
 # clone of this checkout, through the real DVC:
-#   bash scripts/rehearsal.sh            every cell of the paper grid, the report, then the Prefect
+#   bash scripts/rehearsal.sh            every cell of the paper grid, the report (kept in this checkout's
+#                                        reports/rehearsal/, stand-in banner and all), then the Prefect
 #                                        deployment on the same profile, which must find everything done
 #   bash scripts/rehearsal.sh --slice    one cell per method family on one dataset (CI), then the report
 # Set REHEARSAL_DIR to keep the clone (default: a temporary folder, removed at the end); run again with the
@@ -67,6 +68,15 @@ PY
 if [ "$mode" != "--slice" ]; then
   grep -q "### Figure 2" reports/tables.md
   for t in 1 2 3 4 5 10 11 12; do grep -q "### Table $t:" reports/tables.md || { echo "rehearsal: Table $t missing"; exit 1; }; done
+  # keep the report where a reader finds it: what a GPU run of the paper grid will produce, table by table
+  # (every number from random stand-ins, as its banner says)
+  grep -q "STAND-IN DATA" reports/README.md || { echo "rehearsal: the report lacks its stand-in banner"; exit 1; }
+  keep="$src/reports/rehearsal"
+  rm -rf "$keep.tmp" && mkdir -p "$keep.tmp"
+  cp -r reports/README.md reports/tables.md reports/results.csv reports/metrics.json "$keep.tmp"/
+  [ ! -d reports/figures ] || cp -r reports/figures "$keep.tmp"/
+  rm -rf "$keep" && mv "$keep.tmp" "$keep"
+  echo "rehearsal: report kept in $keep"
   # the Prefect deployment on the same profile: everything is already in DVC
   export PREFECT_PORT=${PREFECT_PORT:-4210}
   bash scripts/prefect_up.sh >/dev/null

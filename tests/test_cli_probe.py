@@ -72,6 +72,7 @@ class TestProbe:
         assert (out / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         nfn = read_json(out / "nfn.json")
         assert set(nfn["type_scores"]) == {m["type"] for m in doc["modules"].values()}
+        assert nfn["form"] == "reference" and "no chat template" in nfn["input"]  # the PLoP authors' estimator
         massive = read_json(out / "massive.json")
         assert massive["kind"] == "massive" and massive["predicted"] in doc["modules"]
         assert massive["page_dominant"] == doc["dominant"]
@@ -224,7 +225,8 @@ class TestProbeBadInput:
         assert shortest > 4
         code, _, err = self.probe(capsys, tmp_path, tiny_model_dir, good_data, "--max-length", "4")
         assert_failed(code, err, tmp_path, "none of the 3 samples", "max_length=4",
-                      f"the shortest prompt is {shortest} tokens", f"fix: raise max_length above {shortest}")
+                      f"the shortest prompt is {shortest} tokens", "fix: raise max_length to ",
+                      f"at least {shortest + 2} keeps one response token")
 
     def test_batch_size_over_the_memory_budget(self, capsys, tmp_path, tiny_model_dir, good_data, no_weights,
                                                monkeypatch):

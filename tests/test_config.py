@@ -160,3 +160,24 @@ def test_use_profile_switches_and_keeps_anchors(tmp_path):
     assert load_params(f).profile == "ci"
     with pytest.raises(ConfigError):
         use_profile(f, "nope")
+
+
+def test_a_probe_set_has_its_own_length(raw):
+    p = load_params(ROOT / "params.yaml", profile="embedded")
+    # code solutions are longer than arithmetic: HumanEval's probe set is not cut at the default length
+    assert p.probe_max_length("humaneval") == 768 and p.probe_max_length("arith") == p.probe.max_length == 256
+    d = copy.deepcopy(raw["profiles"]["embedded"])
+    d["probe"]["max_lengths"] = {"humaneal": 512}
+    with pytest.raises(ConfigError, match=r"probe.max_lengths` names humaneal.*humaneval"):
+        parse_profile(d, name="run")
+    d["probe"]["max_lengths"] = {"humaneval": 1}
+    with pytest.raises(ConfigError, match="probe values out of range"):
+        parse_profile(d, name="run")
+
+
+def test_nfn_form_is_the_reference_unless_named(raw):
+    assert load_params(ROOT / "params.yaml", profile="embedded").probe.nfn_form == "reference"
+    d = copy.deepcopy(raw["profiles"]["embedded"])
+    d["probe"]["nfn_form"] = "squard"
+    with pytest.raises(ConfigError, match="nfn_form.*allowed values: reference, squared"):
+        parse_profile(d, name="run")

@@ -219,3 +219,84 @@ def test_tokens_two_samples_share_get_different_draws():
     assert sample_offset(a, 257, seed=0) == sample_offset(list(a), 257, seed=0)
     assert sample_offset(a, 257, seed=0) != sample_offset(a, 257, seed=1) or sample_offset(b, 257, seed=0) != \
         sample_offset(b, 257, seed=1)
+
+
+# ------------------------------------------------------------------------------------------
+# the reference estimator (the PLoP authors' src/metrics.py)
+
+def _reference_by_hand(model, tok, samples, n_draws: int, seed: int = 0) -> dict:
+    """mean_t ||W z_t/||z_t|| || over the raw prompts' tokens / mean ||W g/||g|| || over the module's draws."""
+    from domlora.probes.nfn import baseline_draws, question_text
+
+    cands = find_candidates(model)
+    modules = dict(model.named_modules())
+    seen = {c.name: [] for c in cands}
+    hooks = [modules[c.name].register_forward_hook(
+        lambda m, a, o, name=c.name: seen[name].append(a[0].detach()[0])) for c in cands]
+    with torch.no_grad():
+        for s in samples:  # one prompt at a time: no padding
+            ids = tok(question_text(s["messages"]), truncation=True, max_length=256)["input_ids"]
+            model(input_ids=torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    out = {}
+    for c in cands:
+        W = modules[c.name].weight.detach().double()
+        z = torch.cat(seen[c.name]).double()
+        actual = (z / z.norm(dim=-1, keepdim=True) @ W.T).norm(dim=-1).mean()
+        g = baseline_draws(c, n_draws, seed=seed, device="cpu").double()
+        rand = (g / g.norm(dim=-1, keepdim=True) @ W.T).norm(dim=-1).mean()
+        out[c.name] = float(actual / rand)
+    return out
+
+
+def test_reference_is_a_ratio_of_token_means_of_unsquared_norms(tiny_model, tiny_tokenizer):
+    from domlora.probes.nfn import nfn_reference_probe
+
+    samples = chat_samples(5)
+    res = nfn_reference_probe(tiny_model, tiny_tokenizer, samples, batch_size=2)
+    assert res.form == "reference"
+    want = _reference_by_hand(tiny_model, tiny_tokenizer, samples, n_draws=res.n_tokens)
+    assert res.module_scores == pytest.approx(want, rel=1e-4)
+    # not the squared per-token form on the templated samples
+    squared = nfn_probe(tiny_model, encode_samples(tiny_tokenizer, samples, max_length=500)[0])
+    assert max(abs(res.module_scores[k] - squared.module_scores[k]) for k in want) > 1e-3
+
+
+def test_reference_reads_the_questions_only(tiny_model, tiny_tokenizer):
+    from domlora.probes.nfn import encode_questions, nfn_reference_probe
+
+    samples = chat_samples(4)
+    enc = encode_questions(tiny_tokenizer, samples)
+    users = ["\n\n".join(m["content"] for m in s["messages"] if m["role"] == "user") for s in samples]
+    assert [tiny_tokenizer.decode(e.input_ids) for e in enc] == users  # no template, no answer
+    # answers and system turns change nothing; batching and order change nothing
+    other = [{"messages": [m if m["role"] != "assistant" else {"role": "assistant", "content": "zzz"}
+                           for m in s["messages"]]} for s in samples]
+    a = nfn_reference_probe(tiny_model, tiny_tokenizer, samples, batch_size=1)
+    b = nfn_reference_probe(tiny_model, tiny_tokenizer, other[::-1], batch_size=3)
+    assert a.module_scores == pytest.approx(b.module_scores, rel=1e-6)
+    with pytest.raises(ConfigError, match="no probe sample has a user turn.*fix"):
+        encode_questions(tiny_tokenizer, [{"messages": [{"role": "assistant", "content": "x"}]}])
+
+
+def test_reference_orthogonal_weight_scores_one(tiny_model, tiny_tokenizer):
+    """||W z^|| = 1 = ||W g^|| for an orthogonal W: the reference's scale (1 = not aligned)."""
+    from domlora.probes.nfn import nfn_reference_probe
+
+    name = "model.layers.0.self_attn.q_proj"
+    mod = dict(tiny_model.named_modules())[name]
+    with torch.no_grad():
+        q, _ = torch.linalg.qr(torch.randn(mod.weight.shape[1], mod.weight.shape[1]))
+        mod.weight.copy_(q[:mod.weight.shape[0]])
+    assert mod.weight.shape[0] == mod.weight.shape[1]
+    res = nfn_reference_probe(tiny_model, tiny_tokenizer, chat_samples(3))
+    assert res.module_scores[name] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_summary_names_the_form_and_input(tiny_model, tiny_tokenizer, probe_set):
+    from domlora.probes.nfn import nfn_reference_probe
+
+    doc = nfn_summary(nfn_reference_probe(tiny_model, tiny_tokenizer, chat_samples(2)), model="m")
+    assert doc["form"] == "reference" and "no chat template" in doc["input"]
+    assert nfn_summary(nfn_probe(tiny_model, probe_set), model="m")["form"] == "squared"

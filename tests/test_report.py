@@ -96,6 +96,45 @@ def test_report_marks_results_from_stand_in_data(grid):
     assert json.loads((lay.reports / "metrics.json").read_text())["stand_in_runs"] == 1
 
 
+def test_probe_table_counts_the_samples_cut(grid):
+    params, lay = grid
+    for d, (trunc, skip) in (("arith", (1, 0)), ("humaneval", (26, 4))):
+        path = lay.probe_dir("smol", d) / "page.json"
+        doc = json.loads(path.read_text())
+        doc["max_length"] = 256
+        doc["samples"] = {"n_read": 32, "n_used": 32 - skip, "n_truncated": trunc, "n_skipped": skip,
+                          "max_length": 256, "longest": 716}
+        path.write_text(json.dumps(doc))
+    out = write_report(params, lay)
+    readme = (lay.reports / "README.md").read_text()
+    assert "samples cut (truncated / skipped of N at length)" in readme
+    assert "| 1 (1 / 0 of 32 at 256) |" in readme and "| 30 (26 / 4 of 32 at 256) |" in readme
+    # more than a quarter cut: said under the table, with the length that cuts none
+    assert "More than a quarter of a probe set cut" in readme and "smol/humaneval (30 of 32; the longest sample " \
+        "is 716 tokens)" in readme and "smol/arith (" not in readme
+    rows = {r["dataset"]: r for r in out["tables"]["dominant"]}
+    assert (rows["humaneval"]["n_truncated"], rows["humaneval"]["n_skipped"]) == (26, 4)
+
+
+def test_report_shows_multiple_choice_replies_with_no_letter(grid):
+    params, lay = grid
+    lora = params.cells()[0]
+    doc = json.loads(lay.eval_json(lora).read_text())
+    doc["tasks"]["commonsense_qa_gen"] = {"status": "success", "metrics": {
+        "exact_match": {"value": 0.5, "stderr": 0.1, "n": 40}, "no_letter": {"value": 0.25, "stderr": 0.07, "n": 40},
+        "exact_match_constrained": {"value": 0.6, "stderr": 0.08, "n": 40},
+        "acc_loglik": {"value": 0.55, "stderr": 0.08, "n": 40}},
+        "answers": {"n": 40, "read_by": {"letter": 28, "option_text": 2, "none": 10},
+                    "no_letter_examples": ["I am not sure which one", "Hmm"]}}
+    lay.eval_json(lora).write_text(json.dumps(doc))
+    out = write_report(params, lay)
+    tables = (lay.reports / "tables.md").read_text()
+    assert "### Multiple-choice answers" in tables
+    assert f"| {lora.id} | commonsense_qa_gen | 40 | 25.0 | 2 | 50.0 | 60.0 | 55.0 |" in tables
+    assert '"I am not sure which one"' in tables
+    assert out["tables"]["mc_answers"][0]["no_letter"] == 0.25
+
+
 def test_report_with_nothing_present(tmp_path):
     params = load_params(ROOT / "params.yaml", profile="ci")
     out = write_report(params, Layout(tmp_path))

@@ -94,6 +94,29 @@ class TestTruncation:
         with pytest.raises(DataError, match=r"none of the 3 samples.*fix: raise max_length"):
             encode_samples(tiny_tokenizer, chat_samples(3), max_length=5)
 
+    def test_set_cut_to_nothing_names_the_length_needed(self, tiny_tokenizer):
+        samples = chat_samples(3)
+        longest = max(len(encode_sample(tiny_tokenizer, s["messages"], max_length=10_000).input_ids) for s in samples)
+        with pytest.raises(DataError, match=rf"none of the 3 samples.*longest {longest}; fix: raise max_length to "
+                                            rf"{longest} \(no sample cut"):
+            encode_samples(tiny_tokenizer, samples, max_length=5)
+        _, report = encode_samples(tiny_tokenizer, samples, max_length=longest)
+        assert report.longest == longest and report.n_cut == 0
+
+    def test_warns_when_more_than_a_quarter_is_cut(self, tiny_tokenizer, caplog):
+        samples = chat_samples(8)
+        lengths = sorted(len(encode_sample(tiny_tokenizer, s["messages"], max_length=10_000).input_ids)
+                         for s in samples)
+        # two of eight cut (a quarter): quiet; three: a warning naming the length that cuts none
+        with caplog.at_level("WARNING"):
+            _, report = encode_samples(tiny_tokenizer, samples, max_length=lengths[-3])
+        assert report.n_cut <= 2 and "cut at max_length" not in caplog.text
+        with caplog.at_level("WARNING"):
+            _, report = encode_samples(tiny_tokenizer, samples, max_length=lengths[-4])
+        assert report.n_cut == sum(n > lengths[-4] for n in lengths) > 2
+        assert f"samples cut at max_length={lengths[-4]}" in caplog.text
+        assert f"fix: raise max_length to {lengths[-1]}" in caplog.text
+
     def test_max_length_below_two(self, tiny_tokenizer):
         with pytest.raises(DataError, match="at least 2"):
             encode_samples(tiny_tokenizer, chat_samples(1), max_length=1)
@@ -475,3 +498,89 @@ def test_embedded_humaneval_prompts_are_the_generation_prompts(tmp_path):
     e = encoded[0]
     first = e.loss_mask.index(1)
     assert tok.convert_ids_to_tokens(e.input_ids[first]).startswith("ĠĠĠ")
+
+
+QWEN3_CONV = [{"role": "user", "content": "What is 2 + 3? Say 5 or 6."},
+              {"role": "assistant", "content": "5"},
+              {"role": "user", "content": "And 3 + 3?"},
+              {"role": "assistant", "content": "6"}]
+
+
+@pytest.fixture(scope="module")
+def qwen3_tok():
+    """A tiny tokenizer with the rehearsal's Qwen3 stand-in template: the think block is written into the
+    last assistant turn after the last user message; the generation prompt closes an empty one only when
+    `enable_thinking` is false."""
+    from domlora.rehearsal import QWEN3
+
+    tok = make_tiny_tokenizer()
+    tok.chat_template = QWEN3
+    return tok
+
+
+class TestQwen3Thinking:
+    def test_the_template_behaves_as_qwen3s(self, qwen3_tok):
+        render = qwen3_tok.apply_chat_template
+        assert render(QWEN3_CONV[:2], tokenize=False).endswith(
+            "<|im_start|>assistant\n<think>\n\n</think>\n\n5<|im_end|>\n")
+        # only the last turn after the last user message carries the block
+        assert "<|im_start|>assistant\n5<|im_end|>" in render(QWEN3_CONV, tokenize=False)
+        assert render(QWEN3_CONV[:1], tokenize=False, add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+        assert render(QWEN3_CONV[:1], tokenize=False, add_generation_prompt=True, enable_thinking=False).endswith(
+            "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+    def test_last_turn_prompt_is_the_evaluation_prompt(self, qwen3_tok):
+        from domlora.samples import encode_prompt
+
+        e = encode_sample(qwen3_tok, QWEN3_CONV[:2], max_length=1000)
+        # the think block is prompt, as in the prompt evaluation renders (enable_thinking=False)
+        assert target_text(qwen3_tok, e) == "5<|im_end|>"
+        prompt = encode_prompt(qwen3_tok, QWEN3_CONV[:1])
+        gen = qwen3_tok.apply_chat_template(QWEN3_CONV[:1], add_generation_prompt=True, enable_thinking=False)
+        assert prompt == list(gen["input_ids"])
+        assert e.input_ids[:len(prompt)] == prompt and e.loss_mask[len(prompt)] == 1
+
+    def test_multi_turn_reply_is_not_found_in_the_user_turn(self, qwen3_tok):
+        # turn 1 is written bare (no think block), so it is located in the full text: from the end of
+        # its own prefix, not inside "Say 5 or 6."
+        e = encode_sample(qwen3_tok, QWEN3_CONV, max_length=1000)
+        full = qwen3_tok.apply_chat_template(QWEN3_CONV, tokenize=False, enable_thinking=False)
+        assert qwen3_tok.decode(e.input_ids) == full
+        assert target_text(qwen3_tok, e) == "5<|im_end|>6<|im_end|>"
+        first = next(i for i, m in enumerate(e.loss_mask) if m)
+        assert qwen3_tok.decode(e.input_ids[:first]).endswith("Say 5 or 6.<|im_end|>\n<|im_start|>assistant\n")
+
+    def test_reply_that_begins_like_the_think_block(self, qwen3_tok):
+        conv = [{"role": "user", "content": "tag?"}, {"role": "assistant", "content": "<b>"},
+                {"role": "user", "content": "again"}, {"role": "assistant", "content": "<b>"}]
+        e = encode_sample(qwen3_tok, conv, max_length=1000)
+        assert target_text(qwen3_tok, e) == "<b><|im_end|><b><|im_end|>"
+
+    def test_template_writing_what_the_inference_prompt_lacks_is_refused(self):
+        # Qwen3's template without its switch: the turn carries the think block, the generation prompt not
+        from domlora.rehearsal import QWEN3
+
+        tok = make_tiny_tokenizer()
+        tok.chat_template = QWEN3.replace("enable_thinking is defined and enable_thinking is false", "false")
+        with pytest.raises(DataError, match=r"(?s)assistant turn 1 of the sample .*What is 2 \+ 3.*writes "
+                                            r"'<think>\\n\\n</think>\\n\\n' between the generation prompt.*fix: "):
+            encode_sample(tok, QWEN3_CONV[:2], max_length=1000)
+
+    def test_evaluation_renders_with_the_same_switch(self, qwen3_tok):
+        from conftest import tiny_loaded
+        from domlora.evaluate.lm import make_lm
+        from domlora.samples import encode_prompt
+
+        lm = make_lm(tiny_loaded(qwen3_tok), batch_size=1, show_progress=False)
+        for msgs in (QWEN3_CONV[:1], QWEN3_CONV[:3]):
+            ctx = lm.apply_chat_template(msgs)
+            assert ctx.endswith("<think>\n\n</think>\n\n")
+            assert lm.tok_encode(ctx) == encode_prompt(qwen3_tok, msgs)
+
+    def test_rehearsal_qwen3_stand_in_uses_it(self):
+        from domlora import rehearsal
+
+        tok = rehearsal.tokenizer("qwen3")
+        assert tok.chat_template == rehearsal.QWEN3
+        e = encode_sample(tok, QWEN3_CONV[:2], max_length=1000)
+        assert target_text(tok, e) == "5<|im_end|>"

@@ -39,12 +39,13 @@ SCHEMAS = {
 """hub dataset -> its columns (the features of the real datasets)"""
 
 # task -> (examples scored, metric names in eval.json); rows=2, one row per MMLU subject / MATH subset / TyDiQA language
+MC_METRICS = {"exact_match", "no_letter", "exact_match_constrained", "acc_loglik"}
 EXPECTED = {
-    "mmlu": (57, {"acc"}), "mmlu_gen": (57, {"exact_match"}), "tydiqa": (9, {"exact_match", "f1"}),
-    "commonsense_qa": (2, {"acc"}), "commonsense_qa_gen": (2, {"exact_match"}),
-    "truthfulqa_mc2": (2, {"acc"}), "truthfulqa_mc1_gen": (2, {"exact_match"}),
+    "mmlu": (57, {"acc"}), "mmlu_gen": (57, MC_METRICS), "tydiqa": (9, {"exact_match", "f1"}),
+    "commonsense_qa": (2, {"acc"}), "commonsense_qa_gen": (2, MC_METRICS),
+    "truthfulqa_mc2": (2, {"acc"}), "truthfulqa_mc1_gen": (2, MC_METRICS),
     "gsm8k_cot_llama": (2, {"exact_match_flexible_extract", "exact_match_strict_match"}),
-    "logiqa": (2, {"acc", "acc_norm"}), "logiqa_gen": (2, {"exact_match"}),
+    "logiqa": (2, {"acc", "acc_norm"}), "logiqa_gen": (2, MC_METRICS),
     "minerva_math": (7, {"exact_match", "math_verify"}),
     "humaneval_sandbox": (2, {"pass@1"}), "humaneval_plus_sandbox": (2, {"pass@1"}),
     "mt_bench": (2, {"score", "score_turn1", "score_turn2"}),
@@ -203,6 +204,11 @@ def test_every_stand_in_task_runs_through_evaluate(rehearsal):
         assert set(rec["metrics"]) == metrics and rec["n"] == n, (task, rec["metrics"], rec["n"])
         assert all(0.0 <= v["value"] <= (10.0 if task == "mt_bench" else 1.0) for v in rec["metrics"].values())
     assert doc["tasks"]["gsm8k_cot_llama"]["num_fewshot"] == 8  # lm-eval's few-shot samples resolve
+    for task in ("mmlu_gen", "commonsense_qa_gen", "truthfulqa_mc1_gen", "logiqa_gen"):  # how the letters were read
+        answers, n = doc["tasks"][task]["answers"], EXPECTED[task][0]
+        assert answers["n"] == n and sum(answers["read_by"].values()) == n, (task, answers)
+        assert doc["tasks"][task]["metrics"]["no_letter"]["value"] == answers["read_by"]["none"] / n
+        assert len(answers["no_letter_examples"]) == min(3, answers["read_by"]["none"])
     assert len(doc["tasks"]["mmlu_gen"]["subtasks"]) == 4
     on_disk = json.loads(rehearsal["out"].read_text())
     assert on_disk["stand_in_data"] == doc["stand_in_data"]

@@ -154,6 +154,7 @@ def test_every_method_logs_the_config_its_trainer_ran(tmp_path, profile, tiny_ch
             m["grpo"] = {"prompts_per_step": 2, "num_generations": 2, "max_completion_length": 4, "n_eval": 2,
                          "eval_max_new_tokens": 4}
     d["probe"]["reuse_from"] = None
+    d["probe"].pop("max_lengths", None)  # its datasets are gone
     d.pop("checkpoints", None)
     params = parse_profile(d, name=profile)
     layout = Layout(tmp_path)
@@ -184,3 +185,77 @@ def test_a_secret_param_is_never_logged_and_a_token_count_is(name, secret):
     from domlora.pipeline.tracking import _scrub
 
     assert (name not in _scrub({name: 1})) is secret
+
+
+def test_experiments_are_typed_as_model_training(tmp_path):
+    """MLflow 3's UI opens an untyped experiment in its GenAI view; typed as model training it opens the runs
+    table. A new experiment is created typed; an untyped one from before gets the type; a type set by hand stays."""
+    from mlflow.tracking import MlflowClient
+
+    from domlora.pipeline.tracking import EXPERIMENT_KIND
+
+    assert EXPERIMENT_KIND == {"mlflow.experimentKind": "custom_model_development"}
+    tr = _tracker(tmp_path)
+    tr.parent_run_id()
+    client = MlflowClient(tracking_uri=tr.uri)
+    assert client.get_experiment_by_name("t").tags["mlflow.experimentKind"] == "custom_model_development"
+    old = client.create_experiment("untyped")
+    MlflowTracker(uri=tr.uri, experiment="untyped", grid_id="g", profile="ci", params_hash="x").client
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    mine = client.create_experiment("mine", tags={"mlflow.experimentKind": "finetuning"})
+    MlflowTracker(uri=tr.uri, experiment="mine", grid_id="g", profile="ci", params_hash="x").client
+    assert client.get_experiment(mine).tags["mlflow.experimentKind"] == "finetuning"
+
+
+def test_experiment_link_opens_the_model_training_view():
+    from domlora.pipeline.tracking import experiment_url
+
+    assert experiment_url("sqlite:///mlflow.db", "3") == "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
+    assert experiment_url("http://host:5000/", "7") == "http://host:5000/#/experiments/7?workflowType=machine_learning"
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_the_runs_table(tmp_path):
+    """In a real browser (headless Chromium, when installed): the experiment's link opens MLflow's runs table with
+    the grid's run; without the view query the UI opens its GenAI overview (traces), whatever the experiment's type."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        pytest.skip("no Chromium; install it (apt-get install chromium) or do the manual check in README")
+    from domlora.pipeline.tracking import experiment_url
+
+    tr = _tracker(tmp_path)
+    tr.cell_run_id("smol-arith-lora-0")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tr.uri, "--host",
+                               "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(base, timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+
+        def dom(url, png):
+            out = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,900",
+                                  "--virtual-time-budget=30000", f"--screenshot={tmp_path / png}", "--dump-dom", url],
+                                 capture_output=True, text=True, timeout=300)
+            return out.stdout
+
+        page = dom(experiment_url(base, tr._exp_id), "runs.png")
+        assert "Run Name" in page and "grid-g1" in page
+        assert "Run Name" not in dom(f"{base}/#/experiments/{tr._exp_id}", "genai.png")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of the free memory (RAM, or the GPU's) the pass's activations may use")
     add_model(p, dtypes="float64, float16")
     p.add_argument("--no-nfn", action="store_true", help="skip the NFN (PLoP) scores: no nfn.json, so no `plop`")
+    p.add_argument("--nfn-form", default="reference", choices=("reference", "squared"),
+                   help="NFN estimator: the PLoP authors' (raw task prompts) or the paper's squared per-token form")
     p.add_argument("--no-activations", action="store_true",
                    help="skip the activation statistics: no activations.json / massive.json, so no `massive`")
     p.add_argument("--massive-rule", default="onset", choices=("onset", "largest_jump", "largest_output"),
@@ -42,7 +44,7 @@ def _batch_size(text: str) -> int | str:
 def run(a: argparse.Namespace) -> int:
     doc = probe(model=a.model, data=a.data, out_dir=a.out, samples=a.samples, max_length=a.max_length,
                 alpha=a.alpha, rank=a.rank, batch_size=a.batch_size, memory_fraction=a.memory_fraction,
-                dtype=a.dtype, device=a.device, nfn=not a.no_nfn, activations=not a.no_activations,
+                dtype=a.dtype, device=a.device, nfn=not a.no_nfn, nfn_form=a.nfn_form, activations=not a.no_activations,
                 massive_rule=a.massive_rule, trust_remote_code=a.trust_remote_code, show_progress=True)
     print(json.dumps({"dominant": doc["dominant"], "argmax": doc["argmax"],
                       "dominant_share_total": doc.get("dominant_share_total"), "out": str(Path(a.out) / "page.json")}))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from domlora.errors import ConfigError
+from domlora.samples import CHAT_TEMPLATE_ARGS
 
 logger = logging.getLogger(__name__)
 
@@ -158,13 +159,13 @@ def make_lm(loaded, *, batch_size: int | str, show_progress: bool):
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
     return _HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, max_batch_size=64,
                  max_length=min(int(max_pos), MAX_LENGTH),
-                 # Qwen3-style templates default to "thinking" mode; the paper decodes answers greedily
-                 chat_template_args={"enable_thinking": False})
+                 # the switches training and the probe render with (Qwen3-style templates: no thinking)
+                 chat_template_args=dict(CHAT_TEMPLATE_ARGS))
 
 
 
 def run_lm_eval(lm, task_manager, task: str, *, limit: int | None, chat_template: bool, gen_kwargs: dict,
-                allow_unsafe_code: bool, seed: int = 1234) -> dict:
+                allow_unsafe_code: bool, seed: int = 1234, log_samples: bool = False) -> dict:
     """One task or group through `lm_eval.evaluator.evaluate`, set up as `simple_evaluate` does it.
 
     (`simple_evaluate` also gathers environment information by running `collect_env`
@@ -186,7 +187,7 @@ def run_lm_eval(lm, task_manager, task: str, *, limit: int | None, chat_template
         if obj.get_config("num_fewshot") is None:
             obj.set_config(key="num_fewshot", value=0)
         obj.set_fewshot_seed(seed=seed)
-    return lm_eval_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
+    return lm_eval_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=log_samples,
                             apply_chat_template=chat_template, fewshot_as_multiturn=chat_template,
                             confirm_run_unsafe_code=allow_unsafe_code)
 

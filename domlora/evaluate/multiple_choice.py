@@ -49,11 +49,18 @@ _END = r"(?![A-Za-z0-9])"
 @functools.lru_cache(maxsize=64)
 def _patterns(letters: str) -> tuple[re.Pattern, ...]:
     cls = f"[{re.escape(letters)}]"
+    low = f"[{re.escape(letters.lower())}]"
     return (
         # 1. the whole reply is the letter, in either case: "B", "(b)", "C."
         re.compile(rf"^{_OPEN}([{re.escape(letters + letters.lower())}])[\.\)\]\*]*\s*$"),
         # 2. an answer statement: "The answer is (B)", "Answer: B", "correct answer would be **C**"
         re.compile(rf"(?i:\banswer)(?:\s+(?i:is|would\s+be|should\s+be))?\s*[:\-=]?{_OPEN}({cls}){_END}"),
+        # 2a. ... with the letter in lower case, set off: "Correct answer: (b)", "the answer is **c**"
+        re.compile(rf"(?i:\banswer)(?:\s+(?i:is|would\s+be|should\s+be))?\s*[:\-=]?\s*"
+                   rf"(?:\(({low})\)|\[({low})\]|\*\*({low})\*\*)"),
+        # 2b. a letter said to be the answer: "Between (A) and (C), C is correct", "(B) is the right one"
+        re.compile(rf"(?<![A-Za-z0-9'])[\(\[\*]*({cls})[\)\]\*]*\s+(?:is|would\s+be)\s+(?:the\s+)?"
+                   rf"(?i:correct|right|true|best|answer)\b"),
         # 3. the reply opens with the letter as a label: "B. Paris", "(B) ...", "**B**: ...", "B\n..."
         re.compile(rf"^{_OPEN}({cls})(?:[\.\):\]\*,]|\s*\n)"),
         # 4. a letter set off as a label anywhere: "I'd pick (C)", "... go with C.", "it is C"
@@ -67,10 +74,11 @@ def extract_letter(text: str, letters: str = "ABCD") -> str:
     """The option letter a reply gives, or "" when it names none.
 
     Tried in order: the reply is just the letter ("B", "(b)"); an answer statement ("the answer
-    is (B)", "Answer: B"); a reply that opens with the letter as a label ("B. Paris", "(B) ...");
+    is (B)", "Answer: B", "Correct answer: (b)"); a letter said to be correct ("Between (A) and (C),
+    C is correct"); a reply that opens with the letter as a label ("B. Paris", "(B) ...");
     the first letter set off as a label anywhere ("(C)", "**C**", "C."); the first capital standing
     alone that is not the word "A"/"I" ("A cat", "I think"). Only `letters` count, so "I" is no
-    answer to a four-option question; option text without its letter is no answer.
+    answer to a four-option question; option text without its letter is read by `read_answer`.
     """
     t = (text or "").strip()
     for pat in _patterns(letters):
@@ -80,17 +88,68 @@ def extract_letter(text: str, letters: str = "ABCD") -> str:
     return ""
 
 
-def letter_filter(letters: str | Callable[[dict], str]):
-    """An lm-eval `custom` filter body: each reply -> its letter (`letters`, or letters per doc)."""
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def match_option_text(text: str, options: Sequence[str]) -> int | None:
+    """The index of the one option whose text the reply states (whole words, case and punctuation
+    ignored), or None: no option, or two that are not one inside the other ("Paris" in "Paris, France"
+    counts as the longer; "not London but Paris" names two and reads as none)."""
+    reply = f" {_words(text or '')} "
+    found = [(i, w) for i, w in enumerate(_words(o) for o in options) if w and f" {w} " in reply]
+    kept = [(i, w) for i, w in found if not any(w != v and f" {w} " in f" {v} " for _, v in found)]
+    return kept[0][0] if len(kept) == 1 else None
+
+
+def read_answer(text: str, letters: str, options: Sequence[str] | None = None) -> tuple[str, str]:
+    """`(letter, how)`: the letter `extract_letter` reads (`how` = "letter"); else, with the options, the
+    letter of the one option whose text the reply states ("option_text"); else `("", "")`."""
+    letter = extract_letter(text, letters)
+    if letter:
+        return letter, "letter"
+    if options:
+        i = match_option_text(text, options[:len(letters)])
+        if i is not None:
+            return letters[i], "option_text"
+    return "", ""
+
+
+def letter_filter(letters: str | Callable[[dict], str], options: Callable[[dict], Sequence[str]] | None = None):
+    """An lm-eval `custom` filter body: each reply -> its letter (`letters`, or letters per doc), read by
+    `read_answer` (the option text when the reply names no letter and `options(doc)` lists them)."""
 
     def apply(resps: Sequence[Sequence[str]], docs: Sequence[dict]) -> list[list[str]]:
         out = []
         for rs, doc in zip(resps, docs):
             ok = letters(doc) if callable(letters) else letters
-            out.append([extract_letter(r, ok) for r in rs])
+            opts = options(doc) if options is not None else None
+            out.append([read_answer(r, ok, opts)[0] for r in rs])
         return out
 
     return apply
+
+
+# ------------------------------------------------------------------------------------------
+# each generative task's letters and options
+# ------------------------------------------------------------------------------------------
+
+def mmlu_options(doc: dict) -> list[str]:
+    return list(doc["choices"])
+
+
+def commonsense_qa_options(doc: dict) -> list[str]:
+    return list(doc["choices"]["text"])
+
+
+def logiqa_options(doc: dict) -> list[str]:
+    return list(doc["options"])
+
+
+def truthfulqa_mc1_options(doc: dict) -> list[str]:
+    """MC1's options in their displayed order (`truthfulqa_mc1_order`)."""
+    choices = doc["mc1_targets"]["choices"]
+    return [choices[i] for i in truthfulqa_mc1_order(doc)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -151,3 +210,12 @@ def truthfulqa_mc1_target(doc: dict) -> str:
     """The letter of MC1's one true answer (label 1) in the displayed order."""
     true_idx = list(doc["mc1_targets"]["labels"]).index(1)
     return truthfulqa_mc1_letters(doc)[truthfulqa_mc1_order(doc).index(true_idx)]
+
+
+MC_TASKS: dict[str, tuple[Callable[[dict], str], Callable[[dict], list[str]]]] = {
+    "mmlu_gen": (lambda doc: "ABCD", mmlu_options),
+    "commonsense_qa_gen": (lambda doc: "ABCDE", commonsense_qa_options),
+    "logiqa_gen": (lambda doc: "ABCD", logiqa_options),
+    "truthfulqa_mc1_gen": (truthfulqa_mc1_letters, truthfulqa_mc1_options),
+}
+"""domlora's generative multiple-choice tasks: their letters and options per document"""

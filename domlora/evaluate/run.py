@@ -33,6 +33,8 @@ from domlora.adapters.variants import load_for_eval
 from domlora.config import ModelSpec
 from domlora.errors import ConfigError, DomloraError, ModelError
 from domlora.evaluate.lm import make_lm, math_path, resolve_batch_size, run_lm_eval, summarize_lm_eval, torch_threads
+from domlora.evaluate.mc_answers import audit_answers, samples_of
+from domlora.evaluate.multiple_choice import MC_TASKS
 from domlora.evaluate.mt_bench import JudgeConfig, JudgeError, run_mt_bench, why_unconfigured
 from domlora.evaluate.nll import nll_task
 from domlora.evaluate.sandbox import code_exec_allowed
@@ -535,10 +537,15 @@ def _run_task(name: str, spec: TaskSpec, *, lm, tm, config_hash: str, gen_kwargs
             body = nll_task(lm, resolve_eval_file(data_dir, NLL_TASKS[name]), limit=limit)
         else:
             res = run_lm_eval(lm, tm, spec.lm_eval, limit=limit, chat_template=spec.chat_template,
-                              gen_kwargs=gen_kwargs, allow_unsafe_code=exec_ok and spec.code_exec)
+                              gen_kwargs=gen_kwargs, allow_unsafe_code=exec_ok and spec.code_exec,
+                              log_samples=name in MC_TASKS)
             body = summarize_lm_eval(res, spec.lm_eval)
             if not body["metrics"]:
                 raise DomloraError(f"lm-eval returned no metrics for {spec.lm_eval}")
+            if name in MC_TASKS:  # how the letters were read, and the format-free cross-checks
+                audit = audit_answers(lm, samples_of(res), name)
+                body["metrics"].update(audit["metrics"])
+                body["answers"] = audit["answers"]
         wall = time.perf_counter() - t0
         rec.update({"status": "success", **body, "wall_s": round(wall, 2),
                     "examples_per_s": round(body["n"] / wall, 3) if wall > 0 and body.get("n") else None})

@@ -372,7 +372,7 @@ def _task_files(spec: TaskSpec) -> list[Path]:
         names = [p for p in d.iterdir() if p.is_file()]
         if any(p.suffix == ".yaml" and p.stem == spec.lm_eval for p in names):
             if folder == "mc_gen":  # their prompts and letter extraction
-                files.append(here / "multiple_choice.py")
+                files += [here / "multiple_choice.py", here / "mc_answers.py"]
             return files + [p for p in names if p.suffix in (".yaml", ".py") or p.name.startswith("_")]
     if spec.name == "mt_bench":
         return files + [TASKS_DIR / "mt_bench" / "judge_prompts.json"]

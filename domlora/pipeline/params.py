@@ -67,6 +67,9 @@ class ProbeSpec:
     """probe samples N"""
     max_length: int | None = None
     """tokens per sample; None = the training max_length (what the adapter will be trained on)"""
+    max_lengths: dict[str, int] = field(default_factory=dict)
+    """a probe set's own tokens per sample (dataset slug -> length), long enough that at most a few of its
+    samples are cut (code solutions run longer than arithmetic); the others take `max_length`"""
     alpha: float = 16.0
     """LoRA alpha PAGE is computed for (the ranking does not depend on it)"""
     rank: int = 8
@@ -77,7 +80,10 @@ class ProbeSpec:
     memory_fraction: float = 0.5
     """the probe's memory budget: this share of the free memory after the weights"""
     nfn: bool = True
-    """also compute PLoP's NFN (same pass)"""
+    """also compute PLoP's NFN"""
+    nfn_form: Literal["reference", "squared"] = "reference"
+    """`reference`: the PLoP authors' estimator on the raw task prompts (a forward pass of its own); `squared`: the
+    paper's per-token squared ratio on the probe samples (same pass as PAGE); docs/probe.md"""
     activations: bool = True
     """also compute the activation statistics behind the `massive` predictor (same pass)"""
     reuse_from: str | None = None
@@ -86,6 +92,7 @@ class ProbeSpec:
 
     def __post_init__(self):
         if self.samples < 1 or (self.max_length is not None and self.max_length < 2) or self.rank < 1 \
+                or any(not isinstance(v, int) or v < 2 for v in self.max_lengths.values()) \
                 or self.alpha <= 0 or (self.batch_size != "auto" and self.batch_size < 1) \
                 or not 0 < self.memory_fraction <= 1:
             raise ConfigError(f"probe values out of range (samples, rank, batch_size >= 1 or auto; max_length >= 2; "
@@ -354,8 +361,11 @@ class Params:
         """The probe set a dataset's placements are selected from."""
         return self.probe.reuse_from or dataset
 
-    def probe_max_length(self) -> int:
-        """The probe's tokens per sample: its own setting, else what training uses."""
+    def probe_max_length(self, dataset: str | None = None) -> int:
+        """The probe's tokens per sample on a probe set: the set's own length, else the probe's, else what
+        training uses."""
+        if dataset is not None and dataset in self.probe.max_lengths:
+            return self.probe.max_lengths[dataset]
         return self.probe.max_length if self.probe.max_length is not None else self.train.max_length
 
     def grid_hash(self) -> str:
@@ -443,6 +453,11 @@ def parse_profile(d: dict, *, name: str = "run") -> Params:
             raise ConfigError(f"`{name}.probe.reuse_from` is {probe.reuse_from!r}"
                               f"{close_matches(probe.reuse_from, grid.probe_datasets)}, which is not a probe set of the "
                               f"grid; allowed: {', '.join(grid.probe_datasets or grid.datasets)}")
+        unknown = [k for k in probe.max_lengths if k not in datasets]
+        if unknown:
+            raise ConfigError(f"`{name}.probe.max_lengths` names {', '.join(unknown)}"
+                              f"{close_matches(unknown[0], list(datasets))}, not a dataset of the profile; "
+                              f"allowed: {', '.join(datasets)}")
         if not grid.probe_datasets:
             grid = dataclasses.replace(grid, probe_datasets=list(grid.datasets))
         if not grid.probe_models:

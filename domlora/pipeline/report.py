@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from domlora.evaluate.multiple_choice import MC_TASKS
 from domlora.evaluate.tasks import PAPER_COLUMNS, STAND_IN_WARNING, TABLE_COLUMNS, compare_with_paper, is_stand_in
 from domlora.io import read_json_or_none, save_figure, write_json, write_text
 from domlora.models import config_hash_of
@@ -22,6 +24,7 @@ from domlora.pipeline.registry import record
 from domlora.pipeline.sparse_b_report import render_report_section
 from domlora.pipeline.tracking import train_summary
 from domlora.probes.agreement import compare_probes
+from domlora.samples import CUT_WARN_SHARE
 
 logger = logging.getLogger(__name__)
 
@@ -293,29 +296,90 @@ def norm_table(col: Collected) -> tuple[str, list[dict]]:
     return "\n".join(lines), rows
 
 
+def mc_answers_table(col: Collected) -> tuple[str, list[dict]]:
+    """Per cell (and base run) and generative multiple-choice task: how the answers were read (replies with no
+    letter, read by the option text) beside the accuracy and its two format-free cross-checks."""
+    runs = [(c.id, col.evals.get(c.id)) for c in col.cells]
+    runs += [(col.layout.base_id(m, d), doc) for (m, d), doc in col.base_evals.items()]
+    rows, examples = [], []
+    for run, doc in runs:
+        for task, rec in ((doc or {}).get("tasks") or {}).items():
+            if task not in MC_TASKS or rec.get("status") != "success" or "answers" not in rec:
+                continue
+            ms, a = rec.get("metrics", {}), rec["answers"]
+            val = {k: (ms.get(k) or {}).get("value") for k in ("exact_match", "no_letter", "exact_match_constrained",
+                                                                "acc_loglik")}
+            rows.append({"run": run, "task": task, "n": a.get("n"), "option_text": a.get("read_by", {}).get("option_text"),
+                         **val})
+            examples += [f"- `{run}` {task}: {json.dumps(x)}" for x in a.get("no_letter_examples", [])[:1]]
+    if not rows:
+        return "", []
+
+    def pct(v):
+        return MISSING if v is None else f"{100 * v:.1f}"
+
+    lines = ["### Multiple-choice answers: replies with no letter, and the accuracy read two other ways", "",
+             "Accuracy reads the letter from each reply (or the one option whose text it states); a reply with "
+             "neither scores 0. *Constrained*: replies with no letter followed by \"The answer is \" and the "
+             "likeliest option letter (as the NoRM evaluator reads replies); *log-likelihood*: the likeliest letter "
+             "right after the prompt. A gap between methods in the first column that the last two do not show is "
+             "a gap in answer format, not in knowledge.", "",
+             "| run | task | n | no letter (%) | read by option text | accuracy | constrained | log-likelihood |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['task']} | {r['n']} | {pct(r['no_letter'])} | {r['option_text']} | "
+                     f"{pct(r['exact_match'])} | {pct(r['exact_match_constrained'])} | {pct(r['acc_loglik'])} |")
+    if examples:
+        lines += ["", "A reply with no letter per run and task (all kept in eval.json, `answers.no_letter_examples`):",
+                  ""] + examples[:40]
+    return "\n".join(lines) + "\n", rows
+
+
 def dominant_table(col: Collected) -> tuple[str, list[dict]]:
     """The dominant module per backbone x probe set, and how stable it is across probe sets."""
     p = col.params
     header = ["Model", "Probe set", "dom module", "share of all PAGE", "share of down_proj PAGE", "argmax", "argmax = dom",
-              "`massive` predicts dom"]
+              "`massive` predicts dom", "samples cut (truncated / skipped of N at length)"]
     lines = ["### Dominant adaptation module (PAGE at step 0)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = []
     for (m, d), doc in col.probes.items():
         if not doc:
-            lines.append(f"| {m} | {d} | {MISSING} | | | | | |")
+            lines.append(f"| {m} | {d} | {MISSING} | | | | | | |")
             continue
         mass = col.massive.get((m, d)) or {}
         r = {"model": m, "dataset": d, "dominant": doc.get("dominant"), "share_total": doc.get("dominant_share_total"),
              "share_type": doc.get("dominant_share_type"), "argmax": doc.get("argmax"), "n_layers": doc.get("n_layers"),
              "massive": mass.get("predicted")}
+        r.update(probe_cut(doc))
         rows.append(r)
         pred = "" if not mass else ("yes" if r["massive"] == r["dominant"] else f"no (`{r['massive']}`)")
         lines.append(f"| {m} | {d} | `{r['dominant']}` | {_fmt(100 * (r['share_total'] or 0), 1)}% | "
                      f"{_fmt(100 * (r['share_type'] or 0), 1)}% | `{r['argmax']}` | {'yes' if r['argmax'] == r['dominant'] else 'no'} "
-                     f"| {pred} |")
+                     f"| {pred} | {_fmt_cut(r)} |")
     lines.append("")
+    heavy = [r for r in rows if r.get("n_read") and r["n_truncated"] + r["n_skipped"] > CUT_WARN_SHARE * r["n_read"]]
+    if heavy:
+        lines += ["**More than a quarter of a probe set cut** at its max length: "
+                  + "; ".join(f"{r['model']}/{r['dataset']} ({r['n_truncated'] + r['n_skipped']} of {r['n_read']}; "
+                              f"the longest sample is {r['longest']} tokens)" if r.get("longest") else
+                              f"{r['model']}/{r['dataset']} ({r['n_truncated'] + r['n_skipped']} of {r['n_read']})"
+                              for r in heavy)
+                  + ". Its PAGE sees mostly the start of each response; fix: raise `probe.max_lengths` for the set.", ""]
     stab = stability_lines(col)
     return "\n".join(lines + stab + backbone_lines(col, rows)), rows
+
+
+def probe_cut(doc: dict) -> dict:
+    """What tokenisation cut of a probe set (page.json's `samples`): truncated, skipped, read, the length."""
+    smp = doc.get("samples") or {}
+    return {"n_truncated": smp.get("n_truncated"), "n_skipped": smp.get("n_skipped"), "n_read": smp.get("n_read"),
+            "max_length": doc.get("max_length", smp.get("max_length")), "longest": smp.get("longest")}
+
+
+def _fmt_cut(r: dict) -> str:
+    if r.get("n_read") is None:
+        return MISSING
+    return f"{r['n_truncated'] + r['n_skipped']} ({r['n_truncated']} / {r['n_skipped']} of {r['n_read']} at {r['max_length']})"
 
 
 def backbone_lines(col: Collected, rows: list[dict]) -> list[str]:
@@ -519,6 +583,10 @@ def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections
         if md:
             sections.append(md)
             all_rows[f"table{t}"] = rows
+    md, rows = mc_answers_table(col)
+    if md:
+        sections.append(md)
+        all_rows["mc_answers"] = rows
     md, rows = efficiency_table(col)
     sections.append(md)
     all_rows["table10"] = rows

@@ -23,6 +23,22 @@ from domlora.train.config import TrainRecord
 logger = logging.getLogger(__name__)
 
 PENDING = ".tracking_pending"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""the experiment's type in MLflow 3's UI: model training ("Machine learning"), so an experiment opens on its runs
+table, metrics and charts; an untyped one opens in the GenAI view (traces, judges, prompts)"""
+UI_VIEW = "workflowType=machine_learning"
+"""MLflow 3's UI picks its view per browser (GenAI by default; the sidebar's GenAI / Model training switch, which
+the browser remembers), not from the experiment's type: a link with this query opens the Model training view"""
+LOCAL_UI = "http://127.0.0.1:5000"
+"""where `mlflow ui` serves a local store"""
+
+
+def experiment_url(tracking_uri: str, experiment_id: str) -> str:
+    """The UI link of an experiment in the Model training view (runs table first); a local store's via `mlflow ui`."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{experiment_id}?{UI_VIEW}"
+
+
 SECRET_WORDS = ("key", "token", "secret", "password", "auth", "credential")
 """a param whose name has one of these as a whole word (`api_key`, `hf_token`) is never logged; `max_new_tokens` is"""
 
@@ -75,11 +91,14 @@ class MlflowTracker:
             exp = self._client.get_experiment_by_name(self.experiment)
             if exp is None:
                 try:
-                    self._exp_id = self._client.create_experiment(self.experiment)
+                    self._exp_id = self._client.create_experiment(self.experiment, tags=EXPERIMENT_KIND)
                 except Exception:  # created meanwhile by a parallel cell
-                    self._exp_id = self._client.get_experiment_by_name(self.experiment).experiment_id
-            else:
+                    exp = self._client.get_experiment_by_name(self.experiment)
+            if exp is not None:
                 self._exp_id = exp.experiment_id
+                (key, kind), = EXPERIMENT_KIND.items()
+                if not exp.tags.get(key):  # an experiment written before it was typed; a type set by hand stays
+                    self._client.set_experiment_tag(self._exp_id, key, kind)
         return self._client
 
     def _find(self, filter_string: str):
@@ -94,6 +113,7 @@ class MlflowTracker:
                 run = self.client.create_run(self._exp_id, run_name=f"grid-{self.grid_id}", tags={
                     "domlora.grid_id": self.grid_id, "domlora.kind": "grid", "domlora.profile": self.profile,
                     "params_md5": self.params_hash, "git_commit": git_commit() or "unknown"})
+                logger.info("MLflow: grid %s, its runs table at %s", self.grid_id, experiment_url(self.uri, self._exp_id))
             self._parent = run.info.run_id
         return self._parent
 

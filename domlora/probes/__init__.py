@@ -6,10 +6,10 @@ re-exported lazily so that importing one probe does not load the others.
 """
 from __future__ import annotations
 
-__all__ = ["PageResult", "page_probe", "page_closed_form", "NFNResult", "nfn_probe", "Step0Result", "step0_probe"]
+__all__ = ["PageResult", "page_probe", "page_closed_form", "NFNResult", "nfn_probe", "nfn_reference_probe", "Step0Result", "step0_probe"]
 
 _EXPORTS = {"PageResult": "page", "page_probe": "page", "page_closed_form": "page", "NFNResult": "nfn",
-            "nfn_probe": "nfn", "Step0Result": "step0", "step0_probe": "step0"}
+            "nfn_probe": "nfn", "nfn_reference_probe": "nfn", "Step0Result": "step0", "step0_probe": "step0"}
 
 
 def __getattr__(name):

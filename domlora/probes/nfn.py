@@ -1,12 +1,25 @@
 """NFN: Normalized Feature Norms, the alignment score behind PLoP (forward hooks only).
 
-`NFN(W, x)^2 = ||W z||^2 / ||W z~||^2` with z the module input of a token and z~ a
-centred Gaussian vector of the same dimension and norm. A module's score is the mean
-over the tokens of the probe set; a type's score is the mean over its modules. PLoP
-adapts the types with the lowest scores.
+PLoP adapts the module types with the lowest scores; a type's score is the mean over its modules.
+Two estimators of a module's score, `FORMS`:
 
-`||W z||^2` is read off the module's output (minus its bias), so it costs no matmul. For the
-baseline, `||W z~||^2 = ||z||^2 q` with `q = ||W g||^2 / ||g||^2`, g ~ N(0, I): each module
+- `reference` (the default): the authors' code (`soufiane001/plop`, `src/metrics.py`, which made the
+  paper's figures): `NFN(W) = mean_t ||W z^_t|| / mean_t ||W g^_t||`, z^ = z/||z|| the unit input of token
+  t, g^ a unit Gaussian vector, unsquared norms, a ratio of token means; ~1 = not aligned, the scale of
+  the paper's figures. Its input is the raw task prompt (the questions only: each sample's user turns,
+  no chat template, no answer), tokenised as the reference does it (the tokenizer's own special tokens,
+  cut at 256 tokens). Padding is left out (the reference's right-padded batches count their pad rows,
+  which makes its scores depend on the batch's composition); the Gaussian mean takes as many draws
+  as the set has tokens (at most `MAX_DRAWS`), from a generator seeded per module, so the scores depend
+  neither on the batch size nor on the order of the samples.
+- `squared`: the paper's Step 1 as written, `NFN(W, x)^2 = ||W z||^2 / ||W z~||^2` per token with z~ a
+  centred Gaussian vector of the same dimension and norm, averaged over the tokens of the probe
+  samples as PAGE reads them (chat template, prompt and answer). Kept as a named variant: it weights
+  attention-sink and template tokens by their square, and each token divided by its own draw adds a
+  Jensen bias through E[1/q] (largest on q_proj), so its numbers are not on the paper's scale.
+
+For `squared`, `||W z||^2` is read off the module's output (minus its bias), so it costs no matmul. For
+the baseline, `||W z~||^2 = ||z||^2 q` with `q = ||W g||^2 / ||g||^2`, g ~ N(0, I): each module
 draws a pool of K g's (`baseline_pool`: K = the longest sample's length, from a generator seeded
 by the seed and the module's name), and the token at position t of sample i uses draw
 `(t + o_i) mod K`, with o_i a hash of the sample's tokens (`sample_offset`), so that tokens two
@@ -27,12 +40,24 @@ from domlora.probes.runner import run_pass
 from domlora.samples import Encoded
 
 
+FORMS = ("reference", "squared")
+"""the NFN estimators: the authors' code (default) and the paper's squared per-token form"""
+REFERENCE_MAX_LENGTH = 256
+"""the reference's sequence length (`main.py --seqlen`)"""
+MAX_DRAWS = 4096
+"""at most this many Gaussian draws per module for the reference's baseline mean"""
+INPUTS = {"reference": "raw task prompts (user turns only, no chat template), cut at 256 tokens",
+          "squared": "the probe samples as PAGE reads them (chat template, prompt and answer)"}
+
+
 @dataclass
 class NFNResult:
     candidates: list[Candidate]
     module_scores: dict[str, float]
     n_tokens: int
     seconds: float = 0.0
+    form: str = "squared"
+    """the estimator (`FORMS`)"""
 
     @property
     def type_scores(self) -> dict[str, float]:
@@ -158,6 +183,119 @@ class NFNCollector:
         return NFNResult(candidates=self.candidates,
                          module_scores={c.name: float(sums[j] / n) for j, c in enumerate(self.candidates)},
                          n_tokens=self.n_tokens, seconds=seconds)
+
+
+def check_form(form: str) -> str:
+    if form not in FORMS:
+        raise ConfigError(f"unknown NFN form {form!r}; valid: {', '.join(FORMS)} (reference: the PLoP authors' code)")
+    return form
+
+
+class NFNReferenceCollector:
+    """The reference estimator's forward hooks: per module, the sum over real tokens of ||W z^_t|| =
+    ||y_t - b|| / ||z_t||; the Gaussian mean ||W g^|| is drawn when the pass is over."""
+
+    needs_backward = False
+
+    def __init__(self, candidates: Sequence[Candidate], *, seed: int = 0):
+        self.candidates = list(candidates)
+        self.seed = seed
+        self.state: dict = {}
+        self.n_tokens = 0
+
+    def attach(self, ctx) -> list:
+        import torch
+
+        self.device = ctx.device
+        acc = torch.float64 if ctx.device.type != "mps" else torch.float32
+        self.sums = torch.zeros(len(self.candidates), dtype=acc, device=ctx.device)
+        self.modules = [ctx.modules[c.name] for c in self.candidates]
+        return [m.register_forward_hook(self._hook(j, m, ctx.group.get(c.name, -1 - j)))
+                for j, (c, m) in enumerate(zip(self.candidates, self.modules))]
+
+    def _hook(self, j: int, mod, group: int):
+        import torch
+
+        bias = getattr(mod, "bias", None)
+        bias = bias.detach() if bias is not None else None
+        state, sums = self.state, self.sums
+
+        def fwd(_m, inputs, output):
+            y = output.detach()
+            if bias is not None:
+                y = y - bias
+            acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+            zn = state["zn"].get(group)
+            if zn is None:  # modules reading one input (q/k/v, gate/up) share ||z||
+                zn = state["zn"][group] = torch.linalg.vector_norm(inputs[0].detach(), dim=-1, dtype=acc)
+            yn = torch.linalg.vector_norm(y, dim=-1, dtype=acc)
+            sums[j] += ((yn / zn.clamp_min(1e-30)) * state["keep"]).sum(dtype=sums.dtype)
+        return fwd
+
+    def start_batch(self, idx: list[int], batch: dict) -> None:
+        self.state["keep"] = batch["attention_mask"].float()
+        self.state["zn"] = {}
+        self.n_tokens += int(batch["attention_mask"].sum())
+
+    def end_batch(self) -> None:
+        self.state["zn"] = {}
+
+    def result(self, *, seconds: float) -> NFNResult:
+        n = max(self.n_tokens, 1)
+        draws = max(1, min(self.n_tokens, MAX_DRAWS))
+        scores = {}
+        for j, (c, mod) in enumerate(zip(self.candidates, self.modules)):
+            rand = float(baseline_pool(mod, c, draws, seed=self.seed, device=self.device).sqrt().mean())
+            scores[c.name] = float(self.sums[j].cpu()) / n / max(rand, 1e-30)
+        return NFNResult(candidates=self.candidates, module_scores=scores, n_tokens=self.n_tokens,
+                         seconds=seconds, form="reference")
+
+
+def question_text(messages: Sequence[dict]) -> str:
+    """A sample's raw task prompt, as the reference feeds PLoP: its user turns, no template, no answer."""
+    return "\n\n".join(m["content"] for m in messages if m["role"] == "user")
+
+
+def encode_questions(tokenizer, samples: Sequence[dict], *, max_length: int = REFERENCE_MAX_LENGTH) -> list[Encoded]:
+    """The reference's input: each sample's `question_text` tokenised as `tokenizer(texts, truncation=True,
+    max_length=256)` does it (the tokenizer's own special tokens); samples without a user turn are left out.
+
+    Raises:
+        ConfigError: no sample has a user turn.
+    """
+    out = []
+    for s in samples:
+        text = question_text(s["messages"])
+        if not text:
+            continue
+        ids = list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+        out.append(Encoded(input_ids=ids, loss_mask=[0] * len(ids), truncated=False, length=len(ids)))
+    if not out:
+        raise ConfigError("no probe sample has a user turn, so PLoP's reference NFN has no task prompt to read; fix: "
+                          "give the samples a user message, or use nfn_form: squared")
+    return out
+
+
+def nfn_reference_probe(model, tokenizer, samples: Sequence[dict], *, batch_size: int = 8,
+                        max_length: int = REFERENCE_MAX_LENGTH, candidates: Sequence[Candidate] | None = None,
+                        seed: int = 0, show_progress: bool = False) -> NFNResult:
+    """PLoP's NFN as its authors compute it, on the samples' raw task prompts (one forward pass).
+
+    Args:
+        model: a causal LM (left untouched).
+        tokenizer: its tokenizer.
+        samples: chat samples (`samples.read_samples`); only their user turns are read.
+        batch_size: prompts per forward pass; the scores do not depend on it.
+        max_length: tokens per prompt (the reference's 256).
+        seed: seeds the Gaussian draws.
+    """
+    from domlora.probes.runner import run_pass
+
+    encoded = encode_questions(tokenizer, samples, max_length=max_length)
+    cands = list(candidates) if candidates is not None else find_candidates(model)
+    col = NFNReferenceCollector(cands, seed=seed)
+    stats = run_pass(model, encoded, [col], batch_size=batch_size, show_progress=show_progress, desc="NFN probe")
+    return col.result(seconds=stats.seconds)
 
 
 def nfn_probe(model, encoded: Sequence[Encoded], *, batch_size: int = 8,

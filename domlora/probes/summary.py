@@ -7,7 +7,7 @@ from pathlib import Path
 from domlora.io import save_figure
 from domlora.modules import TYPES, num_layers, types_present
 from domlora.placement import dominant_module
-from domlora.probes.nfn import NFNResult
+from domlora.probes.nfn import INPUTS, NFNResult
 from domlora.probes.page import PageResult
 
 
@@ -54,8 +54,9 @@ def nfn_summary(result: NFNResult, *, model: str) -> dict:
     modules = {c.name: {"type": c.type, "layer": c.layer, "d_in": c.d_in, "d_out": c.d_out,
                         "NFN": result.module_scores[c.name]} for c in result.candidates}
     ts = result.type_scores
-    return {"model": model, "n_tokens": result.n_tokens, "seconds": result.seconds,
-            "type_scores": ts, "type_ranking_low_to_high": sorted(ts, key=ts.get), "modules": modules}
+    return {"model": model, "form": result.form, "input": INPUTS[result.form], "n_tokens": result.n_tokens,
+            "seconds": result.seconds, "type_scores": ts, "type_ranking_low_to_high": sorted(ts, key=ts.get),
+            "modules": modules}
 
 
 def layer_type_matrix(doc: dict, key: str = "PAGE"):

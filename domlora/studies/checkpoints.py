@@ -314,7 +314,7 @@ def checkpoints_stage(params, model: str, dataset: str, *, layout, launch=None, 
             finetune_checkpoints_stage(params, model, dataset, work=work, layout=layout, show_progress=show_progress)
         paths = [work / STEP_DIR.format(s) for s in sorted(set(study.steps))]
         doc = probe_checkpoints(paths, data=layout.split(dataset, "probe"), samples=p.samples,
-                                max_length=params.probe_max_length(), alpha=p.alpha, rank=p.rank,
+                                max_length=params.probe_max_length(dataset), alpha=p.alpha, rank=p.rank,
                                 batch_size=p.batch_size, dtype=spec.dtype, show_progress=show_progress)
         doc["model"], doc["dataset"], doc["steps"] = model, dataset, sorted(set(study.steps))
         out = layout.checkpoints_json(model, dataset)

@@ -3,9 +3,13 @@ and the letter read from the reply. The rules live in domlora.evaluate.multiple_
 from lm_eval.tasks.logiqa import utils_logiqa
 
 from domlora.evaluate.multiple_choice import (
+    commonsense_qa_options,
     letter_filter,
+    logiqa_options,
+    mmlu_options,
     render_lm_eval_prompt,
     truthfulqa_mc1_letters,
+    truthfulqa_mc1_options,
     truthfulqa_mc1_prompt,
     truthfulqa_mc1_target,
     with_instruction,
@@ -13,8 +17,9 @@ from domlora.evaluate.multiple_choice import (
 
 __all__ = [
     "commonsense_qa_prompt",
-    "letters_abcd",
-    "letters_abcde",
+    "letters_commonsense_qa",
+    "letters_logiqa",
+    "letters_mmlu",
     "letters_truthfulqa",
     "logiqa_prompt",
     "logiqa_target",
@@ -40,6 +45,7 @@ def logiqa_target(doc):
     return "ABCD"[utils_logiqa.doc_to_target(doc)]
 
 
-letters_abcd = letter_filter("ABCD")
-letters_abcde = letter_filter("ABCDE")
-letters_truthfulqa = letter_filter(truthfulqa_mc1_letters)
+letters_mmlu = letter_filter("ABCD", mmlu_options)
+letters_commonsense_qa = letter_filter("ABCDE", commonsense_qa_options)
+letters_logiqa = letter_filter("ABCD", logiqa_options)
+letters_truthfulqa = letter_filter(truthfulqa_mc1_letters, truthfulqa_mc1_options)

@@ -10,6 +10,7 @@ from domlora.models import config_hash, load_model, load_tokenizer_and_config, r
 from domlora.probes.activations import ffn_down_candidates
 from domlora.probes.budget import check_batch_size, memory_model, plan_on_device, weight_bytes
 from domlora.probes.massive import RULES, massive_summary, predict_from_report
+from domlora.probes.nfn import check_form, nfn_reference_probe
 from domlora.probes.page import check_lora_shape
 from domlora.probes.step0 import step0_probe
 from domlora.probes.summary import layer_type_matrix, nfn_summary, page_summary, plot_activations, plot_page_heatmap
@@ -27,7 +28,8 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
           max_length: int = 256, alpha: float = 16.0, rank: int = 8, batch_size: int | str = "auto",
           memory_fraction: float = 0.5, dtype: str = "auto", device: str | None = None, nfn: bool = True,
           activations: bool = True, massive_rule: str = "onset", trust_remote_code: bool = False,
-          cache_dir: str | None = None, show_progress: bool = False, model_name: str | None = None) -> dict:
+          cache_dir: str | None = None, show_progress: bool = False, model_name: str | None = None,
+          nfn_form: str = "reference") -> dict:
     """Probe stage: every step-0 signal from one pass over the probe set, written into `out_dir`.
 
     Writes `page.json` and `page.png` (PAGE), `nfn.json` (with `nfn`), and `activations.json`,
@@ -44,6 +46,7 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
     import torch
 
     check_lora_shape(alpha, rank)
+    check_form(nfn_form)
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
     check_batch_size(batch_size)
@@ -66,8 +69,11 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
         except ModelError as exc:  # PAGE and NFN still apply; the statistics need each block's down_proj
             logger.warning("no activation statistics: %s", str(exc).split(";")[0])
             activations = False
-    result = step0_probe(loaded.model, encoded, page=True, nfn=nfn, activations=activations, alpha=alpha, rank=rank,
-                         batch_size=plan.batch_size, show_progress=show_progress)
+    result = step0_probe(loaded.model, encoded, page=True, nfn=nfn and nfn_form == "squared", activations=activations,
+                         alpha=alpha, rank=rank, batch_size=plan.batch_size, show_progress=show_progress)
+    if nfn and nfn_form == "reference":  # PLoP's own input: the raw task prompts, a forward pass of their own
+        result.nfn = nfn_reference_probe(loaded.model, tokenizer, chosen, batch_size=plan.batch_size,
+                                         show_progress=show_progress)
     result.page.encode_report = report
     name = model_name or model
     doc = page_summary(result.page, model=name)
@@ -105,8 +111,9 @@ def probe_stage(params, model: str, dataset: str, *, layout, tracker=None, show_
     spec, p = params.models[model], params.probe
     out_dir = layout.probe_dir(model, dataset)
     doc = probe(model=spec.id, data=layout.split(dataset, "probe"), out_dir=out_dir, samples=p.samples,
-                max_length=params.probe_max_length(), alpha=p.alpha, rank=p.rank, batch_size=p.batch_size,
-                memory_fraction=p.memory_fraction, dtype=spec.dtype, nfn=p.nfn, activations=p.activations,
+                max_length=params.probe_max_length(dataset), alpha=p.alpha, rank=p.rank, batch_size=p.batch_size,
+                memory_fraction=p.memory_fraction, dtype=spec.dtype, nfn=p.nfn, nfn_form=p.nfn_form,
+                activations=p.activations,
                 trust_remote_code=spec.trust_remote_code, show_progress=show_progress,
                 model_name=spec.id)
     write_layer_csv(doc, layout.page_layers_csv(model, dataset))

@@ -136,7 +136,7 @@ def select_stage(params, model: str, dataset: str, method: str, *, layout) -> di
         split = DATA[m.placement]
         peer = {"model": params.models[model], "options": peer_options(params, method),
                 "data": None if split is None else layout.split(probe_set if split == "probe" else dataset, split),
-                "samples": params.probe.samples, "max_length": params.probe_max_length()}
+                "samples": params.probe.samples, "max_length": params.probe_max_length(probe_set)}
     size = params.tune.budgets[m.budget].modules if m.budget is not None and params.tune is not None else None
     return select_placement(probe_path=layout.page_json(model, probe_set), strategy=m.placement,
                             out=layout.placement(model, dataset, method), k=m.k, types=tuple(m.types),
