@@ -339,8 +339,11 @@ def _runs_bf16(model, device: str) -> bool:
     return device.startswith("cuda") and next(model.parameters()).dtype == torch.bfloat16
 
 
-def resolve_placement(placement, model) -> tuple[list[str], dict]:
-    """Module names and a small description from a path, a dict, a Placement, a list, or None (all)."""
+def resolve_placement(placement, model, *, seed: int | None = None) -> tuple[list[str], dict]:
+    """Module names and a small description from a path, a dict, a Placement, a list, or None (all).
+
+    A placement drawn per seed gives the draw of `seed`; per-module ranks come with it (`rank_pattern`).
+    """
     from domlora.modules import find_candidates
     from domlora.placement import Placement
 
@@ -363,7 +366,9 @@ def resolve_placement(placement, model) -> tuple[list[str], dict]:
     if not isinstance(placement, dict):
         raise ConfigError(f"placement must be a path, a dict, a list of names or None, got {type(placement).__name__}")
     pl = Placement.from_dict(placement)
-    return list(pl.modules), {"strategy": pl.strategy, "modules": list(pl.modules), "n_modules": len(pl.modules)}
+    pl = pl.for_seed(seed) if seed is not None else pl
+    return list(pl.modules), {"strategy": pl.strategy, "modules": list(pl.modules), "n_modules": len(pl.modules),
+                              **pl.lora_kwargs()}
 
 
 @dataclass
@@ -714,7 +719,7 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     loaded = model if isinstance(model, LoadedModel) else load_model(spec, device=device, cache_dir=cache_dir)
     model_id = f"{spec.id}:{config_hash(loaded.model)}"
     model_doc = asdict(spec) | {"hub_id": hub_id(spec), "path": loaded.path}
-    modules, placement_doc = resolve_placement(placement, loaded.model)
+    modules, placement_doc = resolve_placement(placement, loaded.model, seed=cfg.seed)
     encoded, enc_report = encode_samples(loaded.tokenizer, samples, max_length=cfg.max_length)
 
     accelerator = _make_accelerator(cfg, device, bf16=_runs_bf16(loaded.model, device))
@@ -737,7 +742,8 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     if cfg.gradient_checkpointing:
         enable_checkpointing(net)
     net = attach(net, modules, variant=cfg.variant, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                 **_variant_kwargs(cfg, plan.total_steps))
+                 **_variant_kwargs(cfg, plan.total_steps),
+                 **{k: placement_doc[k] for k in ("rank_pattern", "alpha_pattern") if k in placement_doc})
     init_doc = None
     if cfg.lora_init == "eva":
         from domlora.adapters.variants import init_eva
