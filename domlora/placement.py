@@ -96,8 +96,10 @@ class Placement:
         else:
             raise ConfigError(f"this {self.strategy} placement was drawn for seeds {', '.join(self.modules_by_seed)}, "
                               f"not {seed}; fix: rerun the select stage for the seeds the method trains")
+        keep = (lambda pattern: {n: v for n, v in pattern.items() if n in names} or None) if names else None
         return Placement(strategy=self.strategy, modules=names, evidence={"seed": seed, "k": len(names)},
-                         model=self.model)
+                         model=self.model, rank_pattern=keep(self.rank_pattern or {}),
+                         alpha_pattern=keep(self.alpha_pattern or {}))
 
     def lora_kwargs(self) -> dict:
         """The PEFT `LoraConfig` keywords beside `target_modules` (per-module ranks and alphas, if any)."""

@@ -123,31 +123,108 @@ def test_grid_doc_gives_each_cell_its_lr_source(placement_doc):
     assert e["sweeps"] == {} and e["tunes"] == {}
 
 
-def _write_sweep(layout, budget, method, i, lr, nll):
+def _write_sweep(layout, budget, method, i, lr, nll, *, params_n=1000, loss=None):
     path = layout.sweep_json("smol", "arith", budget, method, i)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"lr": lr, "val_nll": nll}))
+    path.write_text(json.dumps({"lr": lr, "val_nll": nll, "trainable_params": params_n,
+                                "loss": loss if loss is not None else FLAT}))
 
 
-def test_tune_chooses_the_lowest_mean_and_counts_divergence_as_infinite(tmp_path, placement_doc):
+FLAT = [2.0] * 4 + [1.0] * 4 + [0.5] * 4 + [0.49] * 4     # the last quarter brought 1% of the improvement
+STEEP = [2.0] * 4 + [1.5] * 4 + [1.0] * 4 + [0.5] * 4      # still falling: a third of it
+
+
+def _fake_runs(monkeypatch, nll_of, loss_of=lambda method, steps: FLAT):
+    """tuning_run without training: validation NLL and loss from the given functions; records its calls."""
+    import domlora.pipeline.tune as tune
+
+    calls = []
+
+    def run(params, model, dataset, method, lr, *, layout, steps=None, show_progress=False):
+        calls.append((method, round(lr, 10), steps))
+        return {"lr": lr, "val_nll": nll_of(method, lr), "loss": loss_of(method, steps), "trainable_params": 1000}
+    monkeypatch.setattr(tune, "tuning_run", run)
+    return calls
+
+
+def test_each_method_gets_its_own_rate_and_divergence_counts_as_infinite(tmp_path, placement_doc, monkeypatch):
     p = _parse(placement_doc)
     lay = Layout(tmp_path)
     methods = p.budget_methods("module")
     lrs = p.tune.budgets["module"].lrs
-    # every method is best at the middle rate except one that is best at the largest; the largest diverges once
+    # method 0 is best at the middle rate; method 1 at the smallest but diverges there; the others in the middle
+    table = {0: {0: 1.0, 1: 0.4, 2: 0.7}, 1: {0: None, 1: 0.5, 2: 0.9}}
     for j, meth in enumerate(methods):
         for i, lr in enumerate(lrs):
-            nll = {0: 1.0, 1: 0.5, 2: 0.4 if j == 0 else 0.7}[i]
-            _write_sweep(lay, "module", meth, i, lr, None if (j == 1 and i == 2) else nll)
+            _write_sweep(lay, "module", meth, i, lr, table.get(j, {0: 1.0, 1: 0.5, 2: 0.6})[i])
+    calls = _fake_runs(monkeypatch, lambda m, lr: 9.0)
     doc = tune_stage(p, "smol", "arith", "module", layout=lay)
-    assert doc["lr"] == lrs[1] and doc["mean_val_nll"][repr(float(lrs[2]))] is None
-    assert doc["best_lr_per_method"][methods[0]] == lrs[2]  # its own optimum did not decide
-    assert json.loads(lay.tune_json("smol", "arith", "module").read_text())["lr"] == lrs[1]
+    assert doc["lr_per_method"] == {m: lrs[1] for m in methods} and calls == []  # all interior: nothing extended
+    assert doc["val_nll"][methods[1]][repr(float(lrs[0]))] is None
     c = Cell("smol", "arith", "dom", 2)
-    assert cell_overrides(p, c, layout=lay) == {"lr": lrs[1], "limit_samples": 384 - 64}
+    assert cell_overrides(p, c, layout=lay) == {"lr": lrs[1], "max_steps": p.train.max_steps,
+                                                "limit_samples": 384 - 64}
     # strings reads arith's choice and still keeps its own validation split out of training
-    assert cell_overrides(p, Cell("smol", "strings", "dom", 0), layout=lay) == {"lr": lrs[1],
-                                                                                "limit_samples": 384 - 64}
+    assert cell_overrides(p, Cell("smol", "strings", "dom", 0), layout=lay)["limit_samples"] == 384 - 64
+
+
+def test_a_rate_at_the_edge_extends_the_grid_then_fails_with_the_fix(tmp_path, placement_doc, monkeypatch):
+    p = _parse(placement_doc)
+    lay = Layout(tmp_path)
+    methods = p.budget_methods("module")
+    lrs = p.tune.budgets["module"].lrs
+    for meth in methods:
+        for i, lr in enumerate(lrs):
+            _write_sweep(lay, "module", meth, i, lr, {0: 1.0, 1: 0.5, 2: 0.3}[i] if meth == "dom" else [1, .5, .6][i])
+    step = lrs[2] / lrs[1]
+    # dom keeps improving one step past the grid, then worsens: one extension, an interior choice
+    calls = _fake_runs(monkeypatch, lambda m, lr: 0.2 if abs(lr - lrs[2] * step) < 1e-12 else 0.8)
+    doc = tune_stage(p, "smol", "arith", "module", layout=lay)
+    assert doc["lr_per_method"]["dom"] == pytest.approx(lrs[2] * step)
+    assert [c[0] for c in calls] == ["dom", "dom"] and doc["extended"]["dom"] == pytest.approx(
+        [lrs[2] * step, lrs[2] * step ** 2])
+    # always better further out: the grid may not grow past `extend` steps
+    _fake_runs(monkeypatch, lambda m, lr: 0.1 * lrs[2] / lr)
+    with pytest.raises(ConfigError, match=r"method 'dom' .* at the edge of its grid .* fix: widen "
+                                          r"tune\.budgets\.module\.lrs"):
+        tune_stage(p, "smol", "arith", "module", layout=lay)
+
+
+def test_the_tier_trains_until_every_method_has_flattened(tmp_path, placement_doc, monkeypatch):
+    d = copy.deepcopy(placement_doc)
+    d["tune"]["budgets"]["module"]["steps"] = [16, 32, 64]
+    p = _parse(d)
+    lay = Layout(tmp_path)
+    methods = p.budget_methods("module")
+    for meth in methods:
+        for i, lr in enumerate(p.tune.budgets["module"].lrs):
+            _write_sweep(lay, "module", meth, i, lr, [1, .5, .6][i], loss=STEEP if meth == "dom" else FLAT)
+    # dom is still falling at 16 steps and at 32, flat at 64; nobody else needs longer
+    calls = _fake_runs(monkeypatch, lambda m, lr: 0.5, lambda m, steps: FLAT if steps == 64 else STEEP)
+    doc = tune_stage(p, "smol", "arith", "module", layout=lay)
+    assert doc["steps"] == 64 and all(doc["flat"].values())
+    assert sorted(c[2] for c in calls) == [32, 64] and {c[0] for c in calls} == {"dom"}
+    assert cell_overrides(p, Cell("smol", "arith", "random", 1), layout=lay)["max_steps"] == 64
+
+
+def test_a_tier_whose_methods_differ_by_more_than_15_percent_is_refused(tmp_path, placement_doc, monkeypatch):
+    d = copy.deepcopy(placement_doc)
+    d["tune"]["budgets"]["module"]["reference"] = "dom"
+    p = _parse(d)
+    lay = Layout(tmp_path)
+    for meth in p.budget_methods("module"):
+        for i, lr in enumerate(p.tune.budgets["module"].lrs):
+            _write_sweep(lay, "module", meth, i, lr, [1, .5, .6][i], params_n=49152 if meth == "kappa1" else 135168)
+    _fake_runs(monkeypatch, lambda m, lr: 0.5)
+    with pytest.raises(ConfigError, match=r"tier 'module' on smol: its methods differ by 175% .*kappa1: 49,152.*fix"):
+        tune_stage(p, "smol", "arith", "module", layout=lay)
+
+
+def test_a_rate_grid_with_one_point_is_refused(placement_doc):
+    d = copy.deepcopy(placement_doc)
+    d["tune"]["budgets"]["module"]["lrs"] = [5e-3]
+    with pytest.raises(ConfigError, match=r"at least two distinct learning rates.*fix: e\.g\. lrs:"):
+        _parse(d)
 
 
 def test_tune_refuses_missing_and_stale_sweeps(tmp_path, placement_doc):
@@ -163,13 +240,16 @@ def test_tune_refuses_missing_and_stale_sweeps(tmp_path, placement_doc):
         cell_overrides(p, Cell("smol", "arith", "lora", 0), layout=lay)
 
 
-def test_every_rate_diverging_is_an_error(tmp_path, placement_doc):
+def test_every_rate_diverging_looks_below_the_grid(tmp_path, placement_doc, monkeypatch):
     p = _parse(placement_doc)
     lay = Layout(tmp_path)
-    for i, lr in enumerate(p.tune.budgets["full"].lrs):
+    lrs = p.tune.budgets["full"].lrs
+    for i, lr in enumerate(lrs):
         _write_sweep(lay, "full", "full_dom", i, lr, None)
-    with pytest.raises(ConfigError, match="add smaller rates"):
+    calls = _fake_runs(monkeypatch, lambda m, lr: None)
+    with pytest.raises(ConfigError, match="at the edge of its grid"):
         tune_stage(p, "smol", "arith", "full", layout=lay)
+    assert [c[1] for c in calls] == pytest.approx([lrs[0] ** 2 / lrs[1], lrs[0] ** 3 / lrs[1] ** 2])
 
 
 def test_sweep_stage_trains_on_the_carved_split_and_scores_the_rest(tmp_path, tiny_model_dir):
