@@ -25,9 +25,9 @@ def _w(path: Path, doc):
 
 @pytest.fixture
 def params():
-    d = yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]["placement"]
+    d = yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]["placement_arith"]
     d = copy.deepcopy(d)
-    d["grid"]["methods"] = ["dom", "kappa1", "full_dom", "lora"]
+    d["grid"]["methods"] = ["dom", "kappa1", "lora"]
     d["grid"]["datasets"] = ["arith"]
     d["grid"]["probe_datasets"] = ["arith"]
     return parse_profile(d, name="placement")

@@ -20,23 +20,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def placement_doc():
-    return yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]["placement"]
+    return yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]["placement_all"]
 
 
 def _parse(d):
-    return parse_profile(copy.deepcopy(d), name="placement")
+    return parse_profile(copy.deepcopy(d), name="placement_all")
 
 
 class TestProfile:
-    def test_the_placement_profile_has_every_peer_and_class(self, placement_doc):
+    def test_the_placement_profiles_have_every_peer_and_tier(self, placement_doc):
         p = _parse(placement_doc)
         strategies = {p.methods[m].placement for m in p.grid.methods}
-        assert {"dom", "page_argmax", "massive", "kappa", "aletheia", "eva", "plop", "random", "explicit",
-                "all", "page_topk"} <= strategies
+        assert {"dom", "massive", "kappa", "aletheia", "eva", "plop", "random", "explicit", "all", "page_budget",
+                "page_rank"} <= strategies
         assert {m: p.methods[m].budget for m in p.grid.methods if p.methods[m].budget is None} == {}
-        module = [m for m in p.grid.methods if p.methods[m].budget == "module"]
-        assert len(p.method_seeds(module[0])) >= 3, "the single-module class runs at least 3 seeds"
+        assert all(spec.reference for spec in p.tune.budgets.values()), "every tier has equal budgets"
+        assert all(len(p.method_seeds(m)) >= 3 for m in p.grid.methods), "every row runs at least 3 seeds"
         assert {t: p.datasets[t].n_eval for t in p.grid.datasets} == {"arith": 200, "strings": 200}
+        assert p.grid.models == ["smol", "gemma"]
+        doc = yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]["placement"]
+        cut = parse_profile(doc, name="placement")  # the <= 6 h cut: one-module and 16% tiers, both backbones, arith
+        assert set(cut.tune.budgets) == {"module", "kappa"} and cut.grid.models == ["smol", "gemma"]
+        assert cut.grid.datasets == ["arith"] and all(len(cut.method_seeds(m)) >= 3 for m in cut.grid.methods)
+        assert {"dom", "page_budget", "page_rank", "lora_r10", "kappa", "kappa1", "random"} <= set(cut.grid.methods)
 
     def test_unknown_peer_option(self, placement_doc):
         d = copy.deepcopy(placement_doc)
@@ -66,7 +72,7 @@ class TestProfile:
     def test_an_undeclared_budget_class(self, placement_doc):
         d = copy.deepcopy(placement_doc)
         d["methods"]["dom"]["budget"] = "modul"
-        with pytest.raises(ConfigError, match=r"'modul' \(did you mean module\?\).*declared: module, full, broad"):
+        with pytest.raises(ConfigError, match=r"'modul' \(did you mean module\?\).*declared: .*module"):
             _parse(d)
 
     def test_a_budget_method_cannot_set_its_own_lr(self, placement_doc):
@@ -83,7 +89,7 @@ class TestProfile:
 
     def test_class_seeds_come_from_the_grid(self, placement_doc):
         d = copy.deepcopy(placement_doc)
-        d["tune"]["budgets"]["broad"]["seeds"] = [7]
+        d["tune"]["budgets"]["full"]["seeds"] = [7]
         with pytest.raises(ConfigError, match=r"seeds` has \[7\]"):
             _parse(d)
 
@@ -94,11 +100,12 @@ def test_cells_sweeps_and_tunes(placement_doc):
     p = _parse(d)
     cells = p.cells()
     assert {c.seed for c in cells if c.method == "dom"} == {0, 1, 2}
-    assert {c.seed for c in cells if c.method == "lora"} == {0}  # broad: one seed
+    assert {c.seed for c in cells if c.method == "lora"} == {0, 1, 2}  # every row: 3 seeds
     runs = sweeps(p)
     n_lrs = {b: len(s.lrs) for b, s in p.tune.budgets.items()}
-    assert len(runs) == len(p.grid.datasets) * sum(n_lrs[p.methods[m].budget] for m in p.grid.methods)
-    assert len(tunes(p)) == len(p.grid.datasets) * len(p.tune.budgets)
+    per_model = len(p.grid.datasets) * sum(n_lrs[p.methods[m].budget] for m in p.grid.methods)
+    assert len(runs) == len(p.grid.models) * per_model
+    assert len(tunes(p)) == len(p.grid.models) * len(p.grid.datasets) * len(p.tune.budgets)
     assert Sweep.parse("smol-arith-dom-lr2") == Sweep("smol", "arith", "dom", 2)
     with pytest.raises(ConfigError):
         Sweep.parse("smol-arith-dom-2")
@@ -114,7 +121,7 @@ def test_grid_doc_gives_each_cell_its_lr_source(placement_doc):
     # strings trains at the rate arith's sweep chose (tune.reuse_from)
     assert doc["cells"]["smol-strings-dom-1"]["lr_from"] == "placements/smol/arith/tuning/module.json"
     assert doc["sweeps"]["smol-arith-eva-lr1"] == {"model": "smol", "dataset": "arith", "method": "eva",
-                                                   "lr": "lr1", "budget": "broad"}
+                                                   "lr": "lr1", "budget": "kappa"}
     assert doc["tunes"]["smol-arith-full"] == {"model": "smol", "dataset": "arith", "budget": "full"}
     emb = yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]["embedded"]
     e = grid_doc(parse_profile(emb, name="embedded"))
@@ -230,10 +237,11 @@ def test_a_rate_grid_with_one_point_is_refused(placement_doc):
 def test_tune_refuses_missing_and_stale_sweeps(tmp_path, placement_doc):
     p = _parse(placement_doc)
     lay = Layout(tmp_path)
-    with pytest.raises(ConfigError, match="lacks sweep runs smol-arith-full_dom-lr0"):
+    with pytest.raises(ConfigError, match="lacks sweep runs smol-arith-lora-lr0"):
         tune_stage(p, "smol", "arith", "full", layout=lay)
-    for i in range(3):
-        _write_sweep(lay, "full", "full_dom", i, 1.0, 0.5)
+    for meth in p.budget_methods("full"):
+        for i in range(3):
+            _write_sweep(lay, "full", meth, i, 1.0, 0.5)
     with pytest.raises(ConfigError, match="was swept at lr 1.0"):
         tune_stage(p, "smol", "arith", "full", layout=lay)
     with pytest.raises(ConfigError, match="has not been chosen"):
@@ -244,8 +252,9 @@ def test_every_rate_diverging_looks_below_the_grid(tmp_path, placement_doc, monk
     p = _parse(placement_doc)
     lay = Layout(tmp_path)
     lrs = p.tune.budgets["full"].lrs
-    for i, lr in enumerate(lrs):
-        _write_sweep(lay, "full", "full_dom", i, lr, None)
+    for meth in p.budget_methods("full"):
+        for i, lr in enumerate(lrs):
+            _write_sweep(lay, "full", meth, i, lr, None)
     calls = _fake_runs(monkeypatch, lambda m, lr: None)
     with pytest.raises(ConfigError, match="at the edge of its grid"):
         tune_stage(p, "smol", "arith", "full", layout=lay)

@@ -575,8 +575,8 @@ def _check_grid(name: str, grid: GridSpec, models: dict, datasets: dict, methods
 def _check_budgets(name: str, tune: TuneSpec | None, grid: GridSpec, methods: dict, datasets: dict) -> None:
     """Every budget class named by a method is declared, every declared class has a method in the grid."""
     for slug, m in methods.items():
-        if m.budget is None:
-            continue
+        if m.budget is None or (slug not in grid.methods and tune is not None and m.budget not in tune.budgets):
+            continue  # a method outside the grid may name a tier another profile declares
         if tune is None:
             raise ConfigError(f"`{name}.methods.{slug}` is in budget class {m.budget!r}, but the profile has no "
                               "`tune:` section declaring its learning rates; fix: add `tune: {budgets: {"
