@@ -42,7 +42,7 @@ class TestProfile:
         cut = parse_profile(doc, name="placement")  # the <= 6 h cut: one-module and 16% tiers, both backbones, arith
         assert set(cut.tune.budgets) == {"module", "kappa"} and cut.grid.models == ["smol", "gemma"]
         assert cut.grid.datasets == ["arith"] and all(len(cut.method_seeds(m)) >= 3 for m in cut.grid.methods)
-        assert {"dom", "page_budget", "page_rank", "lora_r10", "kappa", "kappa1", "random"} <= set(cut.grid.methods)
+        assert {"dom", "page_budget", "page_rank", "lora_r10", "kappa", "random"} <= set(cut.grid.methods)
 
     def test_unknown_peer_option(self, placement_doc):
         d = copy.deepcopy(placement_doc)
