@@ -195,6 +195,11 @@ def test_a_rate_at_the_edge_extends_the_grid_then_fails_with_the_fix(tmp_path, p
     with pytest.raises(ConfigError, match=r"method 'dom' .* at the edge of its grid .* fix: widen "
                                           r"tune\.budgets\.module\.lrs"):
         tune_stage(p, "smol", "arith", "module", layout=lay)
+    # a wiring profile may keep it instead, marked in the tune file
+    d = copy.deepcopy(placement_doc)
+    d["tune"]["budgets"]["module"]["on_edge"] = "keep"
+    doc = tune_stage(_parse(d), "smol", "arith", "module", layout=lay)
+    assert doc["at_edge"] == ["dom"] and doc["lr_per_method"]["dom"] == pytest.approx(lrs[2] * step ** 2)
 
 
 def test_the_tier_trains_until_every_method_has_flattened(tmp_path, placement_doc, monkeypatch):

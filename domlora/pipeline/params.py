@@ -167,6 +167,9 @@ class BudgetSpec:
     method's tuning run at its chosen rate has flattened (None: the profile's `max_steps`)"""
     extend: int = 2
     """how many times the tune stage may extend a method's rate grid past an edge (one grid step each)"""
+    on_edge: Literal["fail", "keep"] = "fail"
+    """a rate still at an edge after `extend` extensions fails the tune stage with the fix (`fail`), or is kept
+    and marked in the tune file and the report (`keep`: for wiring checks such as placement_ci, never results)"""
 
     def __post_init__(self):
         if self.seeds is not None and not self.seeds:

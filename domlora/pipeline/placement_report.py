@@ -277,6 +277,9 @@ def sweep_lines(params: Params, layout: Layout, model: str, dataset: str) -> lis
             head += f"; {steps} steps (candidates {doc.get('step_candidates')}: the first at which every method's " \
                     "tuning run had flattened" + ("" if all((doc.get("flat") or {}).values()) else
                                                    ", **not reached by every method**") + ")"
+        if doc.get("at_edge"):
+            head += "; **still at the edge of its grid (kept, `on_edge: keep`)**: " + ", ".join(
+                params.methods[x].label or x for x in doc["at_edge"])
         if extended:
             head += "; grid extended for " + ", ".join(f"{params.methods[x].label or x} ({', '.join(f'{v:g}' for v in vs)})"
                                                         for x, vs in extended.items())

@@ -233,7 +233,7 @@ def tune_stage(params, model: str, dataset: str, budget: str, *, layout, show_pr
     if tier.reference is not None:
         check_counts(budget, counts, model=model)
     # 1) each method's own rate, interior to its grid (extended one step at a time past an edge)
-    chosen, extended = {}, {}
+    chosen, extended, at_edge = {}, {}, []
     for method in methods:
         extended[method] = []
         while True:
@@ -245,6 +245,11 @@ def tune_stage(params, model: str, dataset: str, budget: str, *, layout, show_pr
             if nxt is None:
                 break
             if len(extended[method]) >= tier.extend:
+                if tier.on_edge == "keep":
+                    logger.warning("tier %s on %s/%s: %s keeps lr %g at the edge of its grid (on_edge: keep)", budget,
+                                   model, dataset, method, best)
+                    at_edge.append(method)
+                    break
                 raise ConfigError(f"method {method!r} of tier {budget} on {model}/{dataset} is best at lr {best:g}, at "
                                   f"the edge of its grid {sorted(nll)} after {tier.extend} extension(s); fix: widen "
                                   f"tune.budgets.{budget}.lrs past {best:g} (e.g. add {nxt:.3g}), or raise its "
@@ -276,7 +281,7 @@ def tune_stage(params, model: str, dataset: str, budget: str, *, layout, show_pr
     doc = {"model": model, "dataset": dataset, "budget": budget, "lrs": lrs, "methods": methods, "rule": RULE,
            "seed": params.tune.seed, "val_samples": params.tune.val_samples,
            "train_samples": params.tuned_samples(dataset), "val_nll": table,
-           "lr_per_method": chosen, "extended": extended, "trainable_params": counts,
+           "lr_per_method": chosen, "extended": extended, "at_edge": at_edge, "trainable_params": counts,
            "steps": steps, "step_candidates": candidates, "flat": flat,
            "flat_share": {x: {str(n): flat_share(d.get("loss") or []) for n, d in longer[x].items()} for x in methods},
            "val_nll_at_steps": {x: {str(n): d.get("val_nll") for n, d in longer[x].items()} for x in methods}}
