@@ -292,3 +292,53 @@ def test_sweep_stage_trains_on_the_carved_split_and_scores_the_rest(tmp_path, ti
     assert json.loads(lay.sweep_json("tiny", "arith", "module", "one", 1).read_text()) == doc
     with pytest.raises(ConfigError, match="not a sweep run"):
         sweep_stage(p, "tiny-arith-one-lr5", layout=lay)
+
+
+def test_tier_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_model_dir):
+    """select (page_rank from a PAGE table, a rank-matched random module), sweep, tune (edges extended, steps
+    decided), and the cells' overrides, all with real training on a tiny checkpoint."""
+    from domlora.pipeline.stages import select_stage
+    from domlora.pipeline.tune import sweep_stage
+
+    d = {"profile": "t", "models": {"tiny": {"id": str(tiny_model_dir)}},
+         "datasets": {"arith": {"source": "arith", "n_train": 16, "n_eval": 2, "tasks": ["arith", "arith_nll"]}},
+         "methods": {"one": {"placement": "explicit", "layers": [1], "types": ["down_proj"], "budget": "module"},
+                     "rnd": {"placement": "random", "k": 1, "match_tier": True, "budget": "module"},
+                     "pr": {"placement": "page_rank", "total_rank": 12, "max_modules": 3, "budget": "module"}},
+         "tune": {"val_samples": 8, "budgets": {"module": {"lrs": [1e-3, 1e-2], "reference": "one", "extend": 1,
+                                                           "on_edge": "keep", "steps": [2, 8]}}},
+         "train": {"rank": 4, "alpha": 8, "max_steps": 2, "batch_size": 2, "grad_accum": 1, "max_length": 128,
+                   "gradient_checkpointing": False, "save_every": 0},
+         "eval": {"batch_size": 4}, "tracking": {"enabled": False},
+         "grid": {"models": ["tiny"], "datasets": ["arith"], "methods": ["one", "rnd", "pr"], "seeds": [0, 1, 2]}}
+    p = parse_profile(d, name="t")
+    lay = Layout(tmp_path)
+    lay.data_dir("arith").mkdir(parents=True)
+    lay.split("arith", "train").write_text("".join(json.dumps(s) + "\n" for s in chat_samples(16)))
+    # a PAGE table of the tiny checkpoint's 3 layers (hidden 16, inter 24), down_proj of layer 1 on top
+    shapes = {"q_proj": (16, 16), "k_proj": (16, 8), "v_proj": (16, 8), "o_proj": (16, 16), "gate_proj": (16, 24),
+              "up_proj": (16, 24), "down_proj": (24, 16)}
+    mods = {f"model.layers.{i}.{'mlp' if t.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{t}":
+            {"type": t, "layer": i, "d_in": a, "d_out": b, "PAGE": 1.0 + (t == "down_proj") * (3 - abs(i - 1))}
+            for i in range(3) for t, (a, b) in shapes.items()}
+    page = lay.page_json("tiny", "arith")
+    page.parent.mkdir(parents=True)
+    page.write_text(json.dumps({"model": "tiny", "modules": mods}))
+    # the reference adapts 4 x (24 + 16) = 160 parameters; page_rank's 12 ranks over 3 down_projs 480
+    select_stage(p, "tiny", "arith", "one", layout=lay)
+    rnd = select_stage(p, "tiny", "arith", "rnd", layout=lay)
+    assert set(rnd["modules_by_seed"]) == {"0", "1", "2"} and abs(rnd["trainable_params"] / 160 - 1) <= 0.15
+    with pytest.raises(ConfigError, match="differ by 200% .* fix"):
+        select_stage(p, "tiny", "arith", "pr", layout=lay)
+    d["methods"]["pr"] |= {"total_rank": 4, "max_modules": 2}  # 2 + 2 ranks over two down_projs: 160
+    p = parse_profile(d, name="t")
+    pr = select_stage(p, "tiny", "arith", "pr", layout=lay)
+    assert sum(pr["rank_pattern"].values()) == 4 and pr["trainable_params"] == 160
+    for s in sweeps(p):
+        sweep_stage(p, s.id, layout=lay)
+    doc = tune_stage(p, "tiny", "arith", "module", layout=lay)
+    assert set(doc["lr_per_method"]) == {"one", "rnd", "pr"} and doc["steps"] in (2, 8)
+    assert all(len(v) <= 1 for v in doc["extended"].values())  # a 2-rate grid always extends once, then keeps
+    assert all(doc["extended"][m] or m not in doc["at_edge"] for m in doc["methods"])
+    over = cell_overrides(p, Cell("tiny", "arith", "rnd", 2), layout=lay)
+    assert over == {"lr": doc["lr_per_method"]["rnd"], "max_steps": doc["steps"], "limit_samples": 8}
