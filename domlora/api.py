@@ -3,12 +3,16 @@
     from domlora import dominant_lora_config
     config = dominant_lora_config(model, tokenizer, "train.jsonl", r=64, lora_alpha=128)
     model = peft.get_peft_model(model, config)
+
+At a parameter budget: `strategy="page_budget", budget=3_000_000` (modules in PAGE order at rank r) or
+`strategy="page_rank", budget_fraction=0.16` (a total rank spread by PAGE, as `rank_pattern`).
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 
+from domlora.errors import ConfigError
 from domlora.placement import Placement, PlacementSpec, select
 from domlora.probes.page import page_probe
 from domlora.samples import encode_samples, read_samples, validate_sample
@@ -43,24 +47,42 @@ def probe_page(model, tokenizer, data: str | os.PathLike | Sequence[dict], *, sa
     return page_summary(result, model=name)
 
 
-def place(model, tokenizer, data, *, strategy: str = "dom", k: int = 3, **probe_kwargs) -> Placement:
-    """Probe and apply a PAGE-based strategy (`dom`, `page_argmax`, `page_topk`)."""
+def place(model, tokenizer, data, *, strategy: str = "dom", k: int = 3, budget: float | None = None,
+          budget_fraction: float | None = None, total_rank: int | None = None, max_modules: int | None = None,
+          lora_rank: int = 64, lora_alpha: float | None = None, **probe_kwargs) -> Placement:
+    """Probe and apply a PAGE-based strategy (`dom`, `page_argmax`, `page_topk`, `page_budget`, `page_rank`).
+
+    The budget (`page_budget`, `page_rank`) is checked before the probe runs; `lora_rank` / `lora_alpha` are
+    the adapter's rank (and alpha) the budget is spent at.
+    """
+    spec = PlacementSpec(strategy=strategy, k=k, budget=budget, budget_fraction=budget_fraction,
+                         total_rank=total_rank, max_modules=max_modules, rank=lora_rank, alpha=lora_alpha)
     doc = probe_page(model, tokenizer, data, **probe_kwargs)
-    return select(PlacementSpec(strategy=strategy, k=k), probe=doc)
+    return select(spec, probe=doc)
 
 
 def dominant_lora_config(model, tokenizer, data, *, r: int = 64, lora_alpha: float = 128,
-                         strategy: str = "dom", k: int = 3, samples: int = 32, max_length: int = 512,
+                         strategy: str = "dom", k: int = 3, budget: float | None = None,
+                         budget_fraction: float | None = None, total_rank: int | None = None,
+                         max_modules: int | None = None, samples: int = 32, max_length: int = 512,
                          batch_size: int = 1, show_progress: bool = False, **lora_kwargs):
-    """A `peft.LoraConfig` whose `target_modules` is the dominant module of `model` on `data`.
+    """A `peft.LoraConfig` whose `target_modules` is the dominant module of `model` on `data`, or with `strategy`
+    `page_budget` / `page_rank` PAGE's modules at a budget (`budget` parameters or `budget_fraction` of vanilla
+    LoRA's at rank `r`; `page_rank` also `total_rank`), per-module ranks as `rank_pattern` / `alpha_pattern`.
 
     Extra keyword arguments go to `LoraConfig` (e.g. `lora_dropout`, `use_dora=True`).
     """
     from peft import LoraConfig
 
-    placement = place(model, tokenizer, data, strategy=strategy, k=k, samples=samples, max_length=max_length,
-                      alpha=lora_alpha, rank=r, batch_size=batch_size, show_progress=show_progress)
+    placement = place(model, tokenizer, data, strategy=strategy, k=k, budget=budget, budget_fraction=budget_fraction,
+                      total_rank=total_rank, max_modules=max_modules, lora_rank=r, lora_alpha=lora_alpha,
+                      samples=samples, max_length=max_length, alpha=lora_alpha, rank=r, batch_size=batch_size,
+                      show_progress=show_progress)
     lora_kwargs.setdefault("lora_dropout", 0.0)
     lora_kwargs.setdefault("bias", "none")
     lora_kwargs.setdefault("task_type", "CAUSAL_LM")
+    for key, value in placement.lora_kwargs().items():
+        if key in lora_kwargs:
+            raise ConfigError(f"strategy {strategy} sets {key} itself; fix: drop {key} from the keyword arguments")
+        lora_kwargs[key] = value
     return LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(placement.modules), **lora_kwargs)

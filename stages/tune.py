@@ -1,4 +1,4 @@
-"""tune stage: a budget class's learning rate from its sweep (lowest mean validation NLL over its methods).
+"""tune stage: each method of a tier at its own rate and the tier's step count, from its sweep.
 
 Run as: python -m stages.tune --budget smol-arith-module
 """
@@ -10,7 +10,7 @@ from domlora.entry import run_main, stage_parser
 from domlora.errors import ConfigError
 from domlora.pipeline.grid import stage_params
 from domlora.pipeline.paths import Layout
-from domlora.pipeline.tune import tune_stage
+from domlora.pipeline.stages.tune import tune_stage
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,8 @@ import yaml
 
 from domlora.pipeline.params import Cell, parse_profile
 from domlora.pipeline.paths import Layout
-from domlora.pipeline.placement_report import collect, describe_modules, flat_share, write_placement_report
+from domlora.pipeline.placement_report import (collect, compare, describe_modules, flat_share, paired_difference,
+                                               verdict, write_placement_report)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOM = "model.layers.11.mlp.down_proj"
@@ -24,9 +25,9 @@ def _w(path: Path, doc):
 
 @pytest.fixture
 def params():
-    d = yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]["placement"]
+    d = yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]["placement_arith"]
     d = copy.deepcopy(d)
-    d["grid"]["methods"] = ["dom", "kappa1", "full_dom", "lora"]
+    d["grid"]["methods"] = ["dom", "kappa1", "lora"]
     d["grid"]["datasets"] = ["arith"]
     d["grid"]["probe_datasets"] = ["arith"]
     return parse_profile(d, name="placement")
@@ -63,9 +64,10 @@ def test_rows_aggregate_seeds_and_read_costs(tmp_path, params):
     assert rows["lora"]["cells"] == 1 and rows["dom"]["cells"] == 3
     out = write_placement_report(params, lay)
     md = (lay.reports / "placement.md").read_text()
-    assert "| DomLoRA (PAGE dom) | module | 0.005 | 135.2k | PAGE probe: 41.5 s |" in md
+    assert "### Tier `module`" in md and "| DomLoRA (PAGE dom) | 135.2k | 0.005 | – | PAGE probe: 41.5 s |" in md
     assert "35.0 ± 2.9" in md and "0.2200 ± 0.0115" in md
-    assert "Class `module`" in md and "| **mean** |" in md
+    assert "Tier `module` (" in md and "| **0.2000** |" in md  # the chosen rate of the sweep table in bold
+    assert "### Verdict per tier" in md
     assert out["figures"] and Path(out["figures"][0]).is_file()
 
 
@@ -77,3 +79,29 @@ def test_flat_share_and_module_descriptions():
     table = {f"model.layers.{i}.mlp.{t}": {"type": t, "layer": i} for i in range(3) for t in ("up_proj", "down_proj")}
     assert describe_modules(list(table), table) == "6: up_proj x3, down_proj x3 in 3 layers (0-2)"
     assert describe_modules([], {}) == "–"
+
+
+def _row(label, strategy, ems, nlls, budget="t"):
+    return {"label": label, "strategy": strategy, "budget": budget,
+            "em": statistics.fmean(ems), "em_se": statistics.stdev(ems) / len(ems) ** 0.5,
+            "nll": statistics.fmean(nlls), "nll_se": statistics.stdev(nlls) / len(nlls) ** 0.5,
+            "em_by_seed": dict(enumerate(ems)), "nll_by_seed": dict(enumerate(nlls))}
+
+
+def test_paired_differences_and_the_verdict_follow_the_numbers():
+    # page_rank beats LoRA in every seed by 5-7 points: beyond the noise, although the seeds themselves vary a lot
+    lora = _row("LoRA r=10", "all", [40.0, 50.0, 60.0], [0.10, 0.09, 0.08])
+    pr = _row("PAGE rank", "page_rank", [46.0, 55.0, 67.0], [0.09, 0.085, 0.07])
+    kappa = _row("KappaTune", "kappa", [41.0, 49.0, 61.0], [0.095, 0.09, 0.081])
+    d = paired_difference(lora["em_by_seed"], pr["em_by_seed"])
+    assert d[0] == pytest.approx(-6.0) and d[1] == pytest.approx(statistics.stdev([-6, -5, -7]) / 3 ** 0.5) and d[2] == 3
+    rows = {r["label"]: r for r in compare([lora, pr, kappa])}
+    assert rows["PAGE rank"]["best_em"] and rows["PAGE rank"]["d_em"] is None
+    text = verdict("t", [lora, pr, kappa], label="16% of LoRA")
+    assert text.startswith("Tier `t` (16% of LoRA): by exact match **PAGE rank** leads")
+    assert "more than the seeds' noise" in text and "PAGE's PAGE rank ranks 1 of 3" in text
+    assert "PAGE rank minus LoRA r=10 at the same parameter count: +6.0 ± 0.6 points" in text
+    # the other way round: a tie within the noise is called one
+    flipped = verdict("t", [_row("A", "all", [50.0, 40.0, 60.0], [0.1, 0.1, 0.1]),
+                            _row("B", "page_budget", [52.0, 38.0, 61.0], [0.1, 0.1, 0.1])])
+    assert "within the seeds' noise" in flipped

@@ -144,6 +144,11 @@ def to_peft_config(placement_modules: list[str], *, variant: str, rank: int, alp
     """
     check_variant(variant)
     targets = list(placement_modules)
+    patterns = [k for k in ("rank_pattern", "alpha_pattern") if kw.get(k)]
+    if patterns and variant not in LORA_LIKE:
+        raise ConfigError(f"this placement gives each module its own rank ({patterns[0]}), which variant {variant!r} "
+                          f"does not take; fix: train it as one of {', '.join(LORA_LIKE)}, or use a placement at "
+                          "one rank (page_budget)")
     if variant == "full":
         return None
     if dropout < 0 or dropout >= 1:
@@ -215,6 +220,8 @@ def attach(model, placement_modules: Sequence[str], *, variant: str, rank: int, 
     names = list(placement_modules)
     shapes = check_compatible(model, names, variant=variant, rank=rank, gralora_k=kw.get("gralora_k"),
                               total_step=kw.get("total_step"))
+    if variant == "full":
+        to_peft_config(names, variant=variant, rank=rank, alpha=alpha, **kw)  # refuses per-module ranks
     model.requires_grad_(False)
     if variant == "full":
         mods = dict(model.named_modules())

@@ -120,8 +120,19 @@ class MethodSpec:
     peer: dict[str, Any] = field(default_factory=dict)
     """options of a placement peer (`domlora.peer_options.OPTIONS`: kappa, aletheia, massive; eva's are train keys)"""
     budget: str | None = None
-    """budget class (a key of the profile's `tune.budgets`): the methods of a class train at the learning rate
-    its sweep chose"""
+    """budget class, or tier (a key of the profile's `tune.budgets`): compared with the tier's methods at (nearly)
+    equal trainable parameters, each at the learning rate its own sweep chose"""
+    budget_params: float | None = None
+    """`page_budget` / `page_rank`: trainable LoRA parameters to spend"""
+    budget_fraction: float | None = None
+    """`page_budget` / `page_rank`: the budget as a fraction of vanilla LoRA's parameters at the method's rank"""
+    total_rank: int | None = None
+    """`page_rank`: the total rank spread over its modules by PAGE (instead of a parameter budget)"""
+    max_modules: int | None = None
+    """`page_rank`: spread over the top this-many modules by PAGE (None: every candidate)"""
+    match_tier: bool = False
+    """give the placement's modules the one rank at which its parameters match its tier's reference (a peer or a
+    random draw whose modules differ in size from the reference's), as PEFT `rank_pattern`"""
     train: dict[str, Any] = field(default_factory=dict)
     """overrides of `train.TrainConfig` (written flat in params.yaml, beside the keys above)"""
     sparse_b: SparseBSpec | None = None
@@ -158,12 +169,33 @@ class BudgetSpec:
     """the grid seeds the class's methods run (None: all of `grid.seeds`)"""
     label: str | None = None
     """name in reports"""
+    reference: str | None = None
+    """a method whose trainable parameters are the tier's on each model: every method of the tier is within
+    15% of it (checked when it is selected; `pipeline.tiers`)"""
+    steps: list[int] | None = None
+    """candidate training lengths (optimizer steps), shortest first: the tier trains the first at which every
+    method's tuning run at its chosen rate has flattened (None: the profile's `max_steps`)"""
+    extend: int = 2
+    """how many times the tune stage may extend a method's rate grid past an edge (one grid step each)"""
+    on_edge: Literal["fail", "keep"] = "fail"
+    """a rate still at an edge after `extend` extensions fails the tune stage with the fix (`fail`), or is kept
+    and marked in the tune file and the report (`keep`: for wiring checks such as placement_ci, never results)"""
 
     def __post_init__(self):
         if self.seeds is not None and not self.seeds:
             raise ConfigError("a budget class's `seeds` must list at least one seed (or be left out: all)")
         if len(self.lrs) < 2 or any(not lr > 0 for lr in self.lrs) or len(set(self.lrs)) != len(self.lrs):
-            raise ConfigError(f"a budget class needs at least two distinct learning rates > 0 to sweep, got {self.lrs}")
+            raise ConfigError(f"a budget class needs a log grid of at least two distinct learning rates > 0 to sweep, "
+                              f"got {self.lrs}; fix: e.g. lrs: [5.0e-4, 1.5e-3, 5.0e-3] (three, so that the chosen "
+                              "rate can be interior)")
+        if sorted(self.lrs) != list(self.lrs):
+            raise ConfigError(f"a budget class's `lrs` must be in increasing order (a log grid), got {self.lrs}; "
+                              f"fix: lrs: {sorted(self.lrs)}")
+        if self.steps is not None and (not self.steps or sorted(set(self.steps)) != list(self.steps)
+                                       or self.steps[0] < 1):
+            raise ConfigError(f"a tier's `steps` lists candidate step counts >= 1, increasing, got {self.steps}")
+        if self.extend < 0:
+            raise ConfigError(f"a tier's `extend` must be >= 0, got {self.extend}")
         if self.modules is not None and self.modules < 1:
             raise ConfigError(f"a budget class's `modules` must be >= 1, got {self.modules}")
 
@@ -407,10 +439,26 @@ def _parse_method(where: str, d, base: TrainConfig) -> MethodSpec:
     if m.grpo is not None and m.placement not in ("all", "explicit", "types", "dom", "page_argmax", "page_topk"):
         raise ConfigError(f"params.yaml: `{where}`: GRPO trains a LoRA on a fixed placement; {m.placement!r} is not one")
     _check_peer(where, m, resolved)
+    _check_placement_budget(where, m, resolved)
     if m.budget is not None and "lr" in over:
         raise ConfigError(f"params.yaml: `{where}` is in budget class {m.budget!r}, whose learning rate the sweep "
                           "chooses for every method of the class; fix: remove its `lr`")
     return dataclasses.replace(m, train=over)
+
+
+def _check_placement_budget(where: str, m: MethodSpec, cfg: TrainConfig) -> None:
+    """A `page_budget` / `page_rank` budget in one unit, only where it is read: before any model loads."""
+    from domlora.placement import PlacementSpec
+
+    try:
+        PlacementSpec(strategy=m.placement, k=m.k, budget=m.budget_params, budget_fraction=m.budget_fraction,
+                      total_rank=m.total_rank, max_modules=m.max_modules, rank=cfg.rank, alpha=cfg.alpha)
+    except ConfigError as exc:
+        msg = str(exc).replace("budget=", "budget_params: ").replace("budget_fraction=", "budget_fraction: ")
+        raise ConfigError(f"params.yaml: `{where}`: {msg}") from None
+    if m.placement == "page_rank" and cfg.variant not in ("lora", "lora_plus", "rslora", "norm", "dora"):
+        raise ConfigError(f"params.yaml: `{where}`: page_rank gives each module its own rank, which variant "
+                          f"{cfg.variant!r} does not take; fix: variant lora (or dora, rslora, lora_plus, norm)")
 
 
 def _check_peer(where: str, m: MethodSpec, cfg: TrainConfig) -> None:
@@ -547,8 +595,8 @@ def _check_grid(name: str, grid: GridSpec, models: dict, datasets: dict, methods
 def _check_budgets(name: str, tune: TuneSpec | None, grid: GridSpec, methods: dict, datasets: dict) -> None:
     """Every budget class named by a method is declared, every declared class has a method in the grid."""
     for slug, m in methods.items():
-        if m.budget is None:
-            continue
+        if m.budget is None or (slug not in grid.methods and tune is not None and m.budget not in tune.budgets):
+            continue  # a method outside the grid may name a tier another profile declares
         if tune is None:
             raise ConfigError(f"`{name}.methods.{slug}` is in budget class {m.budget!r}, but the profile has no "
                               "`tune:` section declaring its learning rates; fix: add `tune: {budgets: {"
@@ -563,6 +611,19 @@ def _check_budgets(name: str, tune: TuneSpec | None, grid: GridSpec, methods: di
             raise ConfigError(f"`{name}.tune.budgets.{b}` has no method in `grid.methods`; fix: give a grid method "
                               f"`budget: {b}`, or drop the class")
     for b, spec in tune.budgets.items():
+        if spec.reference is not None and (spec.reference not in grid.methods
+                                           or methods[spec.reference].budget != b):
+            raise ConfigError(f"`{name}.tune.budgets.{b}.reference` is {spec.reference!r}, which is not a grid method "
+                              f"of tier {b!r}; fix: one of {', '.join(m for m in grid.methods if methods[m].budget == b)}")
+        for slug in grid.methods:
+            if methods[slug].budget == b and methods[slug].match_tier and spec.reference in (None, slug):
+                raise ConfigError(f"`{name}.methods.{slug}.match_tier` matches the tier's reference, and tier {b!r} "
+                                  f"{'has none' if spec.reference is None else 'names this method'}; fix: set "
+                                  f"`tune.budgets.{b}.reference` to another method of the tier")
+        if spec.reference is not None and methods[spec.reference].placement in ("kappa", "aletheia", "eva", "massive"):
+            raise ConfigError(f"`{name}.tune.budgets.{b}.reference` is {spec.reference!r}, which chooses its modules from "
+                              "the model itself, so its count is known only after it runs; fix: a fixed or PAGE "
+                              "placement (e.g. LoRA at the tier's rank)")
         bad = [x for x in (spec.seeds or []) if x not in grid.seeds]
         if bad:
             raise ConfigError(f"`{name}.tune.budgets.{b}.seeds` has {bad}, which are not in `grid.seeds` {grid.seeds}")

