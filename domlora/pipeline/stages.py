@@ -12,6 +12,7 @@ from pathlib import Path
 from domlora.errors import ConfigError
 from domlora.io import atomic_outputs, read_json, write_json
 from domlora.studies.checkpoints import STEP_DIR
+from domlora.studies.stability import bootstrap_choice
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
     result.page.encode_report = report
     name = model_name or model
     doc = page_summary(result.page, model=name)
+    # how often resampled probe sets pick the same dom / argmax: the uncertainty of "task-stable"
+    doc["bootstrap"] = bootstrap_choice(result.page).to_dict()
     doc["data"] = str(data)
     doc["max_length"] = max_length
     doc["signals"] = ["page"] + (["nfn"] if nfn else []) + (["activations"] if activations else [])
