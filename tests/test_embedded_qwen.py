@@ -261,3 +261,36 @@ class TestBadInput:
                                              r"is available; fix: free memory"):
             load_model("embedded-qwen", device="cpu", cache_dir=cache)
         assert _no_checkpoint_written(cache)
+
+
+@pytest.mark.slow
+def test_real_qwen_loads_and_probes():
+    """The installed parts (`make install-qwen`): 28 layers x 7 types, untied output matrix, ChatML, a
+    finite 2-sample PAGE probe (converts once: ~6 min and 8.6 GiB at peak; later loads ~15 s, 7 GiB)."""
+    from conftest import chat_samples
+
+    from domlora.api import probe_page
+    from domlora.modules import find_candidates
+    from domlora.probes.budget import available_memory
+
+    b = models.EMBEDDED_BACKBONES["embedded-qwen"]
+    if any(importlib.util.find_spec(m) is None for m in b.chunks):
+        pytest.skip("the Qwen parts are not installed (`make install-qwen`)")
+    if available_memory("cpu") < 10 * 2**30:
+        pytest.skip("needs 10 GiB of free memory")
+    lm = load_model("embedded-qwen", device="cpu")
+    model, tok = lm.model, lm.tokenizer
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.num_hidden_layers == 28
+    assert 1_770_000_000 < sum(p.numel() for p in model.parameters()) < 1_780_000_000  # output matrix untied
+    cands = find_candidates(model)
+    assert len(cands) == 28 * 7 and {(c.d_in, c.d_out) for c in cands if c.type == "down_proj"} == {(8960, 1536)}
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 3?"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 plus 3?<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert "5" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    doc = probe_page(model, tok, chat_samples(2), samples=2, max_length=64, batch_size=2)
+    assert doc["n_layers"] == 28 and len(doc["modules"]) == 196 and doc["dominant"].endswith("mlp.down_proj")
+    assert all(np.isfinite(m["PAGE"]) for m in doc["modules"].values())
