@@ -103,3 +103,19 @@ def test_probe_stage_writes_the_bootstrap(tiny_model_dir, chat_jsonl, tmp_path):
     assert boot["dom_stability"] == doc["bootstrap"]["dom_stability"] and boot["n_boot"] == 1000 and boot["n_samples"] == 6
     assert boot["dom"] == doc["dominant"] and boot["argmax"] == doc["argmax"]
     assert 0 < boot["dom_stability"] <= 1 and sum(boot["dom_counts"].values()) == 1000
+
+
+def test_probe_refuses_weights_that_do_not_fit_before_loading(tiny_model_dir, chat_jsonl, tmp_path, monkeypatch):
+    """On a machine without the memory for the weights (Qwen-1.5B: 7.1 GB in float32) the probe stage
+    says what they need and what is free, and loads nothing."""
+    import domlora.models
+    from domlora.pipeline.stages import probe
+    from domlora.probes import budget
+
+    monkeypatch.setattr(budget, "available_memory", lambda device: 1000)
+    monkeypatch.setattr(domlora.models, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ConfigError, match=r"the model's weights alone need 0.00 GiB and 0.00 GiB is free: refused "
+                                          r"before loading; fix: free memory"):
+        probe(model=str(tiny_model_dir), data=chat_jsonl, out_dir=tmp_path / "p", samples=4, max_length=64,
+              device="cpu")
+    assert not (tmp_path / "p").exists()
