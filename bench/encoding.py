@@ -25,7 +25,7 @@ import torch
 
 from domlora.data import prepare_dataset
 from domlora.models import load_model
-from domlora.probes import page_probe
+from domlora.probes.page import page_probe
 from domlora.probes.summary import page_summary
 from domlora.samples import Encoded, _render, encode_samples, read_samples
 

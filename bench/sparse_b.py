@@ -24,8 +24,9 @@ import sys
 from pathlib import Path
 
 from domlora.data import prepare_dataset
-from domlora.studies.grpo import GRPOSettings, grpo
-from domlora.studies.sparse_b import SparseBSpec, render_report_section, sparse_b_sft
+from domlora.regimes.grpo import GRPOSettings, grpo
+from domlora.pipeline.sparse_b_report import render_report_section
+from domlora.regimes.sparse_b import SparseBSpec, sparse_b_sft
 from domlora.pipeline.params import load_params
 
 DATA_SEED = 1234

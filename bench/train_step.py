@@ -1,7 +1,7 @@
 """Training-step time and peak memory per placement on the embedded model, side by side in one run.
 
 Each configuration runs in its own fresh process (so peak memory is its own) through the real
-training loop (`domlora.train.train`); configurations are interleaved over `--rounds` to spread
+training loop (`domlora.train.loop.train`); configurations are interleaved over `--rounds` to spread
 the noise of a shared machine, and the table reports medians and ratios to vanilla LoRA. Besides
 wall time, each step's CPU time (process time, all threads) is reported: on a busy shared
 machine it is the steadier measure of the work a step does.
@@ -73,7 +73,9 @@ def child(a) -> dict:
     from domlora.modules import find_candidates
     from domlora.placement import PlacementSpec, select
     from domlora.samples import collate, encode_samples, read_samples
-    from domlora.train import StepPlan, TrainConfig, train
+    from domlora.train.config import TrainConfig
+    from domlora.train.loop import train
+    from domlora.train.plan import StepPlan
 
     desc, spec, variant = CONFIGS[a.child]
     loaded = load_model("embedded", device="cpu", dtype="float32")

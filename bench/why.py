@@ -80,7 +80,7 @@ def run_task(model, tok, task: str, probe_file: Path, args, out: Path) -> dict:
     import torch
 
     from domlora.studies.decompose import page_decompose
-    from domlora.studies.diagnostics import plot_activations
+    from domlora.probes.summary import plot_activations
     from domlora.probes.massive import massive_predict, massive_summary
     from domlora.probes.page import page_probe
     from domlora.samples import encode_samples, read_samples

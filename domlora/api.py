@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 
 from domlora.placement import Placement, PlacementSpec, select
-from domlora.probes import page_probe
+from domlora.probes.page import page_probe
 from domlora.samples import encode_samples, read_samples, validate_sample
 from domlora.probes.summary import page_summary
 

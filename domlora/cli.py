@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import pkgutil
 import sys
-from collections.abc import Callable
 
 from domlora import commands
-from domlora.errors import DomloraError
+from domlora.entry import run_main, stage_parser  # noqa: F401 (stage_parser: for scripts that import it from here)
 
 
 def discover_commands() -> dict:
@@ -35,28 +33,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     for name, mod in cmds.items():
         mod.add_arguments(sub.add_parser(name, help=mod.HELP, description=mod.HELP))
     return parser, cmds
-
-
-def run_main(fn: Callable[[], object], *, name: str = "domlora", verbose: bool = False) -> int:
-    """The one door of every entry point (CLI subcommands and DVC stage scripts): configure
-    logging, run `fn`, turn a user error into one line naming the problem and the fix, exit 2."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        return int(fn() or 0)
-    except DomloraError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def stage_parser(doc: str) -> argparse.ArgumentParser:
-    """The arguments every DVC stage script shares."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml", help="params file")
-    p.add_argument("--profile", default=None, help="profile name (default: the active one, `run`)")
-    p.add_argument("--root", default=".", help="repository root where data/, probes/, runs/ live")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -628,17 +628,8 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, *, n_train: int, n_pr
             bad sizes, or nothing left for a requested split after filtering.
     """
     spec = get_spec(name)
-    for label, v in (("n_train", n_train), ("n_probe", n_probe), ("n_eval", n_eval)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise DataError(f"{label} must be an integer >= 0, got {v!r}")
-    if n_train + n_probe + n_eval == 0:
-        raise DataError("n_train, n_probe and n_eval are all 0: nothing to prepare; fix: ask for some samples")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise DataError(f"seed must be an integer, got {seed!r}")
-    if max_length_chars is not None and (not isinstance(max_length_chars, int) or max_length_chars < 1):
-        raise DataError(f"max_length_chars must be a positive integer or None, got {max_length_chars!r}")
-    if source is not None and spec.kind == "generated":
-        raise DataError(f"{name} is generated here from the seed; --source does not apply to it; fix: drop --source")
+    _check_arguments(name, spec, n_train=n_train, n_probe=n_probe, n_eval=n_eval, seed=seed,
+                     max_length_chars=max_length_chars, source=source)
     source = None if source is None else str(source)
     want = {"eval": n_eval, "probe": n_probe, "train": n_train}
     order = ("eval", "probe", "train")
@@ -719,6 +710,21 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, *, n_train: int, n_pr
     _write_outputs(Path(out_dir), texts, stats)
     logger.info("%s: wrote %s to %s", name, stats["counts"], out_dir)
     return stats
+
+
+def _check_arguments(name: str, spec, *, n_train, n_probe, n_eval, seed, max_length_chars, source) -> None:
+    """`prepare_dataset`'s sizes, seed, length cap and source, before any record is read."""
+    for label, v in (("n_train", n_train), ("n_probe", n_probe), ("n_eval", n_eval)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise DataError(f"{label} must be an integer >= 0, got {v!r}")
+    if n_train + n_probe + n_eval == 0:
+        raise DataError("n_train, n_probe and n_eval are all 0: nothing to prepare; fix: ask for some samples")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise DataError(f"seed must be an integer, got {seed!r}")
+    if max_length_chars is not None and (not isinstance(max_length_chars, int) or max_length_chars < 1):
+        raise DataError(f"max_length_chars must be a positive integer or None, got {max_length_chars!r}")
+    if source is not None and spec.kind == "generated":
+        raise DataError(f"{name} is generated here from the seed; --source does not apply to it; fix: drop --source")
 
 
 def _describe(counts: Counter) -> str:

@@ -50,6 +50,14 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(fh)
 
 
+def read_json_or_none(path: str | os.PathLike) -> Any | None:
+    """The JSON document at `path`, or None where it is missing or not JSON (a stage that has not run yet)."""
+    try:
+        return read_json(path)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def iter_jsonl(path: str | os.PathLike, *, error=ValueError) -> Iterator[tuple[int, Any]]:
     """Yield `(line number, object)` for each non-blank line of a JSON-lines file.
 

@@ -29,7 +29,6 @@ from domlora.locations import default_cache_dir
 from domlora.config import ModelSpec
 from domlora.errors import ModelError
 from domlora.io import atomic_dir, file_lock
-from domlora.probes.budget import available_memory
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +296,19 @@ def _convert(b: EmbeddedBackbone, gguf: Path, out: Path) -> None:
         plain.generation_config.eos_token_id = sorted(set(eos + [tokenizer.eos_token_id, eot]) - {None})
     plain.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def available_memory(device: str = "cpu") -> int:
+    """RAM the kernel calls available (a conversion runs on the CPU). `probes.budget.available_memory` does the
+    same for any device; it is not imported here, so that every stage loading a model does not run the probes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))  # pragma: no cover
 
 
 def _check_memory(b: EmbeddedBackbone, target: Path) -> None:

@@ -41,12 +41,6 @@ def base_name(name: str) -> str:
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
 
-def block_index(name: str) -> int | None:
-    """The Transformer block a module name sits in (`model.layers.6.mlp.down_proj` -> 6), or None."""
-    m = BLOCK_RE.search(name)
-    return int(m.group(1)) if m else None
-
-
 @dataclass(frozen=True)
 class Candidate:
     """One adaptable projection."""

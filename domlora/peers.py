@@ -18,268 +18,19 @@ model for these strategies only.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import logging
-import os
-import threading
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from collections.abc import Sequence
+from dataclasses import asdict
 
-from domlora.config import from_dict
 from domlora.errors import ConfigError
+from domlora.adapters.eva import bounded_eva_forward, check_eva, eva_batches, quiet_eva
+from domlora.memory import measure_cost
+from domlora.modules import find_candidates, num_layers
+from domlora.peer_options import (ALETHEIA_EXTRA, ALETHEIA_PIN, DOC_KIND, EVA_TYPES_NOTE, AletheiaOptions, EvaOptions,
+                                  KappaOptions, MassiveOptions, parse_options)
+from domlora.probes.massive import massive_predict, massive_summary
 
 logger = logging.getLogger(__name__)
-
-DOC_KIND = "peer"
-ALETHEIA_EXTRA = "pipeline"
-ALETHEIA_PIN = "aletheia-lora==0.1.2"
-EVA_TYPES_NOTE = "every candidate projection (EVA redistributes LoRA's rank budget over them)"
-
-
-@dataclass(frozen=True)
-class KappaOptions:
-    """KappaTune (PEFT's helper)."""
-
-    top_p: float = 0.2
-    """the helper's default: the fraction of analysed linear modules with the lowest condition numbers"""
-    num_modules: int | None = None
-    """keep this many modules with the lowest condition numbers instead (1: the top-1-module form)"""
-    max_dim_size_to_analyze: int = 16384
-    """the helper's default: weights with a larger dimension are not analysed"""
-
-    def __post_init__(self):
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"kappa option top_p must be in (0, 1], got {self.top_p}")
-        if self.num_modules is not None and self.num_modules < 1:
-            raise ConfigError(f"kappa option num_modules must be >= 1, got {self.num_modules}")
-
-
-@dataclass(frozen=True)
-class AletheiaOptions:
-    """Aletheia (the `aletheia-lora` package)."""
-
-    top_pct: float = 50.0
-    """the package's default: the top percent of layers by gradient norm"""
-    num_layers: int | None = None
-    """keep this many layers instead (1: the top-1-layer form)"""
-    probe_batches: int = 5
-    """the package's default: probe samples (batches of one)"""
-    chunk_size: int = 8
-    """the package's default: layers whose gradients are enabled at once"""
-    seed: int = 42
-    """the package's default: which probe samples are drawn"""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                               "up_proj", "down_proj"])
-    """the package's default target modules, adapted in every chosen layer"""
-
-    def __post_init__(self):
-        if not 1 <= self.top_pct <= 100:
-            raise ConfigError(f"aletheia option top_pct must be in [1, 100], got {self.top_pct}")
-        if self.num_layers is not None and self.num_layers < 1:
-            raise ConfigError(f"aletheia option num_layers must be >= 1, got {self.num_layers}")
-        if self.probe_batches < 1 or self.chunk_size < 1:
-            raise ConfigError("aletheia options probe_batches and chunk_size must be >= 1")
-        if not self.target_modules:
-            raise ConfigError("aletheia option target_modules must name at least one module")
-
-
-@dataclass(frozen=True)
-class EvaOptions:
-    """EVA (PEFT). In a pipeline method these come from its training keys (`rank`, `alpha`, `eva_*`), so the
-    select stage computes the allocation the training initialisation will compute."""
-
-    rank: int = 64
-    """LoRA rank r: the budget is r x the number of projections"""
-    alpha: float = 128.0
-    """LoRA alpha (EVA rescales it with the redistributed rank)"""
-    rho: float = 2.0
-    """PEFT's default: a projection gets at most rho x r"""
-    tau: float = 0.99
-    """PEFT's default: cosine similarity at which the incremental SVD has converged"""
-    samples: int = 64
-    """training samples (the first N of the file) EVA's SVD reads"""
-    batch_size: int = 16
-    """samples per forward pass (each batch needs at least rho x r target tokens)"""
-    max_length: int = 3072
-    """tokens per sample"""
-
-    def __post_init__(self):
-        if self.rank < 1 or self.samples < 1 or self.batch_size < 1 or self.max_length < 2:
-            raise ConfigError("eva options rank, samples, batch_size must be >= 1 and max_length >= 2")
-        if self.rho < 1:
-            raise ConfigError(f"eva option rho must be >= 1 (PEFT's rule), got {self.rho}")
-        if not 0 <= self.tau <= 1:
-            raise ConfigError(f"eva option tau must be in [0, 1], got {self.tau}")
-
-
-@dataclass(frozen=True)
-class MassiveOptions:
-    """The forward-only `massive` predictor."""
-
-    rule: Literal["onset", "largest_jump", "largest_output"] = "onset"
-    """which down_proj it picks (`domlora.probes.massive`)"""
-    batch_size: int = 8
-    """samples per forward pass"""
-
-
-OPTIONS = {"kappa": KappaOptions, "aletheia": AletheiaOptions, "eva": EvaOptions, "massive": MassiveOptions}
-"""peer -> its options; every placement strategy that needs the model is here"""
-# what each peer reads from the data: nothing, the probe split, the training split
-DATA = {"kappa": None, "aletheia": "probe", "eva": "train", "massive": "probe"}
-
-
-def parse_options(peer: str, options: dict | None):
-    """Validate a peer's options; an unknown option is named with the allowed ones."""
-    if peer not in OPTIONS:
-        raise ConfigError(f"{peer!r} is not a placement peer; peers: {', '.join(OPTIONS)}")
-    return from_dict(OPTIONS[peer], options or {}, where=f"{peer} option")
-
-
-# ---------------------------------------------------------------------------------------------- cost
-
-
-_PROC_STATUS = "/proc/self/status"
-
-
-def _proc_anon_mb() -> float:
-    """The process's anonymous resident memory (its heap, tensors and arrays), in MB, from /proc.
-
-    File-backed pages (mapped weight files, shared libraries) are left out: the kernel may drop or
-    re-read them at any time, which would move the baseline under the work being measured.
-    """
-    with open(_PROC_STATUS) as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    raise OSError(f"{_PROC_STATUS} has no RssAnon line")
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _malloc_heap_reader():
-    """glibc's live allocation count (`mallinfo2`, every arena: bytes in use plus large mmapped blocks), or None."""
-    try:
-        fn = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):  # not glibc, or glibc < 2.33
-        return None
-    fn.restype = _MallInfo2
-
-    def read() -> float:
-        m = fn()
-        return (m.uordblks + m.hblkhd) / 2**20
-
-    return read
-
-
-def _statm_resident_mb() -> float:
-    with open(_PROC_STATUS.replace("status", "statm")) as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _max_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-_PROBE_MB = 16
-
-
-def _moves(read) -> bool:
-    """Whether `read` sees a fresh allocation of _PROBE_MB now: a reading that cannot be read (no /proc in a
-    chroot or another PID namespace), or whose figure does not follow the process, fails this.
-
-    The allocation is both kinds the work makes: fresh anonymous pages, touched (what resident readings see;
-    the heap may reuse pages already resident), and a heap block (what the allocator's count sees).
-    """
-    import mmap
-
-    n = _PROBE_MB * 2**20
-    try:
-        before = read()
-        pages = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # anonymous, as the work's pages
-        for i in range(0, n, mmap.PAGESIZE):
-            pages[i] = 1
-        block = bytearray(n)
-        after = read()
-        del block
-        pages.close()
-    except (OSError, ValueError, IndexError):
-        return False
-    return after - before >= _PROBE_MB / 2
-
-
-def _memory_reader():
-    """The best live memory reading this process has, as (read() -> MB, memory_kind).
-
-    Each candidate is tried on a small allocation first, and the first that sees it is taken: glibc's live heap
-    (what tensors and arrays hold, counted by the allocator itself, so always current, even for a block placed
-    in pages the heap already holds resident, which resident figures miss); /proc's anonymous resident memory;
-    /proc's whole resident set (file-backed pages in); else the process's peak so far, which cannot see
-    work that stays under an earlier peak (its kind says so).
-    """
-    for read, kind in ((_malloc_heap_reader(), "malloc_heap_sampled"), (_proc_anon_mb, "process_rss_sampled"),
-                       (_statm_resident_mb, "process_rss_with_files_sampled")):
-        if read is not None and _moves(read):
-            return read, kind
-    logger.warning("no live memory reading in this process: peak memory is the process's peak so far")
-    return _max_rss_mb, "process_max_rss"
-
-
-@contextlib.contextmanager
-def measure_cost(device: str = "cpu", *, interval_s: float = 0.02) -> Iterator[dict]:
-    """Wall time and peak memory of the enclosed work, above what was resident when it started.
-
-    CPU: glibc's live heap (tensors and arrays; mapped weight files left out), else the process's anonymous
-    resident memory (`_memory_reader`), sampled every `interval_s` by a thread (so a short spike between samples
-    can be missed); CUDA: `torch.cuda.max_memory_allocated`. Fills the yielded dict on exit; `memory_kind`
-    names the reading.
-    """
-    cost: dict = {}
-    cuda = device.startswith("cuda")
-    # garbage still waiting for the cycle collector is resident now and may be freed inside the block:
-    # collected first, it cannot hide the work's own memory behind a falling baseline
-    gc.collect()
-    read, kind = _memory_reader()
-    start = read()
-    peak = [start]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.wait(interval_s):
-            peak[0] = max(peak[0], read())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    if cuda:
-        import torch
-
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    sampler.start()
-    t0 = time.perf_counter()
-    try:
-        yield cost
-    finally:
-        if cuda:
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-        stop.set()
-        sampler.join()
-        peak[0] = max(peak[0], read())
-        cost.update({"wall_s": round(wall, 3), "peak_rss_mb": round(peak[0], 1),
-                     "peak_over_model_mb": round(peak[0] - start, 1), "memory_kind": kind})
-        if cuda:
-            cost.update({"peak_over_model_mb": round((torch.cuda.max_memory_allocated() - base) / 2**20, 1),
-                         "memory_kind": "cuda_max_allocated"})
-
 
 # ---------------------------------------------------------------------------------------------- peers
 
@@ -300,8 +51,6 @@ def _table(cands) -> dict[str, dict]:
 def kappa(model, opts: KappaOptions) -> dict:
     """KappaTune: condition numbers of every linear weight, the lowest ones chosen (PEFT's helper)."""
     from peft.helpers import KappaTuneSelector
-
-    from domlora.modules import find_candidates
 
     cands = find_candidates(model)
     names = {c.name for c in cands}
@@ -346,8 +95,6 @@ def aletheia(model, encoded, opts: AletheiaOptions) -> dict:
     """Aletheia: the package's gradient probe and layer selection, its default target modules in those layers."""
     import torch
     from peft.tuners.tuners_utils import check_target_module_exists
-
-    from domlora.modules import find_candidates, num_layers
 
     pkg = _aletheia_module()
     cands = find_candidates(model)
@@ -395,66 +142,9 @@ def aletheia(model, encoded, opts: AletheiaOptions) -> dict:
             "modules": _table(cands)}
 
 
-def eva_batches(encoded, *, batch_size: int, pad_id: int, device=None) -> list[dict]:
-    """EVA's dataloader: batches in file order with `labels` = the target tokens (-100 elsewhere), so PEFT's
-    label mask keeps the SVD on assistant tokens as the training loss does."""
-    from domlora.samples import collate
-
-    out = []
-    for k in range(0, len(encoded), batch_size):
-        b = collate(encoded[k:k + batch_size], pad_id=pad_id, device=device)
-        target = (b["loss_mask"] * b["attention_mask"]).bool()
-        out.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
-                    "labels": b["input_ids"].masked_fill(~target, -100)})
-    return out
-
-
-def check_eva(batches: list[dict], *, rank: int, rho: float, min_d_in: int) -> None:
-    """EVA's SVD keeps rho x rank components per module: each batch needs that many target tokens, and every
-    module that many input features."""
-    need = round(rank * rho)
-    if need > min_d_in:
-        raise ConfigError(f"EVA keeps rho x rank = {need} components, more than the {min_d_in} input features of "
-                          "the smallest placed module; fix: a smaller rank or eva_rho")
-    short = min(int((b["labels"] != -100).sum()) for b in batches) if batches else 0
-    if short < need:
-        raise ConfigError(f"EVA's SVD needs at least rho x rank = {need} target tokens per batch, and a batch here "
-                          f"holds {short}; fix: raise eva_batch_size (or eva_samples)")
-
-
-def eva_forward(model, inputs: dict):
-    """EVA's forward pass: the projections' inputs are what it reads, so no logits and no loss are computed."""
-    return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
-                 logits_to_keep=1)
-
-
-EVA_MAX_PASSES = 12
-"""PEFT's EVA cycles over its batches until every module's components have converged (cosine >= tau), with no
-bound of its own: after this many passes over the samples it is stopped with an error that says what to change"""
-
-
-def bounded_eva_forward(n_batches: int, *, tau: float, max_passes: int = EVA_MAX_PASSES):
-    """`eva_forward` that refuses to run past `max_passes` passes over the `n_batches` batches."""
-    calls = [0]
-
-    def forward(model, inputs):
-        calls[0] += 1
-        if calls[0] > max_passes * n_batches:
-            raise ConfigError(f"EVA's SVD has not converged (tau {tau}) after {max_passes} passes over its "
-                              f"{n_batches} batch(es); fix: more samples (eva_samples), larger batches "
-                              "(eva_batch_size), or a lower eva_tau")
-        if calls[0] % n_batches == 0:
-            logger.info("EVA: pass %d over the samples", calls[0] // n_batches)
-        return eva_forward(model, inputs)
-
-    return forward
-
-
 def eva(model, encoded, opts: EvaOptions, *, pad_id: int) -> dict:
     """EVA: PEFT's rank redistribution over every projection from the SVD of their inputs on training data."""
     from peft import EvaConfig, LoraConfig, get_eva_state_dict
-
-    from domlora.modules import find_candidates
 
     cands = find_candidates(model)
     if not encoded:
@@ -464,7 +154,7 @@ def eva(model, encoded, opts: EvaOptions, *, pad_id: int) -> dict:
                      fan_in_fan_out=any(c.conv1d for c in cands))
     batches = eva_batches(encoded, batch_size=opts.batch_size, pad_id=pad_id, device=next(model.parameters()).device)
     check_eva(batches, rank=opts.rank, rho=opts.rho, min_d_in=min(c.d_in for c in cands))
-    with _quiet_eva():
+    with quiet_eva():
         state = get_eva_state_dict(model, batches, peft_config=cfg,
                                    forward_fn=bounded_eva_forward(len(batches), tau=opts.tau),
                                    gather_distributed_inputs=False, show_progress_bar=False)
@@ -486,19 +176,8 @@ def eva_evidence(ranks: dict[str, int], table: dict[str, dict], *, rank: int) ->
             "lora_params": int(params)}
 
 
-@contextlib.contextmanager
-def _quiet_eva():
-    # note: PEFT prints (not logs) a line per skipped SVD step; the token check above makes those rare
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
 def massive(model, encoded, opts: MassiveOptions, *, model_name: str) -> dict:
     """The forward-only predictor, as a `massive.json` document (the `massive` strategy's input)."""
-    from domlora.probes.massive import massive_predict, massive_summary
-
     pred, report = massive_predict(model, encoded, rule=opts.rule, batch_size=opts.batch_size)
     return massive_summary(pred, report, model=model_name)
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from domlora.errors import ConfigError
 from domlora.modules import ATTN_TYPES, FFN_TYPES, TYPES
+from domlora.probes.massive_choice import choose_from_doc
 
 # group names usable wherever a list of types is taken
 TYPE_GROUPS = {"ffn_all": FFN_TYPES, "attn_all": ATTN_TYPES, "all": TYPES}
@@ -218,14 +219,7 @@ STRATEGIES: dict[str, Callable] = {
 }
 
 
-def register_strategy(name: str, fn: Callable) -> None:
-    """Add a strategy `fn(spec, probe, nfn, mods) -> (names, evidence)`."""
-    STRATEGIES[name] = fn
-
-
 def _massive(probe, mods, activations):
-    from domlora.probes.massive import choose_from_doc  # note: lazy, keeps this module torch-free
-
     return choose_from_doc(activations, mods, probe)
 
 

@@ -25,6 +25,7 @@ import random
 from pathlib import Path
 
 from domlora.errors import ConfigError, ModelError
+from domlora.io import atomic_dir, file_lock, write_jsonl
 from domlora.locations import default_cache_dir, resolve_config
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,6 @@ def checkpoint(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from domlora.io import atomic_dir, file_lock
-
     src = config_path(name)
     real = json.loads(src.read_text())
     family = real.get("model_type")
@@ -168,7 +167,5 @@ SCHEMA_OF = {"tulu": "allenai/tulu-v2-sft-mixture", "metamath": "meta-math/MetaM
 
 def write_training_data(name: str, path: str | os.PathLike, *, n: int, seed: int = 0) -> Path:
     """Write `n` stand-in rows in the hub schema of dataset `name` (a JSONL file `prepare_dataset` reads)."""
-    from domlora.io import write_jsonl
-
     rng = random.Random(f"{name}:{seed}")
     return write_jsonl(path, [_row(name, rng, i) for i in range(n)])

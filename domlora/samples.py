@@ -362,7 +362,8 @@ def target_positions(batch: dict):
     return need.any(0).nonzero().squeeze(-1)
 
 
-def _takes_logits_to_keep(model) -> bool:
+def takes_logits_to_keep(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (the LM head on chosen positions only)."""
     import inspect
 
     try:
@@ -379,7 +380,7 @@ def model_losses(model, batch: dict):
     """
     pos = target_positions(batch)
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    if _takes_logits_to_keep(model):
+    if takes_logits_to_keep(model):
         logits = model(**kwargs, logits_to_keep=pos).logits
     else:
         logits = model(**kwargs).logits[:, pos]

@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from domlora.cli import run_main, stage_parser
+from domlora.entry import run_main, stage_parser
 from domlora.errors import DomloraError
 from domlora.pipeline.grid import stage_params
 from domlora.pipeline.launch import launch_command
 from domlora.pipeline.paths import Layout
-from domlora.pipeline.stages import checkpoints_stage, finetune_checkpoints_stage
+from domlora.studies.checkpoints import checkpoints_stage, finetune_checkpoints_stage
 
 
 def main(argv: list[str] | None = None) -> int:

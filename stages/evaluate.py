@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import sys
 
-from domlora.cli import run_main, stage_parser
+from domlora.entry import run_main, stage_parser
 from domlora.errors import ConfigError
 from domlora.pipeline.grid import stage_params
 from domlora.pipeline.params import Cell
 from domlora.pipeline.paths import Layout
-from domlora.pipeline.stages import evaluate_stage
+from domlora.pipeline.stages.evaluate import evaluate_stage
 from domlora.pipeline.tracking import make_tracker
 
 

@@ -1,4 +1,5 @@
-"""probe stage: PAGE (and NFN) of every module of a model on a dataset's probe split.
+"""probe stage: every step-0 signal of a model's modules on a dataset's probe split: PAGE, NFN and the
+activation statistics (massive activations and their prediction of the dominant module).
 
 Run as: python -m stages.probe --model smol --dataset arith
 """
@@ -6,10 +7,10 @@ from __future__ import annotations
 
 import sys
 
-from domlora.cli import run_main, stage_parser
+from domlora.entry import run_main, stage_parser
 from domlora.pipeline.grid import stage_params
 from domlora.pipeline.paths import Layout
-from domlora.pipeline.stages import probe_stage
+from domlora.pipeline.stages.probe import probe_stage
 from domlora.pipeline.tracking import make_tracker
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import sys
 
-from domlora.cli import run_main, stage_parser
+from domlora.entry import run_main, stage_parser
 from domlora.pipeline.grid import stage_params
 from domlora.pipeline.paths import Layout
-from domlora.pipeline.stages import select_stage
+from domlora.pipeline.stages.select import select_stage
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from domlora.cli import run_main, stage_parser
+from domlora.entry import run_main, stage_parser
 from domlora.errors import ConfigError
 from domlora.pipeline.grid import stage_params
 from domlora.pipeline.launch import launch_command
 from domlora.pipeline.params import Cell
 from domlora.pipeline.paths import Layout
-from domlora.pipeline.stages import train_stage
+from domlora.pipeline.stages.train import train_stage
 from domlora.pipeline.tracking import make_tracker
 
 

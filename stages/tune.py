@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from domlora.cli import run_main, stage_parser
+from domlora.entry import run_main, stage_parser
 from domlora.errors import ConfigError
 from domlora.pipeline.grid import stage_params
 from domlora.pipeline.paths import Layout

@@ -9,7 +9,8 @@ import torch
 from conftest import chat_samples, make_massive_llama
 
 from domlora.probes.activations import MassiveCriterion, activation_diagnostics
-from domlora.studies.diagnostics import diagnose, plot_activations
+from domlora.probes.summary import plot_activations
+from domlora.studies.diagnostics import diagnose
 from domlora.errors import ConfigError, ModelError
 from domlora.samples import encode_samples
 

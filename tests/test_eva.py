@@ -8,7 +8,8 @@ import pytest
 from conftest import chat_samples, tiny_loaded
 from domlora.errors import ConfigError
 from domlora.modules import find_candidates
-from domlora.train import TrainConfig, TrainRecord, train
+from domlora.train.config import TrainConfig, TrainRecord
+from domlora.train.loop import train
 
 
 def _cfg(**kw):

@@ -9,9 +9,9 @@ import torch
 
 from conftest import make_tiny_llama, tiny_loaded
 from domlora.evaluate.scoring import final_int
-from domlora.studies import arith as A
-from domlora.studies import grpo as g
-from domlora.studies import sparse_b as sb
+from domlora.regimes import arith as A
+from domlora.regimes import grpo as g
+from domlora.regimes import sparse_b as sb
 from domlora.errors import ConfigError, DataError
 
 MODULES = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"]
@@ -50,7 +50,7 @@ class TestSignal:
     def test_constant_rewards_warn(self, caplog):
         log, state = g.RewardLog(), g.RunState()
         log.record(["a", "a", "b", "b"], [0.2, 0.2, 0.0, 0.0], [True, True, False, False], [False] * 4)
-        with caplog.at_level(logging.WARNING, logger="domlora.studies.grpo"):
+        with caplog.at_level(logging.WARNING, logger="domlora.regimes.grpo"):
             s = g.check_signal(log, state)
         assert s["no_signal"] and not s["never_parsable"]
         assert any("no learning signal" in w for w in state.warnings)
@@ -178,7 +178,7 @@ class TestGRPOStage:
 
     @staticmethod
     def _cfg(**kw):
-        from domlora.train import TrainConfig
+        from domlora.train.config import TrainConfig
 
         return TrainConfig(**({"rank": 4, "alpha": 8.0, "lr": 2e-3, "max_steps": 2, "lr_schedule": "constant",
                                "warmup_ratio": 0.0} | kw))
@@ -199,7 +199,7 @@ class TestGRPOStage:
         assert m["never_parsable"] and m["no_signal"] and len(m["warnings"]) >= 2
         assert m["score_seconds"] > 0 and m["grad"]["steps"] == 2
         # one record: the config GRPO trained with (rank 4, not a default), its sections and its outcome
-        from domlora.train import TrainRecord
+        from domlora.train.config import TrainRecord
 
         rec = TrainRecord.read(out / "train_metrics.json")
         assert rec.regime == "grpo" and rec.config["rank"] == 4 and rec.config["lr"] == 2e-3

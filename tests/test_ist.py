@@ -12,7 +12,7 @@ from domlora.adapters.ist import ISTConfig, ISTController
 from domlora.adapters.variants import attach
 from domlora.errors import ConfigError
 from domlora.modules import find_candidates
-from domlora.train import TrainConfig
+from domlora.train.config import TrainConfig
 
 
 def lora_net(tokenizer, layers: int = 4, b_scale: dict[int, float] | None = None):

@@ -57,7 +57,8 @@ class TestLauncher:
 
 def test_record_flags_an_effective_batch_that_is_not_the_recipes(tiny_checkpoint, chat_jsonl, tmp_path, caplog):
     """Run in one process, a recipe of 2 processes trains at half its batch: the record and the log say so."""
-    from domlora.train import TrainConfig, train
+    from domlora.train.config import TrainConfig
+    from domlora.train.loop import train
 
     cfg = TrainConfig(rank=4, alpha=8, max_steps=1, batch_size=2, grad_accum=2, num_processes=2, max_length=64,
                       gradient_checkpointing=False, save_every=0)

@@ -267,7 +267,9 @@ def test_train_norm_end_to_end(tmp_path, tiny_tokenizer):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from domlora.train import TrainConfig, train
+    from domlora.train.config import TrainConfig
+
+    from domlora.train.loop import train
 
     base = make_tiny_llama(len(tiny_tokenizer))
     base.save_pretrained(tmp_path / "base")

@@ -11,7 +11,8 @@ from conftest import chat_samples, make_tiny_llama
 from domlora.errors import ConfigError
 from domlora.modules import ATTN_TYPES, FFN_TYPES, find_candidates
 from domlora.placement import STRATEGIES, Placement, PlacementSpec, dominant_module, select
-from domlora.probes import nfn_probe, page_probe
+from domlora.probes.nfn import nfn_probe
+from domlora.probes.page import page_probe
 from domlora.samples import encode_samples
 from domlora.probes.summary import nfn_summary, page_summary
 

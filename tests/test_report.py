@@ -8,7 +8,7 @@ import pytest
 
 from domlora.pipeline.params import load_params
 from domlora.pipeline.paths import Layout
-from domlora.train import TrainRecord
+from domlora.train.config import TrainRecord
 from domlora.pipeline.report import primary_metric, write_report
 
 ROOT = Path(__file__).resolve().parents[1]

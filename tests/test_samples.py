@@ -405,7 +405,7 @@ class TestInferenceEncoding:
             assert row[mask.bool()].tolist() == want
             assert mask.tolist() == [0] * (len(row) - len(want)) + [1] * len(want)  # padding on the left
         # the arithmetic accuracy of GRPO / sparse-B generates from the same ids
-        from domlora.studies.arith import _encode_prompts
+        from domlora.regimes.arith import _encode_prompts
 
         enc = _encode_prompts(indent_tok, prompts, "cpu")
         assert torch.equal(enc["input_ids"], batch["input_ids"]) and torch.equal(enc["attention_mask"],

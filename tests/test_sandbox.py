@@ -1,16 +1,24 @@
 """The code-execution sandbox: programs pass or fail for the right reasons and cannot harm the host."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
+import subprocess
 import sys
+import sysconfig
+import tempfile
 import threading
 import time
 
 import pytest
 
-from domlora.evaluate.sandbox import (ExecResult, SandboxLimits, code_exec_allowed, host_isolation, run_program, run_programs,
-                             self_test)
+from domlora.evaluate import sandbox
+from domlora.evaluate.sandbox import (REASON_CHARS, ExecResult, SandboxError, SandboxLimits, code_exec_allowed,
+                                      exception_reason, host_isolation, preflight, run_program, run_programs,
+                                      self_test)
+from domlora.evaluate.scoring import build_program
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox targets Linux")
 
@@ -177,3 +185,247 @@ def test_code_exec_allowed(monkeypatch):
 def test_bad_limits(kw):
     with pytest.raises(ValueError):
         SandboxLimits(**kw)
+
+
+# ------------------------------------------------------------------------------------------
+# reads: only the interpreter's installation, system libraries and the program's own folder
+# ------------------------------------------------------------------------------------------
+
+ROOT = os.geteuid() == 0
+LANDLOCK = host_isolation()["landlock_abi"] >= 1
+confined = pytest.mark.skipif(not (ROOT or LANDLOCK), reason="reads can be confined only as root or with Landlock")
+root_only = pytest.mark.skipif(not ROOT, reason="root only: the child drops to nobody")
+
+HUMANEVAL_DOC = {  # HumanEval/0 with its canonical solution
+    "prompt": "from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+              "    \"\"\"Check if in given list of numbers, are any two numbers closer to each other than\n"
+              "    given threshold.\"\"\"\n",
+    "entry_point": "has_close_elements",
+    "test": "def check(candidate):\n    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True\n"
+            "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05) == False\n"
+            "    assert candidate([1.0, 2.0, 5.9, 4.0, 5.0], 0.95) == True\n",
+}
+CANONICAL = ("    for idx, elem in enumerate(numbers):\n        for idx2, elem2 in enumerate(numbers):\n"
+             "            if idx != idx2:\n                distance = abs(elem - elem2)\n"
+             "                if distance < threshold:\n                    return True\n\n    return False\n")
+IMPORTS = ("import collections, datetime, decimal, fractions, hashlib, heapq, itertools, json, math, random, re, "
+           "statistics, string, tempfile, zoneinfo\n"
+           "assert json.loads(json.dumps({'a': [1]})) == {'a': [1]} and math.gcd(12, 18) == 6\n"
+           "assert len(hashlib.sha256(random.randbytes(8)).hexdigest()) == 64\n"
+           "assert str(decimal.Decimal(1) / 8) == '0.125' and datetime.date(2024, 2, 29).isoformat()\n"
+           "with tempfile.TemporaryDirectory() as d:\n    open(d + '/x', 'w').write('x')\n")
+
+
+@pytest.fixture()
+def secrets_outside(tmp_path_factory):
+    """A root-owned 0600 file and a world-readable file in a folder everyone may enter, and a file in
+    the home of the user running the tests (all removed afterwards)."""
+    d = tempfile.mkdtemp(prefix="domlora-test-secrets-")
+    os.chmod(d, 0o755)
+    private, public = os.path.join(d, "token"), os.path.join(d, "public.txt")
+    for path, mode, text in ((private, 0o600, "PRIVATE-TOKEN-123"), (public, 0o644, "PUBLIC-TEXT-456")):
+        with open(path, "w") as fh:
+            fh.write(text)
+        os.chmod(path, mode)
+    home = os.path.expanduser("~")
+    home_file = os.path.join(home, f".domlora-test-secret-{os.getpid()}")
+    with open(home_file, "w") as fh:
+        fh.write("HOME-SECRET-789")
+    try:
+        yield {"private": private, "public": public, "home": home, "home_file": home_file}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        os.unlink(home_file)
+
+
+def _attacks(paths: dict) -> dict[str, str]:
+    return {
+        "root-owned 0600 file": f"print(open({paths['private']!r}).read())\n",
+        "/etc/shadow": "print(open('/etc/shadow').read())\n",
+        "a file in $HOME": f"print(open({paths['home_file']!r}).read())\n",
+        "listing /root": "import os\nprint(os.listdir('/root'))\n",
+        "listing $HOME": f"import os\nprint(os.listdir({paths['home']!r}))\n",
+    }
+
+
+def _assert_attacks_fail(paths: dict, **kw):
+    for name, src in _attacks(paths).items():
+        res = run_program(src, limits=FAST, **kw)
+        assert res.status == "failed", (name, res)
+        assert res.reason.split(":")[0] in ("PermissionError", "FileNotFoundError"), (name, res.reason)
+        for text in (res.stdout, res.stderr, res.reason):
+            assert "SECRET" not in text and "TOKEN" not in text and "root:" not in text, (name, text)
+
+
+def _assert_normal_programs_pass(**kw) -> ExecResult:
+    ok = run_program(build_program(HUMANEVAL_DOC, CANONICAL), limits=FAST, **kw)
+    assert ok.passed, ok
+    wrong = run_program(build_program(HUMANEVAL_DOC, "    return False\n"), limits=FAST, **kw)
+    assert wrong.status == "failed" and wrong.reason.startswith("AssertionError"), wrong
+    imports = run_program(IMPORTS, limits=FAST, **kw)
+    assert imports.passed, imports
+    return ok
+
+
+@confined
+def test_reads_outside_the_installation_fail(secrets_outside):
+    _assert_attacks_fail(secrets_outside)
+    res = _assert_normal_programs_pass()
+    assert res.reads == ("read:landlock" if LANDLOCK else "read:nobody"), res.isolation
+    # accepting broad reads changes nothing where they are not needed
+    _assert_attacks_fail(secrets_outside, allow_broad_reads=True)
+    res = run_program("print(1)\n", limits=FAST, allow_broad_reads=True)
+    assert res.passed and "cap:dac-read-search" not in res.isolation and res.reads != "read:unconfined", res
+    if LANDLOCK:  # world-readable is not enough
+        for path in (secrets_outside["public"], "/etc/passwd", "/proc/1/cmdline"):
+            res = run_program(f"print(open({path!r}).read())\n", limits=FAST)
+            assert res.status == "failed" and "PermissionError" in res.reason, (path, res)
+
+
+@confined
+def test_installed_packages_import():
+    # numpy comes with the stack (torch needs it); its compiled modules load their own shared libraries
+    res = run_program("import numpy as np\nassert int(np.arange(5).sum()) == 10\n", limits=SandboxLimits(timeout_s=20.0))
+    assert res.passed, res
+
+
+@root_only
+def test_the_child_holds_no_capability():
+    src = ("import ctypes\nclass H(ctypes.Structure):\n    _fields_ = [('v', ctypes.c_uint32), ('p', ctypes.c_int)]\n"
+           "class D(ctypes.Structure):\n    _fields_ = [('e', ctypes.c_uint32), ('p', ctypes.c_uint32), ('i', ctypes.c_uint32)]\n"
+           "d = (D * 2)()\nassert ctypes.CDLL(None).capget(ctypes.byref(H(0x20080522, 0)), d) == 0\n"
+           "print(d[0].e, d[0].p, d[1].e, d[1].p)\n")
+    res = run_program(src, limits=FAST)
+    assert res.passed and res.stdout.split() == ["0", "0", "0", "0"], res
+
+
+@pytest.fixture(scope="module")
+def root_only_python(tmp_path_factory):
+    """An interpreter living under a root-only (0700) folder: a copy of the base installation's
+    interpreter and standard library, and a venv (`--copies`) made from it with one installed package."""
+    if not ROOT:
+        pytest.skip("root only")
+    top = tempfile.mkdtemp(prefix="domlora-test-rootonly-")  # 0700, root's
+    base = os.path.join(top, "base")
+    stdlib = sysconfig.get_paths()["stdlib"]
+    ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    skip = shutil.ignore_patterns("site-packages", "test", "tests", "idlelib", "tkinter", "turtledemo", "ensurepip",
+                                  "config-*", "lib2to3", "pydoc_data")
+    shutil.copytree(stdlib, os.path.join(base, "lib", ver), ignore=skip, symlinks=True)
+    os.makedirs(os.path.join(base, "bin"))
+    exe = os.path.join(base, "bin", ver)
+    shutil.copy2(os.path.realpath(sys._base_executable), exe)
+    venv = os.path.join(top, "venv")
+    subprocess.run([exe, "-m", "venv", "--copies", "--without-pip", venv], check=True, timeout=120)
+    site = subprocess.run([os.path.join(venv, "bin", "python"), "-c", "import site; print(site.getsitepackages()[0])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    os.makedirs(os.path.join(site, "tinypkg"))
+    with open(os.path.join(site, "tinypkg", "__init__.py"), "w") as fh:
+        fh.write("VALUE = 42\n")
+    try:
+        yield {"top": top, "python": os.path.join(venv, "bin", "python"), "stdlib": os.path.join(base, "lib", ver)}
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _where(python: str) -> list[str]:
+    res = run_program("import os, sys, tinypkg\nassert tinypkg.VALUE == 42\n"
+                      "print(os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix), os.path.realpath(os.__file__))\n",
+                      limits=FAST, python=python)
+    assert res.passed, res
+    return res.stdout.split()
+
+
+@pytest.mark.parametrize("abi", [None, 0], ids=["landlock", "no-landlock"])
+def test_interpreter_under_a_root_only_folder(root_only_python, secrets_outside, abi):
+    top, python = root_only_python["top"], root_only_python["python"]
+    assert os.stat(top).st_uid == 0 and os.stat(top).st_mode & 0o077 == 0  # really root-only
+    kw = {"python": python, "landlock_abi": abi}
+    # the child really runs the interpreter, the standard library and the packages from there
+    assert all(p.startswith(top + "/") for p in _where(python)), _where(python)
+    res = _assert_normal_programs_pass(**kw)
+    assert "mountns" in res.isolation and "cap:dac-read-search" not in res.isolation
+    assert res.reads == ("read:landlock" if abi is None and LANDLOCK else "read:nobody"), res.isolation
+    _assert_attacks_fail(secrets_outside, **kw)
+    # nothing else of the root-only folder shows
+    res = run_program(f"import os\nprint(os.listdir({top!r}))\n", limits=FAST, **kw)
+    assert res.status == "failed" or "base" not in res.stdout, res
+
+
+@pytest.mark.parametrize("abi", [None, 0], ids=["landlock", "no-landlock"])
+def test_interpreter_unreadable_to_nobody_is_refused(root_only_python, abi):
+    python, stdlib = root_only_python["python"], root_only_python["stdlib"]
+    os.chmod(stdlib, 0o700)
+    try:
+        with pytest.raises(SandboxError, match="unreadable") as err:
+            run_program("print(1)\n", limits=FAST, python=python, landlock_abi=abi)
+        assert "fix:" in str(err.value) and "DOMLORA_SANDBOX_BROAD_READS=1" in str(err.value)
+        # the explicit opt-in runs it, keeping the one capability, and says so
+        res = run_program("print(1)\n", limits=FAST, python=python, landlock_abi=abi, allow_broad_reads=True)
+        assert res.passed and "cap:dac-read-search" in res.isolation, res
+        assert res.reads == ("read:landlock" if abi is None and LANDLOCK else "read:unconfined"), res.isolation
+    finally:
+        os.chmod(stdlib, 0o755)
+
+
+def test_no_landlock_and_not_root_is_refused_before_running(monkeypatch):
+    monkeypatch.setattr(sandbox, "host_isolation", lambda: {"platform": sys.platform, "root": False, "landlock_abi": 0})
+    monkeypatch.delenv(sandbox.BROAD_READS_ENV, raising=False)
+    with pytest.raises(SandboxError, match="no Landlock") as err:
+        run_program("print(1)\n", limits=FAST, landlock_abi=0)
+    assert "fix:" in str(err.value) and "DOMLORA_SANDBOX_BROAD_READS=1" in str(err.value)
+
+
+def test_preflight_warns_only_for_broad_reads(monkeypatch):
+    monkeypatch.setattr(sandbox, "self_test", lambda broad=False: ("rlimits", "landlock-fs", "read:landlock"))
+    assert preflight() is None
+    monkeypatch.setattr(sandbox, "self_test", lambda broad=False: ("rlimits", "uid:nobody", "read:unconfined"))
+    assert "unconfined reads" in preflight(True)
+
+    def refuse(broad=False):
+        raise SandboxError("no Landlock; fix: ...")
+
+    monkeypatch.setattr(sandbox, "self_test", refuse)
+    with pytest.raises(SandboxError):
+        preflight()
+
+
+def test_reason_is_the_exception_on_one_bounded_line():
+    res = run_program("raise ValueError('first line\\n' + 'x' * 5000)\n", limits=FAST)
+    assert res.status == "failed" and res.reason == "ValueError: first line " + "x" * (REASON_CHARS - 26) + "..."
+    assert run_program("def f(:\n", limits=FAST).reason.startswith("SyntaxError: ")
+    assert run_program("class E(Exception):\n    pass\nraise E()\n", limits=FAST).reason == "E"
+    # what a program writes to stderr itself is not kept as its reason
+    res = run_program("import sys\nsys.stderr.write('SECRET-VALUE\\n')\nsys.exit(3)\n", limits=FAST)
+    assert res.reason == "exit status 3"
+    res = run_program("import sys\nsys.exit('SECRET-VALUE')\n", limits=FAST)
+    assert res.reason == "exit status 1"
+    assert exception_reason("Traceback (most recent call last):\n  File 'x'\nKeyError: 'a\\tb'\n", 1) == "KeyError: 'a\\tb'"
+    assert exception_reason("Traceback (most recent call last):\n  File 'x'\nStopIteration\n", 1) == "StopIteration"
+    assert exception_reason("", 2) == "exit status 2"
+
+
+def test_evaluate_refuses_before_the_model_loads_or_records_the_warning(monkeypatch, tmp_path):
+    import torch
+
+    from domlora.evaluate import run
+
+    def no_model(*a, **k):
+        raise AssertionError("the model must not load")
+
+    def refuse():
+        raise SandboxError("reads cannot be confined here; fix: ...")
+
+    monkeypatch.setattr(run, "load_for_eval", no_model)
+    monkeypatch.setattr(run, "sandbox_preflight", refuse)
+    out = tmp_path / "eval.json"
+    with pytest.raises(SandboxError, match="cannot be confined"):
+        run.evaluate(model="embedded", adapter=None, tasks="humaneval_sandbox", out=out, allow_code_exec=True)
+    # with broad reads accepted, the warning lands in eval.json
+    monkeypatch.setattr(run, "sandbox_preflight", lambda: "generated code ran with unconfined reads")
+    monkeypatch.setattr(run, "load_for_eval", lambda *a, **k: type("L", (), {"model": torch.nn.Linear(1, 1)})())
+    monkeypatch.setattr(run, "make_lm", lambda *a, **k: None)
+    monkeypatch.setattr(run, "_run_task", lambda *a, **k: {"status": "success", "metrics": {}})
+    doc = run.evaluate(model="embedded", adapter=None, tasks="humaneval_sandbox", out=out, allow_code_exec=True)
+    assert doc["warnings"] == ["generated code ran with unconfined reads"]
+    assert json.loads(out.read_text())["warnings"] == doc["warnings"]

@@ -95,7 +95,7 @@ def test_registry_keeps_the_bootstrap(tmp_path):
 
 
 def test_probe_stage_writes_the_bootstrap(tiny_model_dir, chat_jsonl, tmp_path):
-    from domlora.pipeline.stages import probe
+    from domlora.pipeline.stages.probe import probe
 
     doc = probe(model=str(tiny_model_dir), data=chat_jsonl, out_dir=tmp_path / "p", samples=6, max_length=64,
                 nfn=False, activations=False, device="cpu")
@@ -108,12 +108,15 @@ def test_probe_stage_writes_the_bootstrap(tiny_model_dir, chat_jsonl, tmp_path):
 def test_probe_refuses_weights_that_do_not_fit_before_loading(tiny_model_dir, chat_jsonl, tmp_path, monkeypatch):
     """On a machine without the memory for the weights (Qwen-1.5B: 7.1 GB in float32) the probe stage
     says what they need and what is free, and loads nothing."""
-    import domlora.models
-    from domlora.pipeline.stages import probe
+    import importlib
+
+    from domlora.pipeline.stages.probe import probe
     from domlora.probes import budget
 
+    probe_module = importlib.import_module("domlora.pipeline.stages.probe")
+
     monkeypatch.setattr(budget, "available_memory", lambda device: 1000)
-    monkeypatch.setattr(domlora.models, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(probe_module, "load_model", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(ConfigError, match=r"the model's weights alone need 0.00 GiB and 0.00 GiB is free: refused "
                                           r"before loading; fix: free memory"):
         probe(model=str(tiny_model_dir), data=chat_jsonl, out_dir=tmp_path / "p", samples=4, max_length=64,

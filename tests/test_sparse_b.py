@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from domlora.studies import sparse_b as sb
+from domlora.pipeline.sparse_b_report import render_report_section
+from domlora.regimes import sparse_b as sb
 from domlora.errors import ConfigError, ModelError
 
 from conftest import chat_samples, make_tiny_llama, tiny_loaded
@@ -308,13 +309,13 @@ class TestReport:
                 base | {"regime": "grpo", "method": "grpo_full_lora", "k": None, "selection": None,
                         "reward_first": 0.1, "reward_last": 0.3, "landing_by_type": None,
                         "warnings": ["constant rewards"]}]
-        md = sb.render_report_section(rows)
+        md = render_report_section(rows)
         assert "| sft | sft_sparse_random | 1,000 |" in md
         assert "reward 0.100 → 0.300" in md and "loss 2.0000 → 1.0000" in md
         assert "0.250 ± 0.050" in md and "1.00%" in md
         assert "**0.60**" in md and "4.20 of 5" in md
         assert "- grpo_full_lora: constant rewards" in md
-        assert "No sparse-B" in sb.render_report_section([])
+        assert "No sparse-B" in render_report_section([])
 
 
 def _eval_rows(path, n=4):
@@ -327,7 +328,7 @@ def _eval_rows(path, n=4):
 
 class TestSFTStage:
     def _cfg(self, **kw):
-        from domlora.train import TrainConfig
+        from domlora.train.config import TrainConfig
 
         base = {"rank": 4, "alpha": 8, "lr": 1e-2, "max_steps": 3, "batch_size": 2, "grad_accum": 1,
                 "max_length": 64, "gradient_checkpointing": False, "save_every": 0, "warmup_ratio": 0.0}
@@ -352,7 +353,7 @@ class TestSFTStage:
         pm, _ = sb.load_sparse_adapter(make_tiny_llama(len(tiny_tokenizer)), out / "adapter")
         assert sb.outside_mask_nonzero(pm, masks) == 0 and meta["spec"]["k"] == 24
         # the one record holds the config as trained, the study's settings as run and its outcome
-        from domlora.train import TrainRecord
+        from domlora.train.config import TrainRecord
 
         rec = TrainRecord.read(out / "train_metrics.json")
         assert rec.config["rank"] == 4 and rec.study["sparse_b"] == spec.to_dict()
@@ -368,9 +369,7 @@ class TestSFTStage:
         out = tmp_path / "run"
         kw = dict(train_data=chat_jsonl, placement=MODULES, out_dir=out, cfg=self._cfg(seed=1),
                   spec=sb.SparseBSpec(k=10, selection="magnitude", probe_steps=2, probe_batch_size=2))
-        import domlora.train as train_mod
-
-        real = train_mod.train
+        real = sb.train
 
         def crash(**a):
             # simulate a kill inside train, right after the masks were chosen
@@ -382,12 +381,12 @@ class TestSFTStage:
 
             return real(**(a | {"model_hook": hook}))
 
-        monkeypatch.setattr(train_mod, "train", crash)
+        monkeypatch.setattr(sb, "train", crash)
         with pytest.raises(KeyboardInterrupt):
             sb.sparse_b_sft(model=tiny_loaded(tiny_tokenizer), **kw)
         assert sb.has_masks(out / sb._WORK) and not (out / "train_metrics.json").exists()
         first, _ = sb.load_masks(out / sb._WORK)
-        monkeypatch.setattr(train_mod, "train", real)
+        monkeypatch.setattr(sb, "train", real)
         calls = []
         monkeypatch.setattr(sb, "score_entries", lambda *a, **k: calls.append(1))
         m = sb.sparse_b_sft(model=tiny_loaded(tiny_tokenizer), **kw)

@@ -132,7 +132,7 @@ class TestOrderAndBatching:
 def test_probe_stage_scores_do_not_depend_on_the_file_order(tiny_model_dir, tmp_path):
     """The probe stage on the same samples written in two orders: the same page.json / nfn.json scores."""
     from domlora.io import read_json
-    from domlora.pipeline.stages import probe
+    from domlora.pipeline.stages.probe import probe
 
     rows = chat_samples(6)
     docs = {}
@@ -180,13 +180,13 @@ def test_probe_stage_without_a_down_projection_skips_the_statistics(tmp_path, mo
     """A model whose blocks have no recognisable FFN down projection still gets PAGE and NFN."""
     from domlora.errors import ModelError
     from domlora.io import read_json
-    from domlora.pipeline.stages import probe
-    from domlora.probes import activations
+    from domlora.pipeline.stages import probe as probe_stage
+    from domlora.pipeline.stages.probe import probe
 
     def no_down(model):
         raise ModelError("no FFN down projection recognised in Toy (module types found: q_proj); fix: ...")
 
-    monkeypatch.setattr(activations, "ffn_down_candidates", no_down)
+    monkeypatch.setattr(probe_stage, "ffn_down_candidates", no_down)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in chat_samples(3)))
     from conftest import make_tiny_tokenizer

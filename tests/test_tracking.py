@@ -13,7 +13,7 @@ import pytest
 from domlora.pipeline.params import Cell, load_params
 from domlora.pipeline.paths import Layout
 from domlora.pipeline.tracking import PENDING, MlflowTracker, NullTracker, make_tracker, record_params
-from domlora.train import TrainConfig, TrainRecord
+from domlora.train.config import TrainConfig, TrainRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def test_every_method_logs_the_config_its_trainer_ran(tmp_path, profile, tiny_ch
     from domlora.modules import find_candidates
     from domlora.models import load_model
     from domlora.pipeline.params import parse_profile
-    from domlora.pipeline.stages import train_stage
+    from domlora.pipeline.stages.train import train_stage
 
     d = yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"][profile]
     model = next(iter(d["models"]))

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from conftest import chat_samples
 from domlora.errors import ConfigError, DataError, ModelError
 from domlora.config import ModelSpec
-from domlora.train import TrainConfig, TrainingDiverged, train
+from domlora.train.config import TrainConfig, TrainingDiverged
+from domlora.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # resumed vs uninterrupted adapters: same ops in the same order on CPU, so they agree to round-off
@@ -68,7 +69,7 @@ class TestConfig:
 
 class TestStepPlan:
     def test_epoch_covers_every_sample_once_then_reshuffles(self):
-        from domlora.train import StepPlan
+        from domlora.train.plan import StepPlan
 
         plan = StepPlan.make(10, TrainConfig(batch_size=2, grad_accum=1, epochs=2), world=1)
         assert plan.total_steps == 10
@@ -78,7 +79,7 @@ class TestStepPlan:
         assert seen == [i for s in range(10) for i in plan.step_samples(s)]  # a pure function of (seed, step)
 
     def test_processes_split_each_step(self):
-        from domlora.train import StepPlan
+        from domlora.train.plan import StepPlan
 
         plan = StepPlan.make(9, TrainConfig(batch_size=2, grad_accum=2, max_steps=3), world=2)
         lengths = list(range(9))
@@ -146,7 +147,8 @@ class TestTrain:
         script = textwrap.dedent(f"""
             import os, signal
             import torch
-            from domlora.train import TrainConfig, train
+            from domlora.train.config import TrainConfig
+            from domlora.train.loop import train
             torch.set_num_threads(1)
             def kill(step, m):
                 if step == 3:
@@ -226,7 +228,7 @@ class TestTrain:
 
     def test_loss_on_target_positions_equals_labels_path(self, tiny_model, tiny_tokenizer):
         from domlora.samples import collate, encode_samples
-        from domlora.train import _forward_loss
+        from domlora.train.loop import _forward_loss
 
         enc, _ = encode_samples(tiny_tokenizer, chat_samples(5), max_length=64)
         batch = collate(enc, pad_id=tiny_tokenizer.pad_token_id)
@@ -236,7 +238,7 @@ class TestTrain:
 
     def test_lora_plus_groups(self, tiny_model):
         from domlora.adapters.variants import attach
-        from domlora.train import _build_optimizer
+        from domlora.train.loop import _build_optimizer
 
         net = attach(tiny_model, DOWN2, variant="lora_plus", rank=4, alpha=8)
         opt = _build_optimizer(net, TrainConfig(variant="lora_plus", lr=1e-3, lora_plus_ratio=16))
@@ -444,7 +446,8 @@ def test_deepspeed_zero2_step_on_cpu(base_dir, data, tmp_path):
     out = tmp_path / "ds"
     script = textwrap.dedent(f"""
         import json
-        from domlora.train import TrainConfig, train
+        from domlora.train.config import TrainConfig
+        from domlora.train.loop import train
         doc = train(model={str(base_dir)!r}, train_data={str(data)!r}, placement={DOWN2!r}, out_dir={str(out)!r},
                     cfg=TrainConfig(rank=4, alpha=8, lr=1e-2, max_steps=3, batch_size=2, grad_accum=2,
                                     max_length=64, save_every=2, gradient_checkpointing=True,
@@ -469,7 +472,8 @@ def test_two_processes_ddp_on_cpu(base_dir, data, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import json, os, pathlib, torch
-        from domlora.train import TrainConfig, train
+        from domlora.train.config import TrainConfig
+        from domlora.train.loop import train
         torch.set_num_threads(1)
         doc = train(model={str(base_dir)!r}, train_data={str(data)!r}, placement={DOWN2!r}, out_dir={str(out)!r},
                     cfg=TrainConfig(rank=4, alpha=8, lr=1e-2, max_steps=3, batch_size=2, grad_accum=2,
@@ -494,13 +498,13 @@ def test_the_process_group_is_destroyed_at_exit(tmp_path):
     out = tmp_path / "at_exit.txt"
     script = textwrap.dedent(f"""
         import atexit, pathlib, torch.distributed as dist
-        from domlora.train import close_process_group_at_exit
+        from domlora.train.distributed import close_process_group_at_exit
         # registered first, so it runs after the hook under test (atexit runs last-in first-out)
         atexit.register(lambda: pathlib.Path({str(out)!r}).write_text(str(dist.is_initialized())))
         dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
         close_process_group_at_exit()
         close_process_group_at_exit()
-        import domlora.train as t
+        import domlora.train.distributed as t
         assert len(t._CLOSE_AT_EXIT) == 1
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,

@@ -174,7 +174,7 @@ def test_every_rate_diverging_is_an_error(tmp_path, placement_doc):
 
 def test_sweep_stage_trains_on_the_carved_split_and_scores_the_rest(tmp_path, tiny_model_dir):
     """A sweep run on a tiny checkpoint: trains the method at one rate on n_train - val samples, scores the rest."""
-    from domlora.pipeline.tune import sweep_stage
+    from domlora.pipeline.stages.sweep import sweep_stage
 
     d = {"profile": "t", "models": {"tiny": {"id": str(tiny_model_dir)}},
          "datasets": {"arith": {"source": "arith", "n_train": 12, "n_eval": 2, "tasks": ["arith", "arith_nll"]}},

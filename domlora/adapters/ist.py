@@ -70,6 +70,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from domlora.errors import ConfigError
+from domlora.modules import BLOCK_RE
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +141,6 @@ class ISTController:
     def __init__(self, model, cfg: ISTConfig, *, seed: int = 0):
         import torch
         from peft.tuners.tuners_utils import BaseTunerLayer
-
-        from domlora.modules import BLOCK_RE
 
         self.cfg = cfg
         self.seed = seed

@@ -16,17 +16,20 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
+from domlora.adapters import VARIANTS
+from domlora.adapters.eva import bounded_eva_forward, check_eva, eva_batches, quiet_eva
+from domlora.adapters.norm import params_after, reduce_model, save_reduced
 from domlora.errors import ConfigError, ModelError
 from domlora.io import atomic_dir, read_json, write_json
 from domlora.locations import resolve_config
-from domlora.modules import base_name
+from domlora.models import config_hash, load_model, model_from_config
+from domlora.modules import base_name, find_candidates
+from domlora.placement import PlacementSpec, select
 
 logger = logging.getLogger(__name__)
 
-Variant = Literal["lora", "dora", "lora_plus", "adalora", "rslora", "gralora", "norm", "full"]
-VARIANTS: tuple[str, ...] = get_args(Variant)
 # variants that are plain LoRA layers while training (they differ in the optimizer or after training)
 LORA_LIKE = ("lora", "lora_plus", "rslora", "norm", "dora")
 META_FILE = "domlora_adapter.json"
@@ -257,8 +260,6 @@ def init_eva(model, encoded, *, batch_size: int, pad_id: int, show_progress: boo
     from peft import initialize_lora_eva_weights
     from peft.tuners.lora import LoraLayer
 
-    from domlora.peers import _quiet_eva, bounded_eva_forward, check_eva, eva_batches
-
     cfg = model.peft_config["default"]
     if cfg.init_lora_weights != "eva":
         raise ConfigError("EVA initialisation needs an adapter attached with init_lora_weights='eva'; fix: train "
@@ -268,7 +269,7 @@ def init_eva(model, encoded, *, batch_size: int, pad_id: int, show_progress: boo
     check_eva(batches, rank=cfg.r, rho=cfg.eva_config.rho,
               min_d_in=min(_projection_shapes(model, placed)[n][0] for n in placed))
     t0 = time.perf_counter()
-    with _quiet_eva(), warnings.catch_warnings():
+    with quiet_eva(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         initialize_lora_eva_weights(model, dataloader=batches, gather_distributed_inputs=False,
                                     forward_fn=bounded_eva_forward(len(batches), tau=cfg.eva_config.tau),
@@ -337,8 +338,6 @@ def save_adapter(model, out_dir: str | os.PathLike, *, variant: str, meta: dict 
     check_variant(variant)
     from safetensors.torch import save_file
 
-    from domlora.models import config_hash
-
     meta = dict(meta or {})
     base = _base(model)
     doc = {"format": 1, "variant": variant, "modules": sorted(adapted_modules(model)),
@@ -364,8 +363,6 @@ def save_adapter(model, out_dir: str | os.PathLike, *, variant: str, meta: dict 
             doc["tensors"] = {k: list(v.shape) for k, v in tensors.items()}
             doc["tied"] = tied
         elif variant == "norm":
-            from domlora.adapters.norm import params_after, reduce_model, save_reduced
-
             reduced = reduce_model(model, step=norm_step, range_start=norm_range_start)
             save_reduced(model, reduced, tmp)
             doc["norm"] = {n: r.summary() for n, r in reduced.items()}
@@ -503,8 +500,6 @@ def load_for_eval(model, adapter_dir: str | os.PathLike | None, *, device: str |
         ModelError: a missing, incomplete or corrupt adapter folder, or one trained for another base
             model (tensor shapes do not fit).
     """
-    from domlora.models import config_hash, load_model
-
     if adapter_dir is not None:
         meta = read_adapter_meta(adapter_dir)  # fail before loading a large model
     loaded = load_model(model, device=device, cache_dir=cache_dir)
@@ -538,10 +533,6 @@ def count_placement(config: str | os.PathLike, *, strategy: str, layers: Sequenc
     Returns:
         {"trainable_params", "total_params", "modules"} (total includes the adapter).
     """
-    from domlora.models import model_from_config
-    from domlora.modules import find_candidates
-    from domlora.placement import PlacementSpec, select
-
     check_variant(variant)
     model = model_from_config(resolve_config(config), device="meta")
     cands = find_candidates(model)

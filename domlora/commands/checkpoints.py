@@ -5,12 +5,15 @@ import argparse
 import json
 from pathlib import Path
 
+from domlora.commands._args import MODEL_HELP, add_device, add_lora_shape, add_samples
+from domlora.errors import ConfigError
+from domlora.io import atomic_outputs, write_json
+from domlora.studies.checkpoints import finetune_checkpoints, plot_checkpoint_curves, probe_checkpoints
+
 HELP = "full fine-tuning checkpoints (`finetune`) and PAGE layer curves across them (`probe`)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from domlora.commands._args import MODEL_HELP, add_device, add_lora_shape, add_samples
-
     sub = p.add_subparsers(dest="action", required=True)
     f = sub.add_parser("finetune", help="full fine-tuning run saving the model at chosen steps")
     f.add_argument("--model", required=True, help=MODEL_HELP)
@@ -34,10 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from domlora.studies.checkpoints import finetune_checkpoints, plot_checkpoint_curves, probe_checkpoints
-    from domlora.errors import ConfigError
-    from domlora.io import atomic_outputs, write_json
-
     if a.action == "finetune":
         try:
             save = tuple(int(x) for x in a.save_steps.split(",") if x.strip())

@@ -5,12 +5,13 @@ import argparse
 import json
 from pathlib import Path
 
+from domlora.commands._args import add_lora_shape, add_model, add_samples
+from domlora.studies.decompose import decompose
+
 HELP = "split PAGE into what flows through the sink token(s) and the rest; effective rank; bootstrap"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from domlora.commands._args import add_lora_shape, add_model, add_samples
-
     add_samples(p)
     p.add_argument("--out", required=True, help="output folder: decompose.json")
     add_lora_shape(p)
@@ -23,8 +24,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from domlora.studies.decompose import decompose
-
     doc = decompose(model=a.model, data=a.data, out_dir=a.out, samples=a.samples, max_length=a.max_length,
                     alpha=a.alpha, rank=a.rank, batch_size=a.batch_size, sink=a.sink, n_boot=a.bootstrap,
                     seed=a.seed, dtype=a.dtype, device=a.device, trust_remote_code=a.trust_remote_code,

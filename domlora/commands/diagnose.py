@@ -5,12 +5,14 @@ import argparse
 import json
 from pathlib import Path
 
+from domlora.commands._args import add_model, add_samples
+from domlora.probes.activations import MassiveCriterion
+from domlora.studies.diagnostics import diagnose
+
 HELP = "forward-only activation diagnostics and the `massive` prediction of the dominant module"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from domlora.commands._args import add_model, add_samples
-
     add_samples(p, data_help="chat JSONL; only the tokens are used (no labels)",
                 samples_help="samples to run (the first N of --data)")
     p.add_argument("--out", required=True, help="output folder: activations.json, massive.json, activations.png")
@@ -25,9 +27,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from domlora.probes.activations import MassiveCriterion
-    from domlora.studies.diagnostics import diagnose
-
     doc = diagnose(model=a.model, data=a.data, out_dir=a.out, samples=a.samples, max_length=a.max_length,
                    batch_size=a.batch_size, probe_path=a.probe, rule=a.rule,
                    criterion=MassiveCriterion(abs_threshold=a.abs_threshold, ratio=a.ratio), dtype=a.dtype,

@@ -5,12 +5,15 @@ import argparse
 import json
 import logging
 
+from domlora.commands._args import MODEL_HELP
+from domlora.errors import ConfigError
+from domlora.evaluate.run import evaluate
+from domlora.evaluate.tasks import describe_tasks
+
 HELP = "evaluate a model (+ adapter) on lm-eval suites/tasks and MT-Bench; writes eval.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from domlora.commands._args import MODEL_HELP
-
     p.add_argument("--model", default=None, help=MODEL_HELP + " (required)")
     p.add_argument("--adapter", default=None, help="adapter folder from the train stage (omit for the base model)")
     p.add_argument("--tasks", default=None,
@@ -35,10 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from domlora.errors import ConfigError
-    from domlora.evaluate.run import evaluate
-    from domlora.evaluate.tasks import describe_tasks
-
     if a.list_tasks:
         print(describe_tasks())
         return 0

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from domlora.pipeline.grid import check_grid, grid_doc, write_grid
+from domlora.pipeline.params import load_params
+
 HELP = "write grid.yaml (the cells of the active profile, for dvc.yaml) from params.yaml; --check only compares"
 
 
@@ -13,9 +16,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace) -> int:
     from pathlib import Path
-
-    from domlora.pipeline.grid import check_grid, grid_doc, write_grid
-    from domlora.pipeline.params import load_params
 
     params = load_params(a.params)
     root = Path(a.params).resolve().parent

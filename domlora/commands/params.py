@@ -4,14 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from domlora.adapters.variants import VARIANTS, count_placement
 from domlora.errors import DomloraError
 
 HELP = "count trainable/total parameters of an adapter placement from a config.json (no weights needed)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from domlora.adapters.variants import VARIANTS
-
     p.add_argument("--config", required=True, help="a Hugging Face config.json, or a name under configs/ "
                    "(Qwen3-8B, Llama-3.1-8B-Instruct)")
     p.add_argument("--strategy", required=True, choices=["all", "explicit", "types"],
@@ -24,8 +23,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from domlora.adapters.variants import count_placement
-
     try:
         layers = tuple(int(x) for x in a.layers.split(",") if x.strip())
     except ValueError:

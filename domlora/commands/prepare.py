@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from domlora.data import DATASETS, prepare_dataset
+
 HELP = "write a dataset's train/probe/eval chat JSONL (+ stats.json)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from domlora.data import DATASETS
-
     p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--out", required=True, help="output folder: train.jsonl, probe.jsonl, eval.jsonl, stats.json")
     p.add_argument("--n-train", type=int, default=1000, help="training samples (default 1000)")
@@ -23,8 +23,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from domlora.data import prepare_dataset
-
     stats = prepare_dataset(a.dataset, a.out, n_train=a.n_train, n_probe=a.n_probe, n_eval=a.n_eval, seed=a.seed,
                             source=a.source, max_length_chars=a.max_length_chars, show_progress=True)
     print(json.dumps({"dataset": stats["dataset"], "counts": stats["counts"], "short": stats["short"],

@@ -5,13 +5,14 @@ import argparse
 import json
 from pathlib import Path
 
+from domlora.commands._args import add_lora_shape, add_model, add_samples
+from domlora.pipeline.stages.probe import probe
+
 
 HELP = "score every module by PAGE, NFN and the activation statistics, in one pass"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from domlora.commands._args import add_lora_shape, add_model, add_samples
-
     add_samples(p)
     p.add_argument("--out", required=True, help="output folder: page.json, page.png, nfn.json, activations.json, "
                    "massive.json, activations.png")
@@ -39,8 +40,6 @@ def _batch_size(text: str) -> int | str:
 
 
 def run(a: argparse.Namespace) -> int:
-    from domlora.pipeline.stages import probe
-
     doc = probe(model=a.model, data=a.data, out_dir=a.out, samples=a.samples, max_length=a.max_length,
                 alpha=a.alpha, rank=a.rank, batch_size=a.batch_size, memory_fraction=a.memory_fraction,
                 dtype=a.dtype, device=a.device, nfn=not a.no_nfn, activations=not a.no_activations,

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+from domlora.errors import ConfigError
+from domlora.pipeline.grid import write_grid
+from domlora.pipeline.params import load_params, read_params_file, use_profile
+
 HELP = "show the profiles of params.yaml, or make one active (`domlora profile use paper`)"
 
 
@@ -13,9 +17,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from domlora.pipeline.params import load_params, read_params_file, use_profile
-    from domlora.errors import ConfigError
-
     if a.action == "use":
         if not a.name:
             raise ConfigError("`domlora profile use` needs a profile name")
@@ -23,8 +24,6 @@ def run(a: argparse.Namespace) -> int:
     active = load_params(a.params)
     if a.action == "use":
         from pathlib import Path
-
-        from domlora.pipeline.grid import write_grid
 
         print(f"wrote {write_grid(active, Path(a.params).resolve().parent)}")
     for name in (read_params_file(a.params).get("profiles") or {}):

@@ -4,12 +4,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from domlora.errors import ConfigError
+from domlora.io import read_json
+from domlora.models import config_hash, load_model, model_from_config, resolve_model_path
+from domlora.pipeline.registry import DEFAULT_PATH, load_registry, lookup, record
+
 HELP = "show, look up or record the dominant module of a backbone"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from domlora.pipeline.registry import DEFAULT_PATH
-
     p.add_argument("--registry", default=str(DEFAULT_PATH), help=f"registry JSON (default {DEFAULT_PATH})")
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("show", help="print every entry")
@@ -25,8 +28,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _hash(model: str) -> str:
     from pathlib import Path
 
-    from domlora.models import config_hash, load_model, model_from_config, resolve_model_path
-
     # the architecture hash needs only the config: build on the meta device, no weights loaded
     path = Path(resolve_model_path(model))
     if (path / "config.json").is_file():
@@ -36,10 +37,6 @@ def _hash(model: str) -> str:
 
 def run(a: argparse.Namespace) -> int:
     from pathlib import Path
-
-    from domlora.errors import ConfigError
-    from domlora.io import read_json
-    from domlora.pipeline.registry import load_registry, lookup, record
 
     if a.action == "show":
         print(json.dumps(load_registry(a.registry), indent=2))

@@ -5,13 +5,13 @@ import argparse
 import json
 
 from domlora.errors import DomloraError
+from domlora.pipeline.stages.select import select_placement
+from domlora.placement import STRATEGIES
 
 HELP = "turn probe scores into a placement (exact module names + evidence)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from domlora.placement import STRATEGIES
-
     p.add_argument("--probe", required=True, help="page.json written by `domlora probe`")
     p.add_argument("--strategy", required=True, help=f"one of: {', '.join(sorted(STRATEGIES))}")
     p.add_argument("--out", required=True, help="placement JSON to write")
@@ -52,8 +52,6 @@ def _options(items: list[str]) -> dict:
 
 
 def run(a: argparse.Namespace) -> int:
-    from domlora.pipeline.stages import select_placement
-
     doc = select_placement(probe_path=a.probe, strategy=a.strategy, out=a.out, nfn_path=a.nfn, k=a.k,
                            types=tuple(t for t in a.types.split(",") if t), layers=_ints(a.layers), seed=a.seed,
                            activations_path=a.activations, model=a.model, data=a.data, options=_options(a.option),

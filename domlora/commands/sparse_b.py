@@ -10,7 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from domlora.commands._args import MODEL_HELP
+from domlora.config import from_dict
 from domlora.errors import DomloraError
+from domlora.pipeline.params import load_params
+from domlora.regimes.grpo import GRPOSettings, grpo
+from domlora.regimes.settings import BUDGETS, SELECTIONS, SparseBSpec
+from domlora.regimes.sparse_b import sparse_b_sft
+from domlora.train.config import TrainConfig
 
 HELP = "train sparse-B LoRA (k chosen entries of B, A frozen) with SFT or GRPO, or full LoRA for reference"
 
@@ -25,10 +32,6 @@ def _k(text: str) -> int | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from domlora.commands._args import MODEL_HELP
-
-    from domlora.studies.sparse_b import BUDGETS, SELECTIONS
-
     p.add_argument("--regime", choices=("sft", "grpo"), required=True, help="supervised fine-tuning or GRPO")
     p.add_argument("--model", default="embedded", help=MODEL_HELP)
     p.add_argument("--train-data", required=True, help="chat JSONL; for GRPO assistant turns end with `#### <int>`")
@@ -57,11 +60,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace) -> int:
     import dataclasses
 
-    from domlora.config import from_dict
-    from domlora.pipeline.params import load_params
-    from domlora.studies.sparse_b import SparseBSpec
-    from domlora.train import TrainConfig
-
     over = {"rank": a.rank, "alpha": a.alpha, "seed": a.seed}
     if a.steps is not None:
         over["max_steps"] = a.steps
@@ -72,8 +70,6 @@ def run(a: argparse.Namespace) -> int:
     spec = None if a.k is None else SparseBSpec(k=a.k, selection=a.selection, budget=a.budget,
                                                 probe_steps=a.probe_steps, seed=a.seed)
     if a.regime == "grpo":
-        from domlora.studies.grpo import GRPOSettings, grpo
-
         if a.eval_data is None:
             raise DomloraError("GRPO needs --eval-data (question/answer rows) to report accuracy; fix: pass the "
                                "arith eval split, e.g. data/arith/eval.jsonl")
@@ -85,8 +81,6 @@ def run(a: argparse.Namespace) -> int:
         m = grpo(model=a.model, train_data=a.train_data, eval_data=a.eval_data, placement=a.placement,
                  out_dir=a.out, cfg=cfg, settings=settings, sparse_b=spec, show_progress=True)
     else:
-        from domlora.studies.sparse_b import sparse_b_sft
-
         m = sparse_b_sft(model=a.model, train_data=a.train_data, placement=a.placement, out_dir=a.out, cfg=cfg,
                          spec=spec, eval_data=a.eval_data, n_eval=a.n_eval, show_progress=True)
     keys = ("method", "k", "trainable_entries", "steps", "score_seconds", "score_fraction", "train_seconds",

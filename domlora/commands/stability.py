@@ -5,6 +5,8 @@ import argparse
 import json
 
 from domlora.errors import ConfigError
+from domlora.io import read_json, write_json
+from domlora.studies.stability import compare_probes
 
 HELP = "compare page.json files of one backbone: dom / argmax agreement, Spearman, top-k overlap"
 
@@ -18,9 +20,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace) -> int:
     from pathlib import Path
-
-    from domlora.io import read_json, write_json
-    from domlora.studies.stability import compare_probes
 
     docs = {}
     for item in a.probe:

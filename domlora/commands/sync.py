@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+from domlora.pipeline.params import load_params
+from domlora.pipeline.paths import Layout
+from domlora.pipeline.tracking import PENDING, make_tracker
+
 HELP = "log every finished cell of the active grid to MLflow (idempotent)"
 
 
@@ -16,10 +20,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from domlora.pipeline.params import load_params
-    from domlora.pipeline.paths import Layout
-    from domlora.pipeline.tracking import PENDING, make_tracker
-
     params = load_params(a.params)
     layout = Layout(a.root)
     tracker = make_tracker(params, enabled=True, grid_id=a.grid_id)

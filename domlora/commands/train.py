@@ -13,6 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from domlora.commands._args import MODEL_HELP
+from domlora.config import ModelSpec, close_matches, field_docs, from_dict
+from domlora.errors import ConfigError
+from domlora.pipeline.params import load_params
+from domlora.train.config import TrainConfig
+from domlora.train.loop import train
+
 HELP = "train an adapter at a placement; writes OUT/adapter/ and OUT/train_metrics.json"
 
 # flag -> TrainConfig field (the common ones; --set reaches every field)
@@ -25,11 +32,6 @@ FLAGS = {"--variant": ("variant", str), "--rank": ("rank", int), "--alpha": ("al
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from domlora.commands._args import MODEL_HELP
-
-    from domlora.config import field_docs
-    from domlora.train import TrainConfig
-
     docs = field_docs(TrainConfig)
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--dtype", default=None, help="the model's dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
@@ -56,19 +58,11 @@ def resolve_config(a: argparse.Namespace):
 
     import yaml
 
-    from domlora.config import from_dict
-    from domlora.errors import ConfigError
-    from domlora.train import TrainConfig
-
     base: dict = {}
     if a.profile is not None:
-        from domlora.pipeline.params import load_params
-
         params = load_params(a.params, profile=a.profile)
         if a.method is not None:
             if a.method not in params.methods:
-                from domlora.config import close_matches
-
                 raise ConfigError(f"--method {a.method!r} is not a method of profile {a.profile!r}"
                                   f"{close_matches(a.method, params.methods)}; defined: {', '.join(params.methods)}")
             base = dataclasses.asdict(params.train_config(a.method))
@@ -89,10 +83,6 @@ def resolve_config(a: argparse.Namespace):
 
 
 def run(a: argparse.Namespace) -> int:
-    from domlora.config import ModelSpec
-    from domlora.errors import ConfigError
-    from domlora.train import train
-
     if a.threads is not None:
         if a.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {a.threads}")
@@ -100,7 +90,6 @@ def run(a: argparse.Namespace) -> int:
 
         torch.set_num_threads(a.threads)
     cfg = resolve_config(a)
-    from domlora.config import from_dict
 
     spec = from_dict(ModelSpec, {"id": a.model} | ({"dtype": a.dtype} if a.dtype else {}), where="model")
     doc = train(model=spec, train_data=a.data, placement=a.placement, out_dir=a.out, cfg=cfg, show_progress=True)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from domlora.samples import encode_samples, iter_batches, model_losses, read_samples
+
 MAX_LENGTH = 2048
 """tokens per sample: long enough that no generated-task sample is cut"""
 
@@ -27,8 +29,6 @@ def heldout_nll(model, tokenizer, samples: Sequence[dict], *, batch_size: int = 
         "n_truncated": samples cut at max_length}
     """
     import torch
-
-    from domlora.samples import encode_samples, iter_batches, model_losses
 
     encoded, report = encode_samples(tokenizer, list(samples), max_length=max_length)
     device = next(model.parameters()).device
@@ -55,8 +55,6 @@ def heldout_nll(model, tokenizer, samples: Sequence[dict], *, batch_size: int = 
 
 def nll_task(lm, eval_file, *, limit: int | None = None) -> dict:
     """An `<dataset>_nll` task for `evaluate`: the held-out NLL of eval.jsonl, in eval.json's task form."""
-    from domlora.samples import read_samples
-
     doc = heldout_nll(lm.model, lm.tokenizer, read_samples(eval_file, limit=limit))
     return {"n": doc["n"], "n_tokens": doc["n_tokens"], "n_truncated": doc["n_truncated"],
             "metrics": {"nll": {"value": doc["nll"], "stderr": doc["stderr"], "n": doc["n"]},

@@ -32,43 +32,17 @@ from typing import Any
 from domlora.adapters.variants import load_for_eval
 from domlora.config import ModelSpec
 from domlora.errors import ConfigError, DomloraError, ModelError
-from domlora.evaluate.lm import (
-    make_lm,
-    math_path,
-    resolve_batch_size,
-    run_lm_eval,
-    summarize_lm_eval,
-    torch_threads,
-)
-from domlora.evaluate.mt_bench import (
-    JudgeConfig,
-    JudgeError,
-    run_mt_bench,
-    why_unconfigured,
-)
-from domlora.evaluate.stand_in import NOTE as STAND_IN_NOTE
-from domlora.evaluate.stand_in import (
-    STAND_IN_TASKS,
-    check_stand_in_dir,
-    stand_in_digest,
-    stand_in_task_manager,
-    stand_in_tasks,
-)
-from domlora.evaluate.tasks import (
-    NLL_TASKS,
-    SELF_CONTAINED,
-    TASKS,
-    TaskSpec,
-    expand_tasks,
-    full_task_manager,
-    lm_eval_version,
-    local_task_manager,
-    paper_average,
-    paper_columns,
-    resolve_tasks,
-    task_config_hash,
-    task_spec,
-)
+from domlora.evaluate.lm import make_lm, math_path, resolve_batch_size, run_lm_eval, summarize_lm_eval, torch_threads
+from domlora.evaluate.mt_bench import JudgeConfig, JudgeError, run_mt_bench, why_unconfigured
+from domlora.evaluate.nll import nll_task
+from domlora.evaluate.sandbox import code_exec_allowed
+from domlora.evaluate.sandbox import preflight as sandbox_preflight
+from domlora.evaluate.scoring import LOCAL_FIELDS, read_eval_rows, resolve_eval_file
+from domlora.evaluate.stand_in import (NOTE as STAND_IN_NOTE, STAND_IN_TASKS, check_stand_in_dir, stand_in_digest,
+                                       stand_in_task_manager, stand_in_tasks)
+from domlora.evaluate.tasks import (NLL_TASKS, SELF_CONTAINED, TASKS, TaskSpec, expand_tasks, full_task_manager,
+                                    lm_eval_version, local_task_manager, paper_average, paper_columns, resolve_tasks,
+                                    task_config_hash, task_spec)
 from domlora.io import file_sha256, read_json, write_json
 from domlora.provenance import run_info
 
@@ -357,8 +331,6 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
     Raises:
         ConfigError / DataError / ModelError: bad input, before any evaluation starts.
     """
-    from domlora.evaluate.sandbox import code_exec_allowed
-
     t_start = time.perf_counter()
     spec = ModelSpec.of(model)
     if dtype is not None:
@@ -370,44 +342,20 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
     if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
         raise ConfigError(f"num_threads must be a positive integer, got {num_threads!r}")
     # 1. names (the full lm-eval index is built only when a name is not domlora's own)
-    names = expand_tasks(tasks)
-    if "minerva_math" in names:
-        math_path()  # its answer checker's antlr4 4.11, first on the path before lm-eval imports it
     stand_in_dir = check_stand_in_dir(stand_in_data) if stand_in_data is not None else None
-    if stand_in_dir is not None:
-        _check_stand_in_names(names)
-        tm = None
-    else:
-        tm = None if all(n in SELF_CONTAINED for n in names) else full_task_manager(data_dir)
-    names = resolve_tasks(names, task_manager=tm)
+    names, tm = _task_names(tasks, data_dir=data_dir, stand_in_dir=stand_in_dir)
     specs = {n: task_spec(n) for n in names}
     # 2. adapter and local data, before the model is loaded
     adapter_path = check_adapter_dir(adapter) if adapter is not None else None
-    data_files: dict[str, Path] = {}
-    for n, s in specs.items():
-        if s.local_data:
-            from domlora.evaluate.scoring import (
-                LOCAL_FIELDS,
-                read_eval_rows,
-                resolve_eval_file,
-            )
-
-            f = resolve_eval_file(data_dir, s.local_data)
-            read_eval_rows(f, LOCAL_FIELDS.get(s.local_data, ()))
-            data_files[n] = f
+    data_files = _local_data_files(specs, data_dir)
     exec_ok = code_exec_allowed(allow_code_exec)
     judge_cfg = judge if judge is not None else JudgeConfig.from_env()
     # 3. resume
     run_key = _run_key(model, adapter_fingerprint(adapter_path), dtype, stand_in=stand_in_dir is not None)
     previous = _read_previous(out, run_key)
     stand_in_fp = stand_in_digest(stand_in_dir) if stand_in_dir is not None else None
-    hashes = {}
-    for n, s in specs.items():
-        extra = {"judge": judge_cfg.describe()["model"]} if n == "mt_bench" and judge_cfg else {}
-        if stand_in_fp and not s.local_data:
-            extra["stand_in"] = stand_in_fp
-        hashes[n] = task_config_hash(s, limit=limit, max_gen_toks=max_gen_toks, data_file=data_files.get(n),
-                                     extra=extra or None)
+    hashes = _task_hashes(specs, judge=judge_cfg, stand_in_fp=stand_in_fp, limit=limit, max_gen_toks=max_gen_toks,
+                          data_files=data_files)
     records: dict[str, dict] = {}
     for n in names:
         rec = previous.get(n)
@@ -446,13 +394,68 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
         save()
         return doc
     # 4. skip what cannot run, before loading the model
+    todo = _skip_unrunnable(todo, specs, doc, hashes=hashes, exec_ok=exec_ok, judge=judge_cfg,
+                            stand_in_dir=stand_in_dir, on_result=on_result)
+    if not todo:
+        save()
+        return doc
+    # 5. stand-in tasks (their YAMLs live for this call), the model, then the tasks one at a time
+    _run_todo(todo, specs, doc, save, tm=tm, spec=spec, adapter_path=adapter_path, hashes=hashes, limit=limit,
+              batch_size=batch_size, max_gen_toks=max_gen_toks, exec_ok=exec_ok, judge=judge_cfg, data_dir=data_dir,
+              stand_in_dir=stand_in_dir, out=out, run_key=run_key, device=device, cache_dir=cache_dir,
+              merge_adapter=merge_adapter, num_threads=num_threads, show_progress=show_progress, on_result=on_result)
+    save()
+    return doc
+
+
+def _task_names(tasks, *, data_dir, stand_in_dir) -> tuple[list[str], Any]:
+    """Task names resolved (with the lm-eval task manager that knows them, when one is needed)."""
+    names = expand_tasks(tasks)
+    if "minerva_math" in names:
+        math_path()  # its answer checker's antlr4 4.11, first on the path before lm-eval imports it
+    if stand_in_dir is not None:
+        _check_stand_in_names(names)
+        tm = None
+    else:
+        tm = None if all(n in SELF_CONTAINED for n in names) else full_task_manager(data_dir)
+    return resolve_tasks(names, task_manager=tm), tm
+
+
+def _local_data_files(specs: dict[str, TaskSpec], data_dir) -> dict[str, Path]:
+    """The eval split each embedded task reads, checked before any model loads."""
+    data_files: dict[str, Path] = {}
+    for n, s in specs.items():
+        if s.local_data:
+            f = resolve_eval_file(data_dir, s.local_data)
+            read_eval_rows(f, LOCAL_FIELDS.get(s.local_data, ()))
+            data_files[n] = f
+    return data_files
+
+
+def _task_hashes(specs: dict[str, TaskSpec], *, judge, stand_in_fp, limit, max_gen_toks,
+                 data_files: dict[str, Path]) -> dict[str, str]:
+    """What each task's result depends on (a stored result with the same hash is reused)."""
+    hashes = {}
+    for n, s in specs.items():
+        extra = {"judge": judge.describe()["model"]} if n == "mt_bench" and judge else {}
+        if stand_in_fp and not s.local_data:
+            extra["stand_in"] = stand_in_fp
+        hashes[n] = task_config_hash(s, limit=limit, max_gen_toks=max_gen_toks, data_file=data_files.get(n),
+                                     extra=extra or None)
+    return hashes
+
+
+def _skip_unrunnable(todo: list[str], specs: dict[str, TaskSpec], doc: dict, *, hashes, exec_ok: bool, judge,
+                     stand_in_dir, on_result) -> list[str]:
+    """Record as skipped (with the fix) the tasks that cannot run here; returns those that can."""
+    todo = list(todo)
     for n in list(todo):
         s = specs[n]
         reason = None
         if s.code_exec and not exec_ok:
             reason = ("runs model-generated code, which is not allowed; fix: pass --allow-code-exec (or set "
                       "HF_ALLOW_CODE_EVAL=1) to run it in the sandbox")
-        elif n == "mt_bench" and judge_cfg is None:
+        elif n == "mt_bench" and judge is None:
             reason = why_unconfigured()
         if reason:
             doc["tasks"][n] = {"status": "skipped", "reason": reason, "config_hash": hashes[n],
@@ -461,10 +464,21 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
             logger.warning("%s skipped: %s", n, reason)
             if on_result:
                 on_result(n, doc["tasks"][n])
-    if not todo:
-        save()
-        return doc
-    # 5. stand-in tasks (their YAMLs live for this call), the model, then the tasks one at a time
+    return todo
+
+
+def _run_todo(todo: list[str], specs: dict[str, TaskSpec], doc: dict, save: Callable[[], None], *, tm, spec,
+              adapter_path, hashes, limit, batch_size, max_gen_toks, exec_ok, judge, data_dir, stand_in_dir,
+              out: Path, run_key, device, cache_dir, merge_adapter, num_threads, show_progress, on_result) -> None:
+    """Load the model once and run the tasks one at a time, saving eval.json after each."""
+    judge_cfg = judge
+    # the sandbox must confine what generated code reads here (or broad reads were accepted), else
+    # refuse before the model loads
+    if any(specs[n].code_exec for n in todo):
+        warning = sandbox_preflight()
+        if warning:
+            doc["warnings"] = [warning]
+            logger.warning("%s", warning)
     with contextlib.ExitStack() as stack, torch_threads(num_threads):
         import torch
 
@@ -501,8 +515,6 @@ def evaluate(*, model: ModelSpec | str, adapter: str | Path | None, tasks: list[
             save()
             if on_result:
                 on_result(n, rec)
-    save()
-    return doc
 
 
 
@@ -520,9 +532,6 @@ def _run_task(name: str, spec: TaskSpec, *, lm, tm, config_hash: str, gen_kwargs
             body = run_mt_bench(lm, judge=judge, data_dir=data_dir, limit=limit, max_gen_toks=max_gen_toks,
                                  cache_path=mt_bench_cache, gen_key=gen_key, show_progress=show_progress)
         elif name in NLL_TASKS:
-            from domlora.evaluate.nll import nll_task
-            from domlora.evaluate.scoring import resolve_eval_file
-
             body = nll_task(lm, resolve_eval_file(data_dir, NLL_TASKS[name]), limit=limit)
         else:
             res = run_lm_eval(lm, tm, spec.lm_eval, limit=limit, chat_template=spec.chat_template,

@@ -9,8 +9,9 @@ import logging
 import re
 from pathlib import Path
 
-from domlora.data import extract_final_answer  # the format the prepared data teaches
 from domlora.errors import DataError
+from domlora.evaluate.answers import final_int, is_correct, normalize_answer, score_final_answer  # noqa: F401
+from domlora.evaluate.sandbox import SandboxLimits, run_programs, self_test
 from domlora.io import iter_jsonl
 
 logger = logging.getLogger(__name__)
@@ -76,77 +77,6 @@ def load_local_split(dataset: str, data_dir=None, **_):
 
 
 # ------------------------------------------------------------------------------------------
-# final-answer exact match (`#### <answer>` on the last line, as the prepared data teaches)
-# ------------------------------------------------------------------------------------------
-
-_INT = re.compile(r"^[+-]?\d+$")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def normalize_answer(ans: str) -> str:
-    """Strip, collapse spaces, drop a trailing period / surrounding quotes, `$` and thousands commas in numbers."""
-    s = " ".join(str(ans).strip().split())
-    s = s.strip("\"'`").rstrip(".").strip()
-    if s.startswith("$"):
-        s = s[1:]
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")
-    if re.fullmatch(r"-?\d+\.0+", s):
-        s = s.split(".")[0]
-    return s
-
-
-def _flex_answer(text: str, gold: str) -> str | None:
-    strict = extract_final_answer(text)
-    if strict is not None:
-        return strict
-    if _INT.match(normalize_answer(gold)):
-        nums = _NUMBER.findall(text)
-        return nums[-1] if nums else None
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        return None
-    last = lines[-1]
-    # "Sorted: 2 5 9" / "The answer is X": keep what follows the label
-    for sep in (":", " is "):
-        if sep in last:
-            last = last.rsplit(sep, 1)[1]
-            break
-    return last
-
-
-_FINAL_INT = re.compile(r"^\$?\s*(-?\d[\d,]*)(?:\.0+)?\s*\$?\.?$")
-
-
-def final_int(text: str) -> int | None:
-    """The integer on the last `#### ...` line (`#### 1,200`, `#### $12` allowed), else None."""
-    ans = extract_final_answer(text)
-    m = _FINAL_INT.match(ans) if ans is not None else None
-    return int(m.group(1).replace(",", "")) if m else None
-
-
-def is_correct(completion: str, answer) -> bool:
-    """The arithmetic and strings tasks' one rule: the final `#### ...` line equals the answer."""
-    return bool(score_final_answer({"answer": str(answer)}, [completion])["exact_match"])
-
-
-def score_final_answer(doc: dict, results: list[str]) -> dict[str, float]:
-    """exact_match: the last `#### ...` line equals the answer.
-
-    exact_match_flex: without such a line, the last number (numeric answers) or the last line
-    after any "label:" / "... is" (other answers) is compared instead.
-    """
-    completion = results[0] if results else ""
-    gold = normalize_answer(doc["answer"])
-    strict = extract_final_answer(completion)
-    flex = _flex_answer(completion, doc["answer"])
-    return {
-        "exact_match": float(strict is not None and normalize_answer(strict) == gold),
-        "exact_match_flex": float(flex is not None and normalize_answer(flex) == gold),
-    }
-
-
-# ------------------------------------------------------------------------------------------
 # HumanEval: completion -> program -> sandbox
 # ------------------------------------------------------------------------------------------
 
@@ -184,8 +114,6 @@ def execute_programs(resps: list[list[str]], docs: list[dict], *, timeout_s: flo
 
     Returns, per doc, one dict per completion: {"passed": bool, "status": ..., "reason": ...}.
     """
-    from domlora.evaluate.sandbox import SandboxLimits, run_programs, self_test
-
     layers = self_test()
     logger.info("running %d generated programs in the sandbox (%s)", sum(len(r) for r in resps), ", ".join(layers))
     limits = SandboxLimits(timeout_s=timeout_s)
@@ -193,7 +121,9 @@ def execute_programs(resps: list[list[str]], docs: list[dict], *, timeout_s: flo
     outs = run_programs([p for _, p in flat], limits=limits, workers=workers)
     per_doc: list[list[dict]] = [[] for _ in docs]
     for (i, _), res in zip(flat, outs):
-        per_doc[i].append({"passed": res.passed, "status": res.status, "reason": res.reason[:200]})
+        # reason: the exception's type and the start of its message, one line (`REASON_CHARS`); it
+        # stays in lm-eval's per-sample results, written only when samples are logged (domlora does not)
+        per_doc[i].append({"passed": res.passed, "status": res.status, "reason": res.reason})
     return per_doc
 
 

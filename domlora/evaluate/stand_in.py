@@ -28,15 +28,9 @@ from pathlib import Path
 
 from domlora.errors import ConfigError, DataError
 from domlora.eval_tasks import TASKS_DIR
-from domlora.io import (
-    atomic_dir,
-    file_sha256,
-    iter_jsonl,
-    read_json,
-    write_json,
-    write_jsonl,
-    write_text,
-)
+from domlora.evaluate.mt_bench import JudgeConfig
+from domlora.evaluate.tasks import TASKS
+from domlora.io import atomic_dir, file_sha256, iter_jsonl, read_json, write_json, write_jsonl, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +157,6 @@ def _members(items, index, plan: _Plan) -> list:
 
 def plan_stand_ins(tasks: Sequence[str] = STAND_IN_TASKS, *, index=None) -> _Plan:
     """The stand-in leaves and groups for domlora task names (see `STAND_IN_TASKS`)."""
-    from domlora.evaluate.tasks import TASKS
-
     index = index if index is not None else _task_index()
     plan = _Plan()
     for t in tasks:
@@ -431,8 +423,6 @@ def stand_in_tasks(tasks: Sequence[str], data_dir: str | os.PathLike, task_dir: 
     Raises:
         ConfigError: a task without a stand-in. DataError: stand-in data missing.
     """
-    from domlora.evaluate.tasks import TASKS
-
     data_dir = check_stand_in_dir(data_dir).resolve()
     plan = plan_stand_ins(tasks)
     task_dir = Path(task_dir)
@@ -473,8 +463,6 @@ class StandInJudge:
     @property
     def config(self):
         """A `JudgeConfig` for this judge (to pass as `evaluate(judge=...)` instead of the environment)."""
-        from domlora.evaluate.mt_bench import JudgeConfig
-
         return JudgeConfig(url=self.url, model=JUDGE_MODEL, api_key=JUDGE_KEY, max_retries=1, backoff_s=0.0,
                            timeout_s=30.0)
 

@@ -366,7 +366,7 @@ def _files_digest(paths: Sequence[Path]) -> str:
 def _task_files(spec: TaskSpec) -> list[Path]:
     """Our YAML/utils files that define a task (empty for lm-eval's own tasks: its version pins them)."""
     here = Path(__file__).resolve().parent
-    files = [here / "scoring.py"]
+    files = [here / "scoring.py", here / "answers.py"]  # the shared scorers
     for folder in ("embedded", "code", "instruct", "mc_gen"):
         d = TASKS_DIR / folder
         names = [p for p in d.iterdir() if p.is_file()]

@@ -15,7 +15,10 @@ import os
 from pathlib import Path
 
 from domlora.errors import ConfigError
-from domlora.pipeline.params import Params
+from domlora.io import write_text
+from domlora.pipeline.params import Params, load_params
+from domlora.pipeline.paths import Layout
+from domlora.pipeline.tune import sweeps, tunes
 
 GRID_FILE = "grid.yaml"
 HEADER = ("# Generated from params.yaml by `domlora grid` (also run by `domlora profile use` and `make repro`):\n"
@@ -29,9 +32,6 @@ def grid_doc(params: Params) -> dict:
     A cell's `lr_from` is the file its learning rate comes from: its budget class's tune output, or (a method
     without a class) its placement, already a dependency, so that DVC sees no new one.
     """
-    from domlora.pipeline.paths import Layout
-    from domlora.pipeline.tune import sweeps, tunes
-
     layout = Layout(Path("."))
     cells = params.cells()
     models = [m for m in params.grid.models if any(c.model == m for c in cells)]
@@ -71,8 +71,6 @@ def render(params: Params) -> str:
 
 def write_grid(params: Params, root: str | os.PathLike = ".") -> Path:
     """Write grid.yaml for `params` (atomically); returns its path."""
-    from domlora.io import write_text
-
     return write_text(Path(root) / GRID_FILE, render(params))
 
 
@@ -98,8 +96,6 @@ def check_grid(params: Params, root: str | os.PathLike = ".") -> None:
 
 def stage_params(params_path: str | os.PathLike, profile: str | None, root: str | os.PathLike) -> Params:
     """What a DVC stage script loads: the profile, and (for the active one) the check that grid.yaml is current."""
-    from domlora.pipeline.params import load_params
-
     params = load_params(params_path, profile=profile)
     if profile is None:
         check_grid(params, root)

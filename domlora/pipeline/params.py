@@ -23,9 +23,12 @@ from typing import Any, Literal
 
 from domlora.config import ModelSpec, check_keys, close_matches, from_dict
 from domlora.errors import ConfigError
-from domlora.studies.grpo import GRPOSettings
-from domlora.studies.sparse_b import SparseBSpec
-from domlora.train import TrainConfig
+from domlora.io import write_text
+from domlora.models import known_num_layers
+from domlora.peer_options import OPTIONS, parse_options
+from domlora.placement import STRATEGIES
+from domlora.regimes.settings import GRPOSettings, SparseBSpec
+from domlora.train.config import TrainConfig
 
 __all__ = ["BudgetSpec", "Cell", "DatasetSpec", "EvalSpec", "GridSpec", "MethodSpec", "ModelSpec", "Params",
            "ProbeSpec", "TrackingSpec", "TuneSpec", "load_params", "parse_profile", "read_params_file", "use_profile"]
@@ -108,7 +111,7 @@ class MethodSpec:
     label: str | None = None
     """name in reports"""
     peer: dict[str, Any] = field(default_factory=dict)
-    """options of a placement peer (`domlora.peers.OPTIONS`: kappa, aletheia, massive; eva's are train keys)"""
+    """options of a placement peer (`domlora.peer_options.OPTIONS`: kappa, aletheia, massive; eva's are train keys)"""
     budget: str | None = None
     """budget class (a key of the profile's `tune.budgets`): the methods of a class train at the learning rate
     its sweep chose"""
@@ -260,10 +263,15 @@ class Cell:
 
     @classmethod
     def parse(cls, cell_id: str) -> Cell:
-        parts = cell_id.split("-")
-        if len(parts) != 4 or not parts[3].isdigit():
-            raise ConfigError(f"cell id {cell_id!r} must be MODEL-DATASET-METHOD-SEED")
-        return cls(parts[0], parts[1], parts[2], int(parts[3]))
+        return cls(*split_id(cell_id, what="cell", form="MODEL-DATASET-METHOD-SEED"))
+
+
+def split_id(run_id: str, *, what: str, form: str, prefix: str = "") -> tuple[str, str, str, int]:
+    """`MODEL-DATASET-METHOD-<prefix>N` -> (model, dataset, method, N): the ids of cells and sweep runs."""
+    parts = run_id.split("-")
+    if len(parts) != 4 or not parts[3].startswith(prefix) or not parts[3][len(prefix):].isdigit():
+        raise ConfigError(f"{what} id {run_id!r} must be {form}")
+    return parts[0], parts[1], parts[2], int(parts[3][len(prefix):])
 
 
 @dataclass(frozen=True)
@@ -372,8 +380,6 @@ def _table(name: str, d: dict, key: str, parse) -> dict:
 
 
 def _parse_method(where: str, d, base: TrainConfig) -> MethodSpec:
-    from domlora.placement import STRATEGIES
-
     if not isinstance(d, dict):
         raise ConfigError(f"params.yaml: `{where}` must be a mapping of settings")
     check_keys(where, d, METHOD_KEYS + tuple(k for k in TRAIN_KEYS if k not in _CELL_OWNED))
@@ -399,8 +405,6 @@ def _parse_method(where: str, d, base: TrainConfig) -> MethodSpec:
 
 def _check_peer(where: str, m: MethodSpec, cfg: TrainConfig) -> None:
     """Peer options only for the strategies that take them, each option known to its peer."""
-    from domlora.peers import OPTIONS, parse_options
-
     if m.placement == "eva":
         if m.peer:
             raise ConfigError(f"params.yaml: `{where}.peer`: EVA's settings are training keys (rank, alpha, eva_rho, "
@@ -472,8 +476,6 @@ class _SeedData:
 
 def _check_layers(name: str, slug: str, m: MethodSpec, models: dict) -> None:
     """Explicit layers must exist in every model the method runs on (where its config says how many)."""
-    from domlora.models import known_num_layers
-
     for model, spec in models.items():
         n = known_num_layers(spec)
         layers = m.layers_for(model)
@@ -608,7 +610,6 @@ def use_profile(path: str | Path, profile: str) -> None:
         text = re.sub(r"^run:.*$", f"run: *{profile}", text, count=1, flags=re.M)
     else:
         text = text.rstrip("\n") + f"\nrun: *{profile}\n"
-    from domlora.io import write_text
 
     write_text(p, text)
     load_params(p)  # still valid

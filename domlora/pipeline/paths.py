@@ -15,8 +15,12 @@ class Layout:
         object.__setattr__(self, "root", Path(self.root))
 
     # prepare_data
+    @property
+    def data_root(self) -> Path:
+        return self.root / "data"
+
     def data_dir(self, dataset: str) -> Path:
-        return self.root / "data" / dataset
+        return self.data_root / dataset
 
     def split(self, dataset: str, split: str) -> Path:
         return self.data_dir(dataset) / f"{split}.jsonl"
@@ -25,12 +29,31 @@ class Layout:
     def probe_dir(self, model: str, dataset: str) -> Path:
         return self.root / "probes" / model / dataset
 
+    def probe_json(self, model: str, dataset: str, kind: str) -> Path:
+        """One of the probe's documents: `page`, `nfn`, `activations` or `massive`."""
+        return self.probe_dir(model, dataset) / f"{kind}.json"
+
     def page_json(self, model: str, dataset: str) -> Path:
-        return self.probe_dir(model, dataset) / "page.json"
+        return self.probe_json(model, dataset, "page")
+
+    def massive_json(self, model: str, dataset: str) -> Path:
+        return self.probe_json(model, dataset, "massive")
+
+    def page_png(self, model: str, dataset: str) -> Path:
+        """PAGE as a layer x type heatmap."""
+        return self.probe_dir(model, dataset) / "page.png"
+
+    def page_layers_csv(self, model: str, dataset: str) -> Path:
+        """PAGE by layer, one column per module type (a DVC plot)."""
+        return self.probe_dir(model, dataset) / "page_layers.csv"
 
     def checkpoints_json(self, model: str, dataset: str) -> Path:
         """PAGE across full fine-tuning checkpoints (the Figure 2 study)."""
         return self.probe_dir(model, dataset) / "checkpoints.json"
+
+    def checkpoints_work(self, model: str, dataset: str) -> Path:
+        """Where the checkpoint study keeps its step checkpoints (whole models) while it probes them."""
+        return self.root / ".checkpoints_work" / f"{model}-{dataset}"
 
     # select
     def placement(self, model: str, dataset: str, method: str) -> Path:

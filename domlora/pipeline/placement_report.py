@@ -11,27 +11,21 @@ sweep columns stay empty).
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 
-from domlora.io import save_figure, write_text
+from domlora.evaluate.tasks import NLL_TASKS
+from domlora.io import read_json_or_none, save_figure, write_text
 from domlora.pipeline.params import Cell, Params
 from domlora.pipeline.paths import Layout
+from domlora.pipeline.report import fmt_params
 
 MISSING = "–"
 FLAT_SHARE = 0.1
 """a run's loss counts as flattened when its last quarter of steps brought at most this share of the whole
 run's improvement: (mean of the third quarter - mean of the last) <= 0.1 x (mean of the first - mean of the last)"""
 STRATEGY_PROBE = {"dom": "page", "page_argmax": "page", "page_topk": "page", "plop": "nfn", "plop_inverse": "nfn"}
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def flat_share(loss: list) -> float | None:
@@ -77,8 +71,6 @@ def describe_modules(names: list[str], table: dict[str, dict]) -> str:
 
 def _task_metrics(params: Params, dataset: str) -> tuple[str | None, str | None]:
     """The exact-match key and the NLL key of a dataset's tasks in scores.json."""
-    from domlora.evaluate.tasks import NLL_TASKS
-
     em = nll = None
     for t in params.datasets[dataset].tasks:
         if t in NLL_TASKS:
@@ -96,7 +88,7 @@ def probe_cost(params: Params, layout: Layout, model: str, dataset: str, method:
         return {"what": m.placement, "wall_s": c.get("wall_s"), "peak_mb": c.get("peak_over_model_mb")}
     kind = STRATEGY_PROBE.get(m.placement)
     if kind:
-        doc = _read(layout.probe_dir(model, params.select_probe(dataset)) / f"{kind}.json") or {}
+        doc = read_json_or_none(layout.probe_json(model, params.select_probe(dataset), kind)) or {}
         return {"what": "PAGE probe" if kind == "page" else "NFN probe", "wall_s": doc.get("seconds"), "peak_mb": None}
     if m.train.get("layer_sampling") == "ist":
         return {"what": "during training (IST importance rollouts)", "wall_s": None, "peak_mb": None}
@@ -114,13 +106,13 @@ def collect(params: Params, layout: Layout) -> list[dict]:
                 if not m.runs_on(model):
                     continue
                 cells = [Cell(model, dataset, method, s) for s in params.method_seeds(method)]  # a class may run fewer
-                placement = _read(layout.placement(model, dataset, method))
-                tune = _read(layout.tune_json(model, params.tune_dataset(dataset), m.budget)) \
+                placement = read_json_or_none(layout.placement(model, dataset, method))
+                tune = read_json_or_none(layout.tune_json(model, params.tune_dataset(dataset), m.budget)) \
                     if m.budget and params.tune else None
                 ems, nlls, params_n, ratios, lrs, done = [], [], [], [], [], 0
                 for c in cells:
-                    rec = _read(layout.train_metrics(c)) or {}
-                    scores = _read(layout.scores_json(c)) or {}
+                    rec = read_json_or_none(layout.train_metrics(c)) or {}
+                    scores = read_json_or_none(layout.scores_json(c)) or {}
                     if rec.get("status") == "success":
                         params_n.append(rec.get("trainable_params"))
                         ratios.append(flat_share(rec.get("loss") or []))
@@ -150,13 +142,13 @@ def collect(params: Params, layout: Layout) -> list[dict]:
 
 
 def _module_table(params: Params, layout: Layout, model: str, dataset: str) -> dict:
-    doc = _read(layout.page_json(model, params.select_probe(dataset))) or {}
+    doc = read_json_or_none(layout.page_json(model, params.select_probe(dataset))) or {}
     return doc.get("modules") or {}
 
 
 def _base_scores(params: Params, layout: Layout, model: str, dataset: str) -> tuple[float | None, float | None]:
     em_key, nll_key = _task_metrics(params, dataset)
-    s = _read(layout.scores_json(layout.base_id(model, dataset))) or {}
+    s = read_json_or_none(layout.scores_json(layout.base_id(model, dataset))) or {}
     return (100 * s[em_key] if em_key in s else None), (s.get(nll_key) if nll_key else None)
 
 
@@ -164,12 +156,6 @@ def _fmt(v, se=None, digits=1) -> str:
     if v is None:
         return MISSING
     return f"{v:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
-
-
-def _fmt_params(n) -> str:
-    if n is None:
-        return MISSING
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
 def _fmt_cost(c: dict) -> str:
@@ -190,7 +176,7 @@ def sweep_lines(params: Params, layout: Layout, model: str, dataset: str) -> lis
                 "(`tune.reuse_from`); see its section.", ""]
     out = []
     for b, spec in params.tune.budgets.items():
-        doc = _read(layout.tune_json(model, dataset, b))
+        doc = read_json_or_none(layout.tune_json(model, dataset, b))
         if not doc:
             out += [f"- class `{b}`: not tuned yet", ""]
             continue
@@ -277,7 +263,7 @@ def write_placement_report(params: Params, layout: Layout) -> dict:
                 flat = MISSING if r["flattened"] is None else \
                     f"{'yes' if r['flattened'] else 'no'} ({r['flat_share_max']:.2f})"
                 lines.append(f"| {r['label']} | {r['budget'] or MISSING} | {MISSING if r['lr'] is None else format(r['lr'], 'g')} "
-                             f"| {_fmt_params(r['trainable_params'])} | {_fmt_cost(r['cost'])} | {r['modules_text']} "
+                             f"| {fmt_params(r['trainable_params'])} | {_fmt_cost(r['cost'])} | {r['modules_text']} "
                              f"| {_fmt(r['em'], r['em_se'])} | {_fmt(r['nll'], r['nll_se'], digits=4)} "
                              f"| {r['seeds']}/{r['cells']} | {flat} |")
             lines.append("")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from domlora.errors import ConfigError
 from domlora.io import file_lock, read_json, write_json
+from domlora.placement import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +194,6 @@ def placement_from_entry(entry: RegistryEntry, modules: dict[str, dict] | None =
     Raises:
         ConfigError: the registered module is not in `modules` (the registry belongs to another model).
     """
-    from domlora.placement import Placement
-
     if modules is not None and entry.dominant not in modules:
         raise ConfigError(f"the registry says {entry.dominant} for {entry.model}, but this model has no such "
                           "module; fix: re-probe (`reprobe`) or check the registry key")

@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from domlora.evaluate.tasks import PAPER_COLUMNS, STAND_IN_WARNING, TABLE_COLUMNS, compare_with_paper, is_stand_in
+from domlora.io import read_json_or_none, save_figure, write_json, write_text
+from domlora.models import config_hash_of
 from domlora.pipeline.params import Cell, Params
-from domlora.io import save_figure, write_json, write_text
 from domlora.pipeline.paths import Layout
+from domlora.pipeline.registry import record
+from domlora.pipeline.sparse_b_report import render_report_section
+from domlora.pipeline.tracking import train_summary
+from domlora.probes.agreement import compare_probes
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +37,6 @@ TABLE_TITLES = {
     11: "Table 11: LoRA rank sensitivity of DomLoRA",
     12: "Table 12: full-parameter updates, dominant module vs all modules",
 }
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def primary_metric(task: str, metrics: dict[str, float]) -> tuple[str, float] | None:
@@ -78,17 +76,17 @@ class Collected:
     def __init__(self, params: Params, layout: Layout):
         self.params, self.layout = params, layout
         self.cells = params.cells()
-        self.train = {c.id: _read(layout.train_metrics(c)) for c in self.cells}
-        self.metrics = {c.id: _read(layout.scores_json(c)) for c in self.cells}
-        self.evals = {c.id: _read(layout.eval_json(c)) for c in self.cells}
-        self.base = {(m, d): _read(layout.scores_json(layout.base_id(m, d)))
+        self.train = {c.id: read_json_or_none(layout.train_metrics(c)) for c in self.cells}
+        self.metrics = {c.id: read_json_or_none(layout.scores_json(c)) for c in self.cells}
+        self.evals = {c.id: read_json_or_none(layout.eval_json(c)) for c in self.cells}
+        self.base = {(m, d): read_json_or_none(layout.scores_json(layout.base_id(m, d)))
                      for m in params.grid.models for d in params.grid.datasets}
-        self.base_evals = {(m, d): _read(layout.eval_json(layout.base_id(m, d)))
+        self.base_evals = {(m, d): read_json_or_none(layout.eval_json(layout.base_id(m, d)))
                            for m in params.grid.models for d in params.grid.datasets}
-        self.placements = {c.id: _read(layout.placement(c.model, c.dataset, c.method)) for c in self.cells}
-        self.probes = {(m, d): _read(layout.page_json(m, d))
+        self.placements = {c.id: read_json_or_none(layout.placement(c.model, c.dataset, c.method)) for c in self.cells}
+        self.probes = {(m, d): read_json_or_none(layout.page_json(m, d))
                        for m in params.grid.probe_models for d in params.grid.probe_datasets}
-        self.massive = {(m, d): _read(layout.probe_dir(m, d) / "massive.json")
+        self.massive = {(m, d): read_json_or_none(layout.massive_json(m, d))
                         for m in params.grid.probe_models for d in params.grid.probe_datasets}
 
     def status(self, cell: Cell) -> str:
@@ -110,10 +108,11 @@ def _pct(v: float | None) -> str:
     return MISSING if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.0f}%"
 
 
-def _fmt_params(n: int | None) -> str:
+def fmt_params(n: int | None) -> str:
+    """A parameter count as `19.54M` or `135.2k` (both reports)."""
     if n is None:
         return MISSING
-    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
 def _table_datasets(params: Params, table: int) -> list[str]:
@@ -132,8 +131,6 @@ def _paper_cols(col: Collected, model: str, datasets: list[str], table: int) -> 
     the instruction-tuning suite in Tables 1 and 3, from the math suite elsewhere); the task is the first of
     `evaluate.tasks.PAPER_COLUMNS` that ran (the paper's protocol, else its log-likelihood alternative).
     """
-    from domlora.evaluate.tasks import PAPER_COLUMNS, TABLE_COLUMNS
-
     p = col.params
     out = []
     for column in TABLE_COLUMNS.get(table, []):
@@ -173,8 +170,8 @@ def _all_cols(col: Collected, model: str, datasets: list[str]) -> list[tuple[str
 def _params_cell(tms: list[dict]) -> tuple[int | None, str]:
     n = next((tm.get("trainable_params") for tm in tms if tm.get("trainable_params")), None)
     after = next((tm.get("params_after_norm") for tm in tms if tm.get("params_after_norm")), None)
-    text = _fmt_params(n)
-    return n, (f"{text} → {_fmt_params(after)}" if after is not None else text)
+    text = fmt_params(n)
+    return n, (f"{text} → {fmt_params(after)}" if after is not None else text)
 
 
 def score_table(col: Collected, table: int) -> tuple[str, list[dict]]:
@@ -245,8 +242,6 @@ def score_table(col: Collected, table: int) -> tuple[str, list[dict]]:
 def efficiency_table(col: Collected) -> tuple[str, list[dict]]:
     """Table 10: wall time and peak memory per cell, with the effective batch each ran at (flagged where it
     is not the recipe's, e.g. a stage started without its processes)."""
-    from domlora.pipeline.tracking import train_summary
-
     p = col.params
     methods = [m for m in p.grid.methods if 10 in p.methods[m].tables] or list(p.grid.methods)
     header = ["Model", "Dataset", "Method", "Trainable params", "Batch (effective)", "Backend", "Wall time (s)",
@@ -264,7 +259,7 @@ def efficiency_table(col: Collected) -> tuple[str, list[dict]]:
         if r["intended_batch"] and r["samples_per_step"] and r["intended_batch"] != r["samples_per_step"]:
             batch += f" (recipe: {r['intended_batch']})"
         lines.append("| " + " | ".join([c.model, c.dataset, p.methods[c.method].label or c.method,
-                                          _fmt_params(r["trainable_params"]), batch, r["backend"] or MISSING,
+                                          fmt_params(r["trainable_params"]), batch, r["backend"] or MISSING,
                                           _fmt(r["wall_time_s"], 1), _fmt(r["step_time_s"], 3),
                                           _fmt(r["tokens_per_s"], 0), _fmt(r["peak_memory_mb"], 0),
                                           _fmt(r["final_loss"], 3)]) + " |")
@@ -295,8 +290,8 @@ def norm_table(col: Collected) -> tuple[str, list[dict]]:
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['cell']} | {r['modules']} | {r['rank']} | {r['kept_mean']:.1f} ({r['kept_min']}-"
-                     f"{r['kept_max']}) | {r['reduced']} | {_fmt_params(r['params_before'])} → "
-                     f"{_fmt_params(r['params_after'])} |")
+                     f"{r['kept_max']}) | {r['reduced']} | {fmt_params(r['params_before'])} → "
+                     f"{fmt_params(r['params_after'])} |")
     lines += ["", "NoRM reloads the kept directions with lora_alpha equal to the kept rank, as its reference "
               "does, so the kept update has half the trained magnitude at alpha = 2r.", ""]
     return "\n".join(lines), rows
@@ -357,8 +352,6 @@ def backbone_lines(col: Collected, rows: list[dict]) -> list[str]:
 
 def stability_lines(col: Collected) -> list[str]:
     """Per backbone: do the probe sets agree on dom and argmax; rank correlation; top-k overlap."""
-    from domlora.studies.stability import compare_probes
-
     out = []
     for m in col.params.grid.probe_models:
         docs = {d: doc for (mm, d), doc in col.probes.items() if mm == m and doc}
@@ -387,7 +380,6 @@ def results_csv(col: Collected) -> str:
             w.writerow([c.id, c.model, c.dataset, c.method, c.seed, st, "", ""])
         for k, v in sorted(met.items()):
             w.writerow([c.id, c.model, c.dataset, c.method, c.seed, st, k, v])
-        from domlora.pipeline.tracking import train_summary
 
         for k, v in train_summary(col.train.get(c.id) or {}).items():
             if isinstance(v, (int, float)):
@@ -407,7 +399,7 @@ def figures(col: Collected, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     made = []
     for (m, d), doc in col.probes.items():
-        src = col.layout.probe_dir(m, d) / "page.png"
+        src = col.layout.page_png(m, d)
         if doc and src.is_file():
             dst = out / f"page_{m}_{d}.png"
             shutil.copyfile(src, dst)
@@ -445,8 +437,6 @@ def figures(col: Collected, out: Path) -> list[Path]:
 
 def paper_comparison(col: Collected) -> str:
     """For the `paper` profile: our numbers beside the paper's Tables 1 and 2, per backbone."""
-    from domlora.evaluate.tasks import compare_with_paper
-
     parts = []
     p = col.params
     for table in (1, 2):
@@ -477,9 +467,6 @@ def paper_comparison(col: Collected) -> str:
 
 def update_registry(col: Collected, path: Path) -> int:
     """Record every probe of the grid in the dominant-module registry (backbone -> dom module)."""
-    from domlora.models import config_hash_of
-    from domlora.pipeline.registry import record
-
     n = 0
     for (m, d), doc in col.probes.items():
         if not doc or not doc.get("dominant"):
@@ -497,8 +484,6 @@ def update_registry(col: Collected, path: Path) -> int:
 
 def _stand_in_runs(col: Collected) -> list[str]:
     """Cells and base runs whose eval.json was computed on stand-in data."""
-    from domlora.evaluate.tasks import is_stand_in
-
     runs = [c.id for c in col.cells if is_stand_in(col.evals.get(c.id) or {})]
     runs += [col.layout.base_id(m, d) for (m, d), doc in col.base_evals.items() if is_stand_in(doc or {})]
     return runs
@@ -508,7 +493,7 @@ def checkpoints_section(col: Collected, fig_dir: Path) -> tuple[str, list[dict]]
     """Figure 2: PAGE across full fine-tuning checkpoints, per backbone (the curves and where `dom` sits)."""
     rows, lines = [], []
     for m, d in col.params.checkpoint_studies():
-        doc = _read(col.layout.checkpoints_json(m, d))
+        doc = read_json_or_none(col.layout.checkpoints_json(m, d))
         label = col.params.models[m].label or m
         if not doc:
             lines += [f"**{label}** ({d}): {MISSING} (not computed)", ""]
@@ -558,8 +543,6 @@ def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections
         all_rows["figure2"] = rows
     sparse = [c for c in col.cells if params.methods[c.method].sparse_b or params.methods[c.method].grpo]
     if sparse:
-        from domlora.studies.sparse_b import render_report_section
-
         docs = [(d.get("study") or {}).get("outcome") for d in (col.train.get(c.id) for c in sparse) if d]
         docs = [d for d in docs if d]
         sections.append(render_report_section(docs))
@@ -570,7 +553,6 @@ def write_report(params: Params, layout: Layout, *, tracker=None, extra_sections
         if cmp:
             sections.append("## Beside the paper\n\n" + cmp)
     # results from stand-in data (an offline rehearsal) are marked wherever they are shown
-    from domlora.evaluate.tasks import STAND_IN_WARNING
 
     stand_in = _stand_in_runs(col)
     banner = [f"> **{STAND_IN_WARNING}** Runs on stand-in data: {', '.join(stand_in)}.", ""] if stand_in else []

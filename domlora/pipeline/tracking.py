@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from domlora.config import flatten
-from domlora.train import TrainRecord
+from domlora.provenance import git_commit
+from domlora.train.config import TrainRecord
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,6 @@ class MlflowTracker:
         if self._parent is None:
             run = self._find(f"tags.`domlora.grid_id` = '{self.grid_id}' and tags.`domlora.kind` = 'grid'")
             if run is None:
-                from domlora.provenance import git_commit
-
                 run = self.client.create_run(self._exp_id, run_name=f"grid-{self.grid_id}", tags={
                     "domlora.grid_id": self.grid_id, "domlora.kind": "grid", "domlora.profile": self.profile,
                     "params_md5": self.params_hash, "git_commit": git_commit() or "unknown"})

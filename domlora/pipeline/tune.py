@@ -3,9 +3,9 @@
 Placements are compared within budget classes (a profile's `tune.budgets`: e.g. one module at rank r,
 broad placements, full updates of one module). For each model x dataset x class:
 
-- sweep (`sweep_stage`): every method of the class is trained at every candidate learning rate of the
-  class, at the tuning seed, on the training split minus its last `tune.val_samples` samples; the
-  held-out NLL of those last samples (the validation split: never the evaluation split, never trained
+- sweep (`pipeline.stages.sweep.sweep_stage`): every method of the class is trained at every candidate
+  learning rate of the class, at the tuning seed, on the training split minus its last `tune.val_samples`
+  samples; the held-out NLL of those last samples (the validation split: never the evaluation split, never trained
   on) is written per run;
 - tune (`tune_stage`): the class's learning rate is the candidate with the lowest validation NLL averaged
   over the class's methods (a diverged run counts as infinite), so no method's own optimum decides it;
@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from domlora.errors import ConfigError
 from domlora.io import read_json, write_json
+from domlora.pipeline.params import split_id
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +46,7 @@ class Sweep:
 
     @classmethod
     def parse(cls, run_id: str) -> Sweep:
-        parts = run_id.split("-")
-        if len(parts) != 4 or not parts[3].startswith("lr") or not parts[3][2:].isdigit():
-            raise ConfigError(f"sweep id {run_id!r} must be MODEL-DATASET-METHOD-lrN")
-        return cls(parts[0], parts[1], parts[2], int(parts[3][2:]))
+        return cls(*split_id(run_id, what="sweep", form="MODEL-DATASET-METHOD-lrN", prefix="lr"))
 
 
 def sweeps(params) -> list[Sweep]:
@@ -87,55 +83,6 @@ def sweep_config(params, method: str, dataset: str, lr: float):
     """The `TrainConfig` of a sweep run: the method's recipe at `lr`, the tuning seed, the carved training split."""
     cfg = params.train_config(method, seed=params.tune.seed)
     return cfg.replace(lr=float(lr), limit_samples=params.tuned_samples(dataset), save_every=0)
-
-
-def validation_samples(params, train_path: str | Path, dataset: str) -> list[dict]:
-    """The validation split: the last `tune.val_samples` samples of the training split."""
-    from domlora.samples import read_samples
-
-    rows = read_samples(train_path)
-    n_train = params.tuned_samples(dataset)
-    if len(rows) != params.datasets[dataset].n_train:
-        raise ConfigError(f"{train_path} holds {len(rows)} samples, the profile says n_train = "
-                          f"{params.datasets[dataset].n_train}; fix: rerun prepare_data")
-    return rows[n_train:]
-
-
-def sweep_stage(params, run_id: str, *, layout, show_progress: bool = False) -> dict:
-    """sweep: placements/<model>/<dataset>/tuning/<budget>/<method>-lr<i>.json (validation NLL + loss curve)."""
-    from domlora.adapters.variants import load_for_eval
-    from domlora.evaluate.nll import heldout_nll
-    from domlora.train import TrainingDiverged, train
-
-    s = Sweep.parse(run_id)
-    check_sweep(params, s)
-    m = params.methods[s.method]
-    lr = params.tune.budgets[m.budget].lrs[s.index]
-    spec = params.models[s.model]
-    cfg = sweep_config(params, s.method, s.dataset, lr)
-    data = layout.split(s.dataset, "train")
-    val = validation_samples(params, data, s.dataset)
-    out = layout.sweep_json(s.model, s.dataset, m.budget, s.method, s.index)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"sweep": s.id, "model": s.model, "dataset": s.dataset, "method": s.method, "budget": m.budget,
-           "lr": float(lr), "seed": cfg.seed, "train_samples": cfg.limit_samples, "val_samples": len(val)}
-    batch = params.eval.batch_size if isinstance(params.eval.batch_size, int) else 8
-    with tempfile.TemporaryDirectory(prefix=f"domlora-sweep-{s.id}-") as tmp:
-        try:
-            rec = train(model=spec, train_data=data, placement=layout.placement(s.model, s.dataset, s.method),
-                        out_dir=tmp, cfg=cfg, show_progress=show_progress)
-        except TrainingDiverged as exc:
-            logger.warning("sweep %s diverged: %s", s.id, exc)
-            rec = read_json(Path(tmp) / "train_metrics.json")
-            doc |= {"status": "diverged", "error": str(exc), "val_nll": None}
-        else:
-            loaded = load_for_eval(spec, Path(tmp) / "adapter")
-            nll = heldout_nll(loaded.model, loaded.tokenizer, val, batch_size=batch)
-            doc |= {"status": "success", "val_nll": nll["nll"], "val": nll}
-        doc |= {"loss": rec.get("loss", []), "steps": rec.get("steps"), "trainable_params": rec.get("trainable_params"),
-                "train_time_s": rec.get("train_time_s"), "wall_time_s": rec.get("wall_time_s")}
-    write_json(out, doc)
-    return doc
 
 
 def tune_stage(params, model: str, dataset: str, budget: str, *, layout) -> dict:

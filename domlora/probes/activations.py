@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from domlora.errors import ConfigError, ModelError
 from domlora.modules import BLOCK_RE, Candidate, find_candidates
+from domlora.probes.runner import run_pass
 from domlora.samples import Encoded
 
 logger = logging.getLogger(__name__)
@@ -489,8 +490,6 @@ def activation_diagnostics(model, encoded: Sequence[Encoded], *, batch_size: int
         ConfigError: an empty probe set.
         ModelError: no recognisable FFN down projection.
     """
-    from domlora.probes.runner import run_pass
-
     criterion = criterion or MassiveCriterion()
     if not encoded:
         raise ConfigError("the probe set is empty; fix: pass at least one tokenised sample")

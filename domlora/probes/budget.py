@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from domlora.errors import ConfigError
+from domlora.probes.page import _cheaper, _row_blocks
 from domlora.samples import Encoded
 
 logger = logging.getLogger(__name__)
@@ -120,8 +121,6 @@ class MemoryModel:
     def kept_inputs(self, T: int) -> float:
         """PAGE's kept inputs per sample of length T (padded): per input group the cheaper of the ghost
         norm's lower block-triangular Gram and X itself, as `page._cheaper` chooses."""
-        from domlora.probes.page import _cheaper, _row_blocks
-
         if not self.page:
             return 0.0
         s = self.shapes

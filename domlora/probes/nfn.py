@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from domlora.errors import ConfigError
 from domlora.modules import Candidate, find_candidates, types_present
+from domlora.probes.runner import run_pass
 from domlora.samples import Encoded
 
 
@@ -172,8 +173,6 @@ def nfn_probe(model, encoded: Sequence[Encoded], *, batch_size: int = 8,
         batch_size: samples per forward pass; the scores do not depend on it.
         seed: seeds the Gaussian baseline vectors.
     """
-    from domlora.probes.runner import run_pass
-
     if not encoded:
         raise ConfigError("the probe set is empty; fix: pass at least one sample")
     cands = list(candidates) if candidates is not None else find_candidates(model)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from domlora.errors import ConfigError
 from domlora.modules import Candidate, find_candidates
+from domlora.probes.runner import run_pass
 from domlora.samples import EncodeReport, Encoded
 
 logger = logging.getLogger(__name__)
@@ -305,8 +306,6 @@ def page_probe(model, encoded: Sequence[Encoded], *, alpha: float = 16.0, rank: 
         ConfigError: alpha/rank <= 0, an empty probe set, an unknown method, modules not in the
             model or run more than once per forward pass.
     """
-    from domlora.probes.runner import run_pass
-
     check_lora_shape(alpha, rank)
     if not encoded:
         raise ConfigError("the probe set is empty; fix: pass at least one sample with an assistant turn")

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from domlora.errors import ConfigError
 from domlora.modules import Candidate
-from domlora.samples import Encoded, iter_batches, model_losses
+from domlora.samples import Encoded, iter_batches, model_losses, takes_logits_to_keep
 
 logger = logging.getLogger(__name__)
 
@@ -100,21 +100,12 @@ def input_groups(model, modules: dict, cands: Sequence[Candidate], input_ids, de
     return group, calls
 
 
-def _takes_logits_to_keep(model) -> bool:
-    import inspect
-
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
-        return False
-
-
 def forward_only(model, batch: dict):
     """A forward pass for the hooks alone: the logits of the last position only, where the model allows it."""
     kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
     if "attention_mask" in batch:
         kwargs["attention_mask"] = batch["attention_mask"]
-    if _takes_logits_to_keep(model):
+    if takes_logits_to_keep(model):
         kwargs["logits_to_keep"] = 1
     return model(**kwargs)
 

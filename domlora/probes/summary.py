@@ -4,9 +4,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from domlora.io import save_figure
 from domlora.modules import TYPES, num_layers, types_present
 from domlora.placement import dominant_module
-from domlora.probes import NFNResult, PageResult
+from domlora.probes.nfn import NFNResult
+from domlora.probes.page import PageResult
 
 
 def page_summary(result: PageResult, *, model: str, top_k: int = 10) -> dict:
@@ -109,6 +111,69 @@ def plot_page_heatmap(doc: dict, path: str | Path, *, title: str | None = None) 
                     f"box: dom = {short(dom)}; star: argmax = {short(doc.get('argmax'))}")
     ax.set_title(ttl, fontsize=9)
     fig.tight_layout()
-    from domlora.io import save_figure
 
+    return save_figure(fig, path)
+
+
+def page_layer_curve(page_doc: dict, module_type: str = "down_proj") -> dict[int, float]:
+    """layer -> PAGE of the `module_type` module there, from a `page.json` dict."""
+    mods = page_doc.get("modules") or {}
+    return {m["layer"]: m["PAGE"] for m in mods.values() if m.get("type") == module_type}
+
+
+def plot_activations(report: dict, path: str | Path, *, page: dict | None = None, massive: dict | None = None,
+                     title: str | None = None) -> Path:
+    """Max |activation| per layer (residual stream and down_proj input), beside the down_proj PAGE curve.
+
+    Args:
+        report: `ActivationReport.to_dict()` (the `activations.json` dict).
+        path: PNG to write (atomically).
+        page: a `page.json` dict; adds the lower panel with its `down_proj` PAGE per layer.
+        massive: a `massive.json` dict; marks the predicted module.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [s["layer"] for s in report["layers"]]
+    resid = [s["max"] for s in report["layers"]]
+    med = [s["median"] for s in report["layers"]]
+    din = {d["layer"]: d["input_max"] for d in report["down_proj"]}
+    dout = {d["layer"]: d["output_max"] for d in report["down_proj"]}
+    rows = 2 if page else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(max(7, 0.28 * len(layers) + 3), 3.2 * rows), sharex=True,
+                             squeeze=False)
+    ax = axes[0][0]
+    ax.semilogy(layers, resid, "o-", label="residual stream max |h| (after block)", color="C0")
+    ax.semilogy(layers, med, ":", label="residual stream median |h|", color="C0", alpha=0.6)
+    ax.semilogy(sorted(din), [din[k] for k in sorted(din)], "s-", ms=3, label="down_proj input max |x|", color="C1")
+    ax.semilogy(sorted(dout), [dout[k] for k in sorted(dout)], "^-", ms=3, label="down_proj output max |y|",
+                color="C2", alpha=0.7)
+    onset = report.get("onset_layer")
+    if onset is not None:
+        ax.axvline(onset, color="red", ls="--", lw=1, label=f"massive onset (layer {onset})")
+    ax.set_ylabel("max |activation|")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    if page:
+        curve = page_layer_curve(page)
+        ax2 = axes[1][0]
+        ks = sorted(curve)
+        ax2.semilogy(ks, [curve[k] for k in ks], "o-", color="C3", label="down_proj PAGE")
+        dom = page.get("dominant")
+        if dom and dom in page.get("modules", {}):
+            dl = page["modules"][dom]["layer"]
+            ax2.plot([dl], [curve[dl]], marker="s", ms=11, mfc="none", mec="red", mew=2, ls="",
+                     label=f"dom ({dom})")
+        if massive and massive.get("layer") in curve:
+            ml = massive["layer"]
+            ax2.plot([ml], [curve[ml]], marker="*", ms=12, color="gold", mec="black", ls="",
+                     label=f"massive pick (layer {ml})")
+        ax2.set_ylabel("PAGE")
+        ax2.legend(fontsize=7, loc="best")
+        ax2.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("layer")
+    axes[0][0].set_title(title or f"massive activations vs down_proj PAGE (N={report.get('n_samples')})", fontsize=9)
+    fig.tight_layout()
     return save_figure(fig, path)

@@ -4,8 +4,8 @@
 fine-tuning checkpoints, or a base with a trained adapter merged in) on one probe set, and
 `plot_checkpoint_curves` draws the paper's Figure 2: one panel per module type, PAGE over
 layers, one line per checkpoint. `finetune_checkpoints` makes such checkpoints: a full
-fine-tuning run (every parameter trained, through `domlora.train.train`) that saves the
-model at chosen steps (0 = the untouched base).
+fine-tuning run (every parameter trained, through `domlora.train.loop.train`) that saves the
+model at chosen steps (0 = the untouched base). `checkpoints_stage` is the grid's `checkpoints` stage.
 
 Run as: domlora checkpoints finetune --model embedded --data data/arith/train.jsonl --out ckpt --steps 20
         domlora checkpoints probe --checkpoint ckpt/step-0000 --checkpoint ckpt/step-0020 --data data/arith/probe.jsonl --out why/ckpt
@@ -21,9 +21,18 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from domlora.adapters.variants import META_FILE, apply_adapter, read_adapter_meta
 from domlora.errors import ConfigError, ModelError
-from domlora.io import write_json
+from domlora.io import atomic_dir, atomic_outputs, save_figure, write_json
+from domlora.models import LoadedModel, config_hash, load_model
 from domlora.modules import PAPER_TYPES, TYPES
+from domlora.probes.budget import check_batch_size, memory_model, plan_on_device
+from domlora.probes.massive import massive_predict
+from domlora.probes.page import check_lora_shape, page_probe
+from domlora.probes.summary import page_summary
+from domlora.samples import encode_samples, read_samples
+from domlora.train.config import TrainConfig
+from domlora.train.loop import train
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +43,6 @@ _STEP_RE = re.compile(r"(?:step|checkpoint)[-_]?(\d+)$")
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
     """A trained adapter folder (domlora's or plain PEFT) rather than a full checkpoint."""
-    from domlora.adapters.variants import META_FILE
-
     p = Path(path)
     return (p / META_FILE).is_file() or (p / "adapter_config.json").is_file()
 
@@ -57,9 +64,6 @@ def load_checkpoint(path: str | os.PathLike, *, base: str | None = None, dtype: 
     Raises:
         ModelError: missing folder, an adapter with no known base, or an adapter for another base.
     """
-    from domlora.adapters.variants import apply_adapter, read_adapter_meta
-    from domlora.models import LoadedModel, config_hash, load_model
-
     p = Path(path)
     if not p.exists():
         raise ModelError(f"checkpoint {p} does not exist; fix: pass a saved model folder or an adapter folder")
@@ -120,12 +124,6 @@ def probe_checkpoints(checkpoints: Sequence[str | os.PathLike], *, data: str | o
         ModelError: a checkpoint that cannot be loaded, or one of another architecture than the first.
         DataError: a bad probe file.
     """
-    from domlora.models import config_hash
-    from domlora.probes.budget import check_batch_size, memory_model, plan_on_device
-    from domlora.probes.page import check_lora_shape, page_probe
-    from domlora.samples import encode_samples, read_samples
-    from domlora.probes.summary import page_summary
-
     check_lora_shape(alpha, rank)
     paths = [Path(c) for c in checkpoints]
     if not paths:
@@ -157,8 +155,6 @@ def probe_checkpoints(checkpoints: Sequence[str | os.PathLike], *, data: str | o
         doc = page_summary(result, model=str(p))
         extra = {}
         if massive:
-            from domlora.probes.massive import massive_predict
-
             pred, _ = massive_predict(loaded.model, encoded, batch_size=max(batch_size, 4))
             extra = {"massive": pred.module, "massive_agrees": pred.module == doc["dominant"],
                      "onset_layer": pred.onset_layer}
@@ -211,7 +207,6 @@ def plot_checkpoint_curves(doc: dict, path: str | os.PathLike, *, types: Sequenc
     stable = "stable" if doc.get("dominant_stable") else "moves"
     fig.suptitle(title or f"PAGE across checkpoints (dom {stable}: {rows[0]['dominant']})", fontsize=10)
     fig.tight_layout()
-    from domlora.io import save_figure
 
     return save_figure(fig, path)
 
@@ -223,7 +218,7 @@ def finetune_checkpoints(*, model, train_data: str | os.PathLike, out_dir: str |
                          show_progress: bool = False) -> dict:
     """A full fine-tuning run that saves the whole model at `save_steps` (0 = before any update).
 
-    Training goes through `domlora.train.train` (variant `full`, every projection placed); with
+    Training goes through `domlora.train.loop.train` (variant `full`, every projection placed); with
     `all_parameters` the embeddings and norms train too (true full fine-tuning). Each saved step
     is a plain checkpoint folder `out_dir/step-NNNN` that `load_model` / `probe_checkpoints` read.
 
@@ -242,9 +237,6 @@ def finetune_checkpoints(*, model, train_data: str | os.PathLike, out_dir: str |
     Raises:
         ConfigError: bad steps / save_steps.
     """
-    from domlora.io import atomic_dir
-    from domlora.train import TrainConfig, train
-
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
     save = sorted(set(int(s) for s in save_steps))
@@ -287,8 +279,6 @@ def finetune_checkpoints(*, model, train_data: str | os.PathLike, out_dir: str |
         if step in save:
             snapshot(step)
 
-    from domlora.models import LoadedModel, load_model
-
     loaded = model if isinstance(model, LoadedModel) else load_model(model, cache_dir=cache_dir)
     state["tokenizer"] = loaded.tokenizer
     metrics = train(model=loaded, train_data=train_data, placement=None, out_dir=out / "train", cfg=cfg,
@@ -302,3 +292,45 @@ def finetune_checkpoints(*, model, train_data: str | os.PathLike, out_dir: str |
     if main:
         write_json(out / MANIFEST, manifest)
     return manifest
+
+
+# ---------------------------------------------------------------- the grid stage
+
+
+def checkpoints_stage(params, model: str, dataset: str, *, layout, launch=None, show_progress: bool = False) -> dict:
+    """checkpoints (the Figure 2 study): full fine-tuning of `model` on `dataset`, PAGE of every module at each of
+    the study's steps -> probes/<model>/<dataset>/checkpoints.{json,png}.
+
+    The step checkpoints (whole models) live in a work folder only while they are probed. `launch`, when
+    given, runs the fine-tuning on the recipe's processes (`launch(work_dir)`), as the train stage does.
+    """
+    study, spec, p = params.checkpoints, params.models[model], params.probe
+    work = layout.checkpoints_work(model, dataset)
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        if launch is not None:
+            launch(work)
+        else:
+            finetune_checkpoints_stage(params, model, dataset, work=work, layout=layout, show_progress=show_progress)
+        paths = [work / STEP_DIR.format(s) for s in sorted(set(study.steps))]
+        doc = probe_checkpoints(paths, data=layout.split(dataset, "probe"), samples=p.samples,
+                                max_length=params.probe_max_length(), alpha=p.alpha, rank=p.rank,
+                                batch_size=p.batch_size, dtype=spec.dtype, show_progress=show_progress)
+        doc["model"], doc["dataset"], doc["steps"] = model, dataset, sorted(set(study.steps))
+        out = layout.checkpoints_json(model, dataset)
+        with atomic_outputs(out.parent) as stage:
+            write_json(stage / out.name, doc)
+            plot_checkpoint_curves(doc, stage / "checkpoints.png",
+                                   title=f"{spec.label or model}: PAGE across full fine-tuning checkpoints ({dataset})")
+        return doc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def finetune_checkpoints_stage(params, model: str, dataset: str, *, work, layout, show_progress: bool = False) -> dict:
+    """The fine-tuning half of the checkpoint study (every launched process runs it; the first saves)."""
+    study = params.checkpoints
+    cfg = params.train_config_for_study(study)
+    steps = sorted(set(study.steps))
+    return finetune_checkpoints(model=params.models[model], train_data=layout.split(dataset, "train"), out_dir=work,
+                                steps=max(max(steps), 1), save_steps=steps, cfg=cfg, show_progress=show_progress)

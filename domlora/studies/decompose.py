@@ -25,11 +25,15 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-from domlora.probes.activations import MassiveCriterion, block_name
 from domlora.errors import ConfigError
+from domlora.io import atomic_outputs, write_json
+from domlora.models import load_model
 from domlora.modules import Candidate, find_candidates
+from domlora.placement import dominant_module
+from domlora.probes.activations import MassiveCriterion, block_name
 from domlora.probes.page import PageResult, check_lora_shape, excluded_positions, page_closed_form
-from domlora.samples import EncodeReport, Encoded, iter_batches, per_sample_loss
+from domlora.samples import EncodeReport, Encoded, encode_samples, iter_batches, per_sample_loss, read_samples
+from domlora.studies.stability import bootstrap_choice
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +110,6 @@ class Decomposition:
 
     def to_dict(self, *, model: str | None = None) -> dict:
         """The `decompose.json` document: module table plus the rankings with and without the sinks."""
-        from domlora.placement import dominant_module
-
         table = self.module_table()
         has_down = any(m["type"] == "down_proj" for m in table.values())
 
@@ -309,11 +311,6 @@ def decompose(*, model: str, data: str, out_dir: str, samples: int = 32, max_len
               seed: int = 0, dtype: str = "auto", device: str | None = None, cache_dir: str | None = None,
               trust_remote_code: bool = False, model_name: str | None = None, show_progress: bool = False) -> dict:
     """Decompose stage: write `decompose.json` (sink / rest split, effective rank, bootstrap) into `out_dir`."""
-    from domlora.io import atomic_outputs, write_json
-    from domlora.models import load_model
-    from domlora.samples import encode_samples, read_samples
-    from domlora.studies.stability import bootstrap_choice
-
     check_lora_shape(alpha, rank)
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")

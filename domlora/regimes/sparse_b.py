@@ -24,64 +24,27 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from domlora.adapters.variants import attach
 from domlora.errors import ConfigError, DataError, ModelError
 from domlora.io import read_json, write_json
-from domlora.modules import base_name
+from domlora.models import LoadedModel, load_model
+from domlora.modules import base_name, find_candidates
+from domlora.placement import Placement
+from domlora.regimes.arith import arith_accuracy, read_prompts
+from domlora.regimes.settings import BUDGETS, SparseBSpec
+from domlora.samples import collate, encode_samples, per_sample_loss, read_samples
+from domlora.train.loop import train
 
 logger = logging.getLogger(__name__)
 
-SELECTIONS = ("random", "informed", "magnitude")
-BUDGETS = ("global", "per_module")
 MASKS_FILE = "sparse_b_masks.safetensors"
 META_FILE = "sparse_b.json"
 # residual-stream-writing projections, where the paper finds the chosen entries
 PAPER_WRITERS = ("v_proj", "o_proj", "down_proj")
-
-Selection = Literal["random", "informed", "magnitude"]
-Budget = Literal["global", "per_module"]
-
-@dataclass(frozen=True)
-class SparseBSpec:
-    """How many B entries to train and how to choose them."""
-
-    k: int
-    """trainable entries in total (over all adapted modules)"""
-    selection: Selection = "informed"
-    """random | informed (sign-consistent gradient) | magnitude (gradient magnitude)"""
-    budget: Budget = "global"
-    """global: the k best entries anywhere; per_module: k split over modules in proportion to B's size"""
-    probe_steps: int = 4
-    """S gradient evaluations the informed / magnitude scores average over"""
-    probe_batch_size: int = 4
-    """samples per probe step (SFT scoring)"""
-    seed: int = 0
-    """seed of the random selection and of the probe batches"""
-
-    def __post_init__(self):
-        if isinstance(self.k, bool) or not isinstance(self.k, int):
-            raise ConfigError(f"k must be an integer number of B entries, got {self.k!r}")
-        if self.k <= 0:
-            raise ConfigError(f"k must be >= 1 (the number of trainable B entries), got {self.k}; "
-                              "fix: pass a positive budget, or train full LoRA (k = None where supported)")
-        if self.selection not in SELECTIONS:
-            raise ConfigError(f"unknown selection {self.selection!r}; valid: {', '.join(SELECTIONS)}")
-        if self.budget not in BUDGETS:
-            raise ConfigError(f"unknown budget {self.budget!r}; valid: {', '.join(BUDGETS)}")
-        if self.probe_steps < 1:
-            raise ConfigError(f"probe_steps must be >= 1, got {self.probe_steps}")
-        if self.selection == "informed" and self.probe_steps < 2:
-            raise ConfigError("the informed selection compares gradient signs across probe steps, so it needs "
-                              f"probe_steps >= 2, got {self.probe_steps}")
-        if self.probe_batch_size < 1:
-            raise ConfigError(f"probe_batch_size must be >= 1, got {self.probe_batch_size}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 # ---------------------------------------------------------------- the adapter's B and A
 
@@ -244,8 +207,6 @@ def score_entries(peft_model, loss_fn: Callable[[int], Any], *, steps: int, adap
 def sft_probe_loss(peft_model, encoded, *, pad_id: int, batch_size: int, seed: int) -> Callable[[int], Any]:
     """`loss_fn(step)` for scoring on supervised samples: step s uses its own seeded batch."""
     import random
-
-    from domlora.samples import collate, per_sample_loss
 
     if not encoded:
         raise DataError("no probe samples to score B entries on; fix: pass training data with assistant turns")
@@ -637,8 +598,6 @@ class GradRecorder:
 
 def resolve_placement(placement) -> list[str]:
     """Module names from a placement: a Placement, its dict, a placement JSON path, or a list of names."""
-    from domlora.placement import Placement
-
     if isinstance(placement, Placement):
         return list(placement.modules)
     if isinstance(placement, (list, tuple)):
@@ -662,16 +621,12 @@ def attach_lora(model, modules: list[str], *, rank: int, alpha: float, dropout: 
     """A plain LoRA adapter on exactly `modules` (A seeded), through `domlora.adapters.variants.attach`."""
     import torch
 
-    from domlora.adapters.variants import attach
-
     torch.manual_seed(seed)
     return attach(model, list(modules), variant="lora", rank=rank, alpha=alpha, dropout=dropout)
 
 
 def module_info(model) -> dict[str, dict]:
     """name -> {type, layer, d_in, d_out} for every candidate projection."""
-    from domlora.modules import find_candidates
-
     return {c.name: c.to_dict() for c in find_candidates(model)}
 
 
@@ -720,7 +675,7 @@ def _loss_summary(losses: list[float], n: int = 5) -> tuple[float | None, float 
 def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: str | os.PathLike, cfg,
                  spec: SparseBSpec | None, eval_data: str | os.PathLike | None = None, n_eval: int | None = 40,
                  eval_max_new_tokens: int = 96, eval_batch_size: int = 8, show_progress: bool = False) -> dict:
-    """SFT stage for sparse-B LoRA: score + select k entries of B, train them through `train.train`.
+    """SFT stage for sparse-B LoRA: score + select k entries of B, train them through `train.loop.train`.
 
     Writes `out_dir/adapter/` (the PEFT adapter `train` writes, plus the masks), `out_dir/train_metrics.json`
     (`train`'s record, whose `study` holds the sparse-B settings as run and their outcome) and
@@ -744,12 +699,6 @@ def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: st
     import json
     import shutil
 
-    from domlora.io import write_json
-    from domlora.models import load_model
-    from domlora.samples import encode_samples, read_samples
-    from domlora.studies.arith import arith_accuracy, read_prompts
-    from domlora.train import train
-
     if cfg.variant not in SFT_VARIANTS:
         raise ConfigError(f"sparse-B training needs a plain LoRA (A, B) pair, but the train config has variant "
                           f"{cfg.variant!r}; fix: variant one of {', '.join(SFT_VARIANTS)}")
@@ -765,8 +714,6 @@ def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: st
     # validate the inputs before the model loads
     samples = read_samples(train_data, limit=cfg.limit_samples)
     eval_rows = read_prompts(eval_data, limit=n_eval) if eval_data is not None else None
-
-    from domlora.models import LoadedModel
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=cfg.device)
     model_name = getattr(loaded, "spec", "model")
@@ -824,6 +771,25 @@ def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: st
     train_s = float(tdoc.get("train_time_s") or 0.0)
     score_s = float(scoring["seconds"]) if scoring else 0.0
     first, last = _loss_summary(tdoc.get("loss", []))
+    metrics = _sft_outcome(tdoc, label=label, k=k, selection=selection, spec=spec, seed=seed, model_name=model_name,
+                           modules=modules, masks=masks, sizes=sizes, train_s=train_s, score_s=score_s, first=first,
+                           last=last, ev=ev, leaked=leaked, land=land, recorder=recorder, warnings=warnings)
+    diagnostics = {"regime": "sft", "method": label, "landing": land, "scoring": scoring,
+                   "grad_steps": recorder.steps, "grad_summary": recorder.summary(),
+                   "eval_samples": None if ev is None else ev["samples"]}
+    write_json(out_dir / "adapter" / DIAGNOSTICS, diagnostics)
+    tdoc["study"] = study | {"outcome": metrics}
+    write_json(out_dir / "train_metrics.json", tdoc)
+    shutil.rmtree(work, ignore_errors=True)
+    logger.info("%s: loss %.4f -> %.4f, eval accuracy %s, scoring %.2fs = %.2f%% of training", label,
+                first or float("nan"), last or float("nan"), None if ev is None else f"{ev['accuracy']:.3f}",
+                score_s, 100 * metrics["score_fraction"])
+    return metrics
+
+
+def _sft_outcome(tdoc: dict, *, label, k, selection, spec, seed, model_name, modules, masks, sizes, train_s, score_s,
+                 first, last, ev, leaked, land, recorder, warnings) -> dict:
+    """The run's outcome: what the report reads (`study.outcome` of its record)."""
     metrics = {
         "status": "success", "regime": "sft", "method": label, "k": k,
         "selection": None if k is None else selection, "budget": None if spec is None else spec.budget, "seed": seed,
@@ -840,98 +806,7 @@ def sparse_b_sft(*, model, train_data: str | os.PathLike, placement, out_dir: st
         "landing_by_type": None if land is None else {t: r["share_selected"] for t, r in land["by_type"].items()},
         "grad": recorder.summary(), "warnings": warnings,
     }
-    diagnostics = {"regime": "sft", "method": label, "landing": land, "scoring": scoring,
-                   "grad_steps": recorder.steps, "grad_summary": recorder.summary(),
-                   "eval_samples": None if ev is None else ev["samples"]}
-    write_json(out_dir / "adapter" / DIAGNOSTICS, diagnostics)
-    tdoc["study"] = study | {"outcome": metrics}
-    write_json(out_dir / "train_metrics.json", tdoc)
-    shutil.rmtree(work, ignore_errors=True)
-    logger.info("%s: loss %.4f -> %.4f, eval accuracy %s, scoring %.2fs = %.2f%% of training", label,
-                first or float("nan"), last or float("nan"), None if ev is None else f"{ev['accuracy']:.3f}",
-                score_s, 100 * metrics["score_fraction"])
     return metrics
-
-
-# ---------------------------------------------------------------- report
-
-
-def _fmt(v, spec: str = ".3f", none: str = "–") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return none
-    return format(v, spec)
-
-
-def _pm(acc, se) -> str:
-    if acc is None:
-        return "–"
-    return f"{acc:.3f} ± {se:.3f}" if se is not None else f"{acc:.3f}"
-
-
-def render_report_section(results: list[dict]) -> str:
-    """Markdown for the report: outcomes, where the chosen entries land, gradient structure.
-
-    `results` are metrics dicts returned by `sparse_b_sft` / `grpo` (their metrics.json).
-    """
-    from domlora.modules import PAPER_TYPES
-
-    if not results:
-        return "## Budgeted placement inside B\n\nNo sparse-B or GRPO runs.\n"
-    rows = sorted(results, key=lambda r: (r.get("regime", ""), r.get("k") is None, r.get("k") or 0,
-                                          r.get("selection") or "", r.get("seed", 0)))
-    out = ["## Budgeted placement inside B (which entries, not how many)", "",
-           "LoRA with A frozen and k trainable entries of B, chosen at random, by sign-consistent probe "
-           "gradients (informed) or by gradient magnitude; full LoRA for reference. Eval: greedy exact match "
-           "of the final `#### N` on held-out arithmetic problems (± standard error).", ""]
-    out += ["| regime | method | k | budget | seed | train signal (first → last) | eval acc | "
-            "scoring s | training s | scoring / training |",
-            "|---|---|---:|---|---:|---|---|---:|---:|---:|"]
-    for r in rows:
-        if r.get("regime") == "grpo":
-            sig = f"reward {_fmt(r.get('reward_first'))} → {_fmt(r.get('reward_last'))}"
-        else:
-            sig = f"loss {_fmt(r.get('loss_first'), '.4f')} → {_fmt(r.get('loss_last'), '.4f')}"
-        ev = r.get("eval") or {}
-        k = r.get("k")
-        frac = "–" if k is None or not r.get("score_seconds") else _fmt(100 * r["score_fraction"], ".2f") + "%"
-        out.append(f"| {r.get('regime')} | {r.get('method')} | {'all' if k is None else f'{k:,}'} | "
-                   f"{r.get('budget') or '–'} | {r.get('seed', 0)} | {sig} | "
-                   f"{_pm(ev.get('accuracy'), ev.get('stderr'))} | {_fmt(r.get('score_seconds'), '.2f')} | "
-                   f"{_fmt(r.get('train_seconds'), '.1f')} | "
-                   f"{frac} |")
-    landed = [r for r in rows if r.get("landing_by_type")]
-    if landed:
-        types = [t for t in PAPER_TYPES if any(t in r["landing_by_type"] for r in landed)]
-        out += ["", "Where the chosen entries land (share of k per module type; V+O+Down in bold is the "
-                "paper's finding):", "",
-                "| regime | method | seed | " + " | ".join(types) + " | **V+O+Down** |",
-                "|---|---|---:|" + "---:|" * len(types) + "---:|"]
-        for r in landed:
-            shares = r["landing_by_type"]
-            out.append(f"| {r.get('regime')} | {r.get('method')} | {r.get('seed', 0)} | "
-                       + " | ".join(_fmt(shares.get(t), ".2f") for t in types)
-                       + f" | **{_fmt(r.get('vod_share'), '.2f')}** |")
-    graded = [r for r in rows if (r.get("grad") or {}).get("steps")]
-    if graded:
-        out += ["", "Structure of the per-step B gradients (raw, before masking): effective rank (exp of the "
-                "singular-value entropy) of each module's d_out x r gradient, its top singular value's share "
-                "of the energy, the cosine between consecutive steps' gradients, and the effective rank of the "
-                "steps x entries matrix of normalised gradients (how many directions the steps span):", "",
-                "| regime | method | seed | steps | eff. rank / module | top-σ share | cos(step, step-1) | "
-                "trajectory eff. rank | same, first 8 steps |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in graded:
-            g = r["grad"]
-            traj = g.get("trajectory_effective_rank")
-            out.append(f"| {r.get('regime')} | {r.get('method')} | {r.get('seed', 0)} | {g['steps']} | "
-                       f"{_fmt(g.get('effective_rank_mean'), '.2f')} | {_fmt(g.get('top_sv_share_mean'), '.2f')} | "
-                       f"{_fmt(g.get('cos_prev_mean'), '.3f')} | "
-                       f"{_fmt(traj, '.2f')} of {g.get('trajectory_steps', '–')} | "
-                       f"{_fmt(g.get('trajectory_effective_rank_first8'), '.2f')} |")
-    warns = [(r.get("method"), w) for r in rows for w in r.get("warnings", [])]
-    if warns:
-        out += ["", "Warnings:", ""] + [f"- {m}: {w}" for m, w in warns]
-    return "\n".join(out) + "\n"
 
 
 def method_label(regime: str, k: int | None, selection: str | None) -> str:

@@ -2,7 +2,7 @@
 
 The reward of a completion is `answer_weight * [final answer correct] + format_weight * [it ends
 with a parsable "#### <int>" line]`. The policy is a LoRA adapter on any placement, either
-full (A and B train) or sparse-B (A frozen, k chosen entries of B; see `domlora.studies.sparse_b`).
+full (A and B train) or sparse-B (A frozen, k chosen entries of B; see `domlora.regimes.sparse_b`).
 Gradient-informed selection scores entries on the GRPO objective itself: S probe rollouts at
 the initial adapter, each a group of sampled completions with group-normalised advantages.
 
@@ -19,16 +19,22 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from domlora.adapters.variants import apply_adapter, save_adapter
 from domlora.config import ModelSpec
 from domlora.errors import ConfigError, DataError
+from domlora.evaluate.answers import final_int, is_correct
+from domlora.io import atomic_outputs, write_json
+from domlora.models import LoadedModel, hub_id, load_model
 from domlora.provenance import run_info
-from domlora.evaluate.scoring import final_int, is_correct
-from domlora.studies.arith import arith_accuracy, generate, read_prompts
-from domlora.studies.sparse_b import method_label
+from domlora.regimes.arith import arith_accuracy, generate, read_prompts
+from domlora.regimes.settings import GRPOSettings, check_reward_weights
+from domlora.regimes.sparse_b import (DIAGNOSTICS, GradRecorder, attach_lora, b_sizes, install, landing, make_masks,
+                                      method_label, module_info, outside_mask_nonzero, resolve_placement, save_masks)
+from domlora.train.config import TrainRecord
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +97,7 @@ class ArithReward:
     format_weight: float = 0.2
 
     def __post_init__(self):
-        if self.answer_weight < 0 or self.format_weight < 0 or self.answer_weight + self.format_weight <= 0:
-            raise ConfigError("reward weights must be >= 0 and not both 0, got "
-                              f"answer_weight={self.answer_weight}, format_weight={self.format_weight}")
+        check_reward_weights(self.answer_weight, self.format_weight)
 
     def score(self, completion: str, answer: Any) -> tuple[float, bool, bool]:
         """(reward, parsable, correct) of one completion."""
@@ -206,65 +210,6 @@ def policy_probe_loss(model, tokenizer, rows: Sequence[dict], *, reward: ArithRe
     return loss_fn
 
 
-# ---------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class GRPOSettings:
-    """GRPO's own settings (a method's `grpo:` section). The LoRA shape, learning rate, schedule,
-    steps and seed come from the method's `TrainConfig`, and sparse-B from its `sparse_b:` section,
-    so the one configuration says what ran."""
-
-    prompts_per_step: int = 2
-    """distinct prompts per step (each gets `num_generations` completions)"""
-    num_generations: int = 4
-    """group size G"""
-    max_completion_length: int = 64
-    """tokens generated per completion"""
-    temperature: float = 1.0
-    """sampling temperature of the rollouts"""
-    reward_answer_weight: float = 1.0
-    """reward of a correct final answer"""
-    reward_format_weight: float = 0.2
-    """reward of a parsable `#### <int>` line"""
-    probe_max_tries: int = 4
-    """sparse-B probe: redraw a probe step on new prompts (up to this many times) while all its groups have
-    constant rewards"""
-    n_train: int | None = None
-    """use only the first n training prompts"""
-    n_eval: int | None = 40
-    """evaluate on the first n eval rows"""
-    eval_max_new_tokens: int = 96
-    """greedy tokens per evaluation answer"""
-    eval_batch_size: int = 8
-    """evaluation prompts per generation batch"""
-    eval_base: bool = False
-    """also evaluate the model before training (same rows)"""
-    system_prompt: str | None = None
-    """prepended as a system turn to every prompt (training and evaluation)"""
-
-    def __post_init__(self):
-        checks = {"prompts_per_step": self.prompts_per_step, "max_completion_length": self.max_completion_length,
-                  "probe_max_tries": self.probe_max_tries, "eval_max_new_tokens": self.eval_max_new_tokens,
-                  "eval_batch_size": self.eval_batch_size}
-        for k, v in checks.items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"grpo.{k} must be an integer >= 1, got {v!r}")
-        if self.num_generations < 2:
-            raise ConfigError(f"grpo.num_generations must be >= 2 (GRPO compares completions within a group), "
-                              f"got {self.num_generations}")
-        if not self.temperature > 0:
-            raise ConfigError(f"grpo.temperature must be > 0 for sampling, got {self.temperature}")
-        for k in ("n_train", "n_eval"):
-            v = getattr(self, k)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ConfigError(f"grpo.{k} must be None or an integer >= 1, got {v!r}")
-        ArithReward(self.reward_answer_weight, self.reward_format_weight)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -360,8 +305,6 @@ def _on_gpu(model) -> bool:
 
 
 def _load(model):
-    from domlora.models import LoadedModel, load_model
-
     if isinstance(model, LoadedModel):
         return model, getattr(model, "spec", "model")
     if isinstance(model, (str, ModelSpec)):
@@ -428,24 +371,6 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
 
     import torch
 
-    from domlora.adapters.variants import save_adapter
-    from domlora.io import atomic_outputs, write_json
-    from domlora.models import hub_id
-    from domlora.studies.sparse_b import (
-        GradRecorder,
-        DIAGNOSTICS,
-        attach_lora,
-        b_sizes,
-        install,
-        landing,
-        make_masks,
-        module_info,
-        outside_mask_nonzero,
-        resolve_placement,
-        save_masks,
-    )
-    from domlora.train import TrainRecord
-
     settings = settings or GRPOSettings()
     if cfg.variant != "lora":
         raise ConfigError(f"GRPO trains a plain LoRA adapter, but the method's variant is {cfg.variant!r}; "
@@ -469,8 +394,6 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
     loaded, model_name = _load(model)
     tok = loaded.tokenizer
     if init_adapter is not None:
-        from domlora.adapters.variants import apply_adapter
-
         loaded.model = apply_adapter(loaded.model, init_adapter, merge=True)
     info = module_info(loaded.model)
     if modules is None:  # no placement: every projection (vanilla LoRA's placement)
@@ -488,23 +411,8 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
         with pm.disable_adapter():
             base_eval = arith_accuracy(pm, tok, eval_rows, max_new_tokens=settings.eval_max_new_tokens,
                                        batch_size=settings.eval_batch_size, show_progress=show_progress)
-    masks, scoring = None, None
-    if spec is not None:
-        loss_fn = None
-        if spec.selection != "random":
-            loss_fn = policy_probe_loss(pm, tok, rows, reward=reward, num_generations=settings.num_generations,
-                                        prompts_per_step=spec.probe_batch_size,
-                                        max_new_tokens=settings.max_completion_length,
-                                        temperature=settings.temperature, seed=seed,
-                                        max_tries=settings.probe_max_tries, log=probe_log)
-        masks, scoring = make_masks(pm, spec, loss_fn, show_progress=show_progress)
-        ps = probe_log.summary()
-        scoring["probe_rewards"] = ps
-        if ps.get("calls") and ps["groups_zero_std"] == ps["groups"]:
-            msg = ("every probe rollout had constant rewards, so the gradient scores are all zero and the informed "
-                   "choice reduces to tie-breaking; fix: more probe steps or generations")
-            logger.warning(msg)
-            state.warnings.append(msg)
+    masks, scoring = _choose_entries(pm, tok, rows, spec=spec, settings=settings, reward=reward,
+                                     probe_log=probe_log, state=state, seed=seed, show_progress=show_progress)
     handle = install(pm, masks, recorder=recorder)
     torch.manual_seed(seed)
     try:
@@ -527,6 +435,49 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
     trainable = (sum(p.numel() for p in pm.parameters() if p.requires_grad) if masks is None
                  else int(sum(int(m.sum()) for m in masks.values())))
     land = landing(masks, info) if masks is not None else None
+    metrics = _outcome(label=label, k=k, selection=selection, spec=spec, seed=seed, model_name=model_name,
+                       modules=modules, trainable=trainable, sizes=sizes, tr=tr, scoring=scoring, state=state, ev=ev,
+                       base_eval=base_eval, signal=signal, leaked=leaked, land=land, recorder=recorder,
+                       total_s=total_s)
+    diagnostics = {"regime": "grpo", "method": label, "landing": land, "scoring": scoring,
+                   "grad_steps": recorder.steps, "grad_summary": recorder.summary(),
+                   "reward_log": log.calls, "eval_samples": ev["samples"],
+                   "base_eval_samples": None if base_eval is None else base_eval["samples"]}
+    _write(out_dir, pm, masks, cfg=cfg, settings=settings, spec=spec, init_adapter=init_adapter, label=label,
+           model_name=model_name, loaded=loaded, placement=placement, modules=modules, metrics=metrics,
+           diagnostics=diagnostics, steps=steps, tr=tr, total_s=total_s, trainable=trainable, rows=rows,
+           train_data=train_data)
+    logger.info("%s: reward %.3f -> %.3f, eval accuracy %.3f (n=%d), %.1fs", label, metrics["reward_first"] or 0,
+                metrics["reward_last"] or 0, ev["accuracy"], ev["n"], total_s)
+    return metrics
+
+
+def _choose_entries(pm, tok, rows, *, spec, settings: GRPOSettings, reward: ArithReward, probe_log: RewardLog,
+                    state: RunState, seed: int, show_progress: bool) -> tuple[dict | None, dict | None]:
+    """Sparse-B's masks (scored on the GRPO objective unless random) and their scoring, or (None, None)."""
+    if spec is None:
+        return None, None
+    loss_fn = None
+    if spec.selection != "random":
+        loss_fn = policy_probe_loss(pm, tok, rows, reward=reward, num_generations=settings.num_generations,
+                                    prompts_per_step=spec.probe_batch_size,
+                                    max_new_tokens=settings.max_completion_length,
+                                    temperature=settings.temperature, seed=seed,
+                                    max_tries=settings.probe_max_tries, log=probe_log)
+    masks, scoring = make_masks(pm, spec, loss_fn, show_progress=show_progress)
+    ps = probe_log.summary()
+    scoring["probe_rewards"] = ps
+    if ps.get("calls") and ps["groups_zero_std"] == ps["groups"]:
+        msg = ("every probe rollout had constant rewards, so the gradient scores are all zero and the informed "
+               "choice reduces to tie-breaking; fix: more probe steps or generations")
+        logger.warning(msg)
+        state.warnings.append(msg)
+    return masks, scoring
+
+
+def _outcome(*, label, k, selection, spec, seed, model_name, modules, trainable, sizes, tr, scoring, state: RunState,
+             ev, base_eval, signal, leaked, land, recorder, total_s) -> dict:
+    """The run's outcome: what the report reads (`study.outcome` of its record)."""
     curve = state.reward_curve
     half = max(1, len(curve) // 2)
     metrics = {
@@ -551,10 +502,15 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
         "total_seconds": total_s,
         "warnings": state.warnings,
     }
-    diagnostics = {"regime": "grpo", "method": label, "landing": land, "scoring": scoring,
-                   "grad_steps": recorder.steps, "grad_summary": recorder.summary(),
-                   "reward_log": log.calls, "eval_samples": ev["samples"],
-                   "base_eval_samples": None if base_eval is None else base_eval["samples"]}
+    return metrics
+
+
+def _write(out_dir: Path, pm, masks, *, cfg, settings: GRPOSettings, spec, init_adapter, label, model_name, loaded,
+           placement, modules, metrics, diagnostics, steps, tr, total_s, trainable, rows, train_data) -> None:
+    """The adapter (masks and diagnostics beside it) and the `TrainRecord`, together and atomically."""
+    import dataclasses
+
+    curve = metrics["reward_curve"]
     peak = _peak_memory_mb(pm)
     record = TrainRecord(
         config=dataclasses.asdict(cfg), regime="grpo",
@@ -579,6 +535,3 @@ def grpo(*, model, train_data: str | os.PathLike, eval_data: str | os.PathLike, 
                                                        "regime": "grpo"})
         write_json(stage / "adapter" / DIAGNOSTICS, diagnostics)
         record.write(stage / "train_metrics.json")
-    logger.info("%s: reward %.3f -> %.3f, eval accuracy %.3f (n=%d), %.1fs", label, metrics["reward_first"] or 0,
-                metrics["reward_last"] or 0, ev["accuracy"], ev["n"], total_s)
-    return metrics

@@ -1,5 +1,5 @@
 """The arithmetic task as the sparse-B and GRPO studies use it: prompt rows, batched chat
-generation, and greedy exact match of the final `#### N` (scored by `domlora.evaluate.scoring`)."""
+generation, and greedy exact match of the final `#### N` (scored by `domlora.evaluate.answers`)."""
 from __future__ import annotations
 
 import logging
@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from domlora.errors import ConfigError, DataError
-from domlora.evaluate.scoring import final_int, is_correct
+from domlora.evaluate.answers import final_int, is_correct
 from domlora.io import iter_jsonl
+from domlora.samples import ensure_chat_template, prompt_batch
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,6 @@ def read_prompts(path: str | os.PathLike, *, limit: int | None = None) -> list[d
 
 def _encode_prompts(tokenizer, prompts: Sequence[list[dict]], device):
     """Left-padded inference prompts (`samples.encode_prompt`: the ids training and the probe use too)."""
-    from domlora.samples import ensure_chat_template, prompt_batch
-
     ensure_chat_template(tokenizer)
     return prompt_batch(tokenizer, prompts, device=device)
 
