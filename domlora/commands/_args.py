@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-MODEL_HELP = "`embedded`, `embedded-gemma`, a hub id or a local checkpoint folder"
+MODEL_HELP = "`embedded`, `embedded-gemma`, `embedded-qwen` (opt-in), a hub id or a local checkpoint folder"
 
 
 def add_model(p: argparse.ArgumentParser, *, required: bool = True, dtypes: str = "float64") -> None:

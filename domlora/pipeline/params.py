@@ -562,12 +562,17 @@ def _check_grid(name: str, grid: GridSpec, models: dict, datasets: dict, methods
     if missing:
         raise ConfigError(f"`{name}.grid.models` {missing} must also be in `grid.probe_models` (every trained model "
                           "is probed)")
+    # a probe-only profile (the `scale` study) trains nothing: models, datasets and methods all empty
+    probe_only = bool(grid.probe_models) and not (grid.models or grid.datasets or grid.methods)
     for axis, known in (("models", models), ("probe_models", models), ("probe_datasets", datasets),
                         ("datasets", datasets), ("methods", methods)):
         values = {"probe_datasets": probe_sets, "probe_models": grid.probe_models or grid.models}.get(
             axis, getattr(grid, axis, None))
+        if not values and probe_only and axis in ("models", "datasets", "methods"):
+            continue
         if not values:
-            raise ConfigError(f"`{name}.grid.{axis}` is empty")
+            raise ConfigError(f"`{name}.grid.{axis}` is empty; fix: name at least one, or (a probe-only profile) "
+                              "leave models, datasets and methods all empty and name the probe_models")
         for v in values:
             if v not in known:
                 raise ConfigError(f"`{name}.grid.{axis}` names {v!r}{close_matches(str(v), known)}, which is not "

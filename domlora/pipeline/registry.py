@@ -120,13 +120,16 @@ def _observation(page_doc: dict, data: str | None) -> dict:
         raise ConfigError("the probe result has no `dominant` module (no down_proj in this model), so there is "
                           "nothing to record; fix: record only page.json files of models with FFN down projections")
     mods = page_doc.get("modules", {})
-    return {"data": data if data is not None else page_doc.get("data"), "n_samples": page_doc.get("n_samples"),
-            "dominant": dom, "argmax": page_doc.get("argmax"),
-            "dominant_layer": mods.get(dom, {}).get("layer"),
-            "dominant_share_total": page_doc.get("dominant_share_total"),
-            "dominant_share_type": page_doc.get("dominant_share_type"),
-            "alpha": page_doc.get("alpha"), "rank": page_doc.get("rank"),
-            "recorded_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    obs = {"data": data if data is not None else page_doc.get("data"), "n_samples": page_doc.get("n_samples"),
+           "dominant": dom, "argmax": page_doc.get("argmax"),
+           "dominant_layer": mods.get(dom, {}).get("layer"),
+           "dominant_share_total": page_doc.get("dominant_share_total"),
+           "dominant_share_type": page_doc.get("dominant_share_type"),
+           "alpha": page_doc.get("alpha"), "rank": page_doc.get("rank")}
+    boot = page_doc.get("bootstrap") or {}
+    if boot:  # how often resampled probe sets pick the same dom / argmax
+        obs |= {"dominant_bootstrap": boot.get("dom_stability"), "argmax_bootstrap": boot.get("argmax_stability")}
+    return obs | {"recorded_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def record(page_doc: dict, *, model: str, config_hash: str, path: str | os.PathLike = DEFAULT_PATH,

@@ -107,6 +107,10 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return MISSING if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _pct(v: float | None) -> str:
+    return MISSING if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.0f}%"
+
+
 def fmt_params(n: int | None) -> str:
     """A parameter count as `19.54M` or `135.2k` (both reports)."""
     if n is None:
@@ -338,25 +342,30 @@ def mc_answers_table(col: Collected) -> tuple[str, list[dict]]:
 def dominant_table(col: Collected) -> tuple[str, list[dict]]:
     """The dominant module per backbone x probe set, and how stable it is across probe sets."""
     p = col.params
-    header = ["Model", "Probe set", "dom module", "share of all PAGE", "share of down_proj PAGE", "argmax", "argmax = dom",
-              "`massive` predicts dom", "samples cut (truncated / skipped of N at length)"]
+    header = ["Model", "Probe set", "dom module", "share of all PAGE", "share of down_proj PAGE", "dom bootstrap",
+              "argmax", "argmax bootstrap", "argmax = dom", "`massive` predicts dom",
+              "samples cut (truncated / skipped of N at length)"]
     lines = ["### Dominant adaptation module (PAGE at step 0)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = []
     for (m, d), doc in col.probes.items():
         if not doc:
-            lines.append(f"| {m} | {d} | {MISSING} | | | | | | |")
+            lines.append(f"| {m} | {d} | {MISSING} |" + " |" * (len(header) - 3))
             continue
         mass = col.massive.get((m, d)) or {}
+        boot = doc.get("bootstrap") or {}
         r = {"model": m, "dataset": d, "dominant": doc.get("dominant"), "share_total": doc.get("dominant_share_total"),
              "share_type": doc.get("dominant_share_type"), "argmax": doc.get("argmax"), "n_layers": doc.get("n_layers"),
-             "massive": mass.get("predicted")}
+             "massive": mass.get("predicted"), "dom_bootstrap": boot.get("dom_stability"),
+             "argmax_bootstrap": boot.get("argmax_stability")}
         r.update(probe_cut(doc))
         rows.append(r)
         pred = "" if not mass else ("yes" if r["massive"] == r["dominant"] else f"no (`{r['massive']}`)")
         lines.append(f"| {m} | {d} | `{r['dominant']}` | {_fmt(100 * (r['share_total'] or 0), 1)}% | "
-                     f"{_fmt(100 * (r['share_type'] or 0), 1)}% | `{r['argmax']}` | {'yes' if r['argmax'] == r['dominant'] else 'no'} "
-                     f"| {pred} | {_fmt_cut(r)} |")
-    lines.append("")
+                     f"{_fmt(100 * (r['share_type'] or 0), 1)}% | {_pct(r['dom_bootstrap'])} | `{r['argmax']}` | "
+                     f"{_pct(r['argmax_bootstrap'])} | {'yes' if r['argmax'] == r['dominant'] else 'no'} | {pred} "
+                     f"| {_fmt_cut(r)} |")
+    lines += ["", "dom / argmax bootstrap: the fraction of 1000 resamples (with replacement) of the probe samples "
+              "whose dom / argmax is the one the whole probe set picks (`probes.agreement.bootstrap_choice`).", ""]
     heavy = [r for r in rows if r.get("n_read") and r["n_truncated"] + r["n_skipped"] > CUT_WARN_SHARE * r["n_read"]]
     if heavy:
         lines += ["**More than a quarter of a probe set cut** at its max length: "
@@ -388,7 +397,8 @@ def backbone_lines(col: Collected, rows: list[dict]) -> list[str]:
     if len(models) < 2:
         return []
     out = ["**Across backbones** (is the dominant module's place the architecture's, not the task's?)", "",
-           "| Model | dom on every probe set | layer / layers (depth) | share of all PAGE (range) |", "|---|---|---|---|"]
+           "| Model | dom on every probe set | layer / layers (depth) | share of all PAGE (range) | "
+           "share of down_proj PAGE (range) | dom bootstrap (range) |", "|---|---|---|---|---|---|"]
     for m in models:
         mine = [r for r in rows if r["model"] == m]
         doms = sorted({r["dominant"] for r in mine})
@@ -396,9 +406,12 @@ def backbone_lines(col: Collected, rows: list[dict]) -> list[str]:
         n = mine[0].get("n_layers")
         depth = ", ".join(f"{L} / {n} ({L / n:.2f})" if n else str(L) for L in layers)
         shares = [100 * (r["share_total"] or 0) for r in mine]
+        in_type = [100 * (r["share_type"] or 0) for r in mine]
+        boots = [r["dom_bootstrap"] for r in mine if r.get("dom_bootstrap") is not None]
+        boot = f"{_pct(min(boots))}-{_pct(max(boots))}" if boots else MISSING
         label = col.params.models[m].label or m if m in col.params.models else m
         out.append(f"| {label} | {'`' + doms[0] + '`' if len(doms) == 1 else 'differs: ' + ', '.join(doms)} | {depth} "
-                   f"| {min(shares):.1f}-{max(shares):.1f}% |")
+                   f"| {min(shares):.1f}-{max(shares):.1f}% | {min(in_type):.1f}-{max(in_type):.1f}% | {boot} |")
     out.append("")
     return out
 

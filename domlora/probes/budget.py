@@ -269,11 +269,15 @@ def plan_batch_size(mm: MemoryModel, encoded: Sequence[Encoded], *, batch_size: 
     if not (isinstance(memory_fraction, (int, float)) and 0 < memory_fraction <= 1):
         raise ConfigError(f"memory fraction must be in (0, 1], got {memory_fraction!r}")
     auto = check_batch_size(batch_size) == "auto"
+    gib = 2**30
+    if reserved and available < reserved:
+        raise ConfigError(f"the model's weights alone need {reserved / gib:.2f} GiB and {available / gib:.2f} GiB is "
+                          "free: refused before loading; fix: free memory, or load it in a smaller dtype (bfloat16 "
+                          "halves float32's need)")
     budget = memory_fraction * max(available - reserved, 0.0)
     fits = largest_fitting(mm, encoded, budget)
     T = max(len(e.input_ids) for e in encoded)
     per_token = mm.per_token_at(T)
-    gib = 2**30
     if fits == 0:
         one = worst_batch_bytes(mm, encoded, 1)
         raise ConfigError(f"one sample of {T} tokens needs about {one / gib:.2f} GiB, over the memory budget of "

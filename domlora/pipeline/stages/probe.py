@@ -15,6 +15,7 @@ from domlora.probes.page import check_lora_shape
 from domlora.probes.step0 import step0_probe
 from domlora.probes.summary import layer_type_matrix, nfn_summary, page_summary, plot_activations, plot_page_heatmap
 from domlora.samples import encode_samples, read_samples
+from domlora.probes.agreement import bootstrap_choice
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ def probe(*, model: str, data: str | os.PathLike, out_dir: str | os.PathLike, sa
     result.page.encode_report = report
     name = model_name or model
     doc = page_summary(result.page, model=name)
+    # how often resampled probe sets pick the same dom / argmax: the uncertainty of "task-stable"
+    doc["bootstrap"] = bootstrap_choice(result.page).to_dict()
     doc["data"] = str(data)
     doc["max_length"] = max_length
     doc["signals"] = ["page"] + (["nfn"] if nfn else []) + (["activations"] if activations else [])
