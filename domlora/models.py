@@ -299,8 +299,8 @@ def _convert(b: EmbeddedBackbone, gguf: Path, out: Path) -> None:
 
 
 def available_memory(device: str = "cpu") -> int:
-    """RAM the kernel calls available (a conversion runs on the CPU). `probes.budget.available_memory` does the
-    same for any device; it is not imported here, so that every stage loading a model does not run the probes."""
+    """RAM the kernel calls available (MemAvailable; a conversion runs on the CPU, and `probes.budget` reads the
+    same for a pass on the CPU)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:

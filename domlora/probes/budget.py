@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from domlora.errors import ConfigError
+from domlora.models import available_memory as ram_available
 from domlora.probes.page import _cheaper, _row_blocks
 from domlora.samples import Encoded
 
@@ -194,14 +195,7 @@ def available_memory(device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))  # pragma: no cover
+    return ram_available()
 
 
 def weight_bytes(config, *, dtype, trust_remote_code: bool = False) -> int:
