@@ -51,6 +51,36 @@ class TestProfile:
             parse_profile(prof, name="scale")
 
 
+class TestScaleTrainProfile:
+    """`scale_train`: the 1.5B training rows (docs/why.md "Training at 1.5B")."""
+
+    def test_qwen_in_bfloat16_four_rows_one_seed(self):
+        p = load_params(ROOT / "params.yaml", profile="scale_train")
+        assert p.models["qwen"].id == "embedded-qwen" and p.models["qwen"].dtype == "bfloat16"
+        assert sorted((c.model, c.method, c.seed) for c in p.cells()) == [
+            ("qwen", m, 0) for m in ("domlora", "lora", "lora_r1", "random_down")]
+        assert {t for d in p.datasets.values() for t in d.tasks} == {"arith", "arith_nll"}
+        assert p.datasets["arith"].n_eval == 200 and p.eval.limit is None
+
+    def test_the_random_down_proj_is_the_placement_draw_with_seed_0(self):
+        from domlora.placement import _draw
+
+        p = load_params(ROOT / "params.yaml", profile="scale_train")
+        names = [f"model.layers.{i}.mlp.down_proj" for i in range(28)]  # Qwen2.5-1.5B: 28 layers
+        (drawn,) = _draw(names, 1, 0)
+        m = p.methods["random_down"]
+        assert (m.placement, m.types, m.layers) == ("explicit", ["down_proj"], [int(drawn.split(".")[2])])
+        assert p.methods["domlora"].placement == "dom"
+
+    def test_ranks_and_rates_as_the_docs_state(self):
+        p = load_params(ROOT / "params.yaml", profile="scale_train")
+        got = {m: (p.train_config(m).rank, p.train_config(m).alpha, p.train_config(m).lr)
+               for m in ("lora", "lora_r1", "domlora", "random_down")}
+        assert got == {"lora": (64, 128, 5.0e-4), "lora_r1": (1, 2, 5.0e-3), "domlora": (64, 128, 5.0e-3),
+                       "random_down": (64, 128, 5.0e-3)}
+        assert p.train_config("domlora").max_steps == 40
+
+
 def test_report_has_bootstrap_columns_and_the_three_backbones(tmp_path):
     params = load_params(ROOT / "params.yaml", profile="scale")
     lay = Layout(tmp_path)
