@@ -3,9 +3,10 @@
 # run-cache of every finished stage) lives outside the work tree, so `dvc repro` in a new clone restores what
 # finished instead of recomputing it, and a run stopped half-way loses only the stage it was in.
 #
-#   bash scripts/placement.sh                  # the `placement` profile (docs/placement.md: <= 6 h on 2 cores)
+#   bash scripts/placement.sh                  # the `placement` profile (docs/placement.md: <= 6 h on 2 cores;
+#                                              # its report is kept in reports/placement/)
 #   bash scripts/placement.sh placement_ci     # its wiring in minutes
-#   bash scripts/placement.sh placement_all -j 2   # every tier; extra arguments go to `dvc repro`
+#   bash scripts/placement.sh placement_all    # every tier; extra arguments go to `dvc repro` (e.g. a target)
 #
 # DOMLORA_DVC_CACHE overrides the cache folder (default ~/.cache/domlora/dvc-cache); it is written to
 # .dvc/config.local, which git ignores, so the repository's own config is left alone.
@@ -22,3 +23,12 @@ python -m domlora profile use "$profile"
 t0=$(date +%s)
 dvc repro "$@"
 echo "placement: dvc repro of profile $profile took $(( $(date +%s) - t0 )) s (cache: $cache)"
+# a long run's report is kept beside the others (reports/<profile>/, committed; reports/placement.md is rewritten
+# by whichever profile ran last)
+case "$profile" in
+  placement|placement_all)
+    mkdir -p "reports/$profile/figures"
+    cp reports/placement.md "reports/$profile/placement.md"
+    for f in reports/figures/placement_*.png; do [ ! -e "$f" ] || cp "$f" "reports/$profile/figures/"; done
+    echo "placement: report kept in reports/$profile/" ;;
+esac
