@@ -182,3 +182,15 @@ def test_nfn_form_is_the_reference_unless_named(raw):
     d["probe"]["nfn_form"] = "squard"
     with pytest.raises(ConfigError, match="nfn_form.*allowed values: reference, squared"):
         parse_profile(d, name="run")
+
+
+def test_placement_smol_is_the_placement_profile_on_smollm2(raw):
+    """`placement_smol` runs the `placement` stages of SmolLM2 with the same parameters, so a later `placement`
+    run restores them from DVC's cache instead of recomputing them."""
+    full, smol = raw["profiles"]["placement"], raw["profiles"]["placement_smol"]
+    assert set(full) == set(smol)
+    for key in set(full) - {"profile", "grid"}:
+        assert smol[key] == full[key], key
+    a = load_params(ROOT / "params.yaml", profile="placement")
+    b = load_params(ROOT / "params.yaml", profile="placement_smol")
+    assert b.cells() and {c.id for c in b.cells()} == {c.id for c in a.cells() if c.model == "smol"}
