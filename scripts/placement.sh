@@ -28,7 +28,7 @@ echo "placement: dvc repro of profile $profile took $(( $(date +%s) - t0 )) s (c
 # a long run's report is kept beside the others (reports/<profile>/, committed; reports/placement.md is rewritten
 # by whichever profile ran last)
 case "$profile" in
-  placement|placement_smol|placement_all)
+  placement|placement_smol|placement_gemma_module|placement_gemma_kappa|placement_all)
     mkdir -p "reports/$profile/figures"
     cp reports/placement.md "reports/$profile/placement.md"
     for f in reports/figures/placement_*.png; do [ ! -e "$f" ] || cp "$f" "reports/$profile/figures/"; done

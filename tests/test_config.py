@@ -194,3 +194,26 @@ def test_placement_smol_is_the_placement_profile_on_smollm2(raw):
     a = load_params(ROOT / "params.yaml", profile="placement")
     b = load_params(ROOT / "params.yaml", profile="placement_smol")
     assert b.cells() and {c.id for c in b.cells()} == {c.id for c in a.cells() if c.model == "smol"}
+
+
+@pytest.mark.parametrize("name,tier", [("placement_gemma_module", "module"), ("placement_gemma_kappa", "kappa")])
+def test_gemma_halves_are_the_placement_profile_one_tier_each(raw, name, tier):
+    """Gemma's half of `placement` split by tier, so each part fits one working session: the same models, data,
+    methods, training and tier settings as `placement`; together the two parts are `placement`'s Gemma cells."""
+    full, part = raw["profiles"]["placement"], raw["profiles"][name]
+    assert set(full) == set(part)
+    for key in set(full) - {"profile", "grid", "tune"}:
+        assert part[key] == full[key], key
+    assert part["tune"]["budgets"] == {tier: full["tune"]["budgets"][tier]}
+    assert {k: v for k, v in part["tune"].items() if k != "budgets"} == \
+        {k: v for k, v in full["tune"].items() if k != "budgets"}
+    a = load_params(ROOT / "params.yaml", profile="placement")
+    b = load_params(ROOT / "params.yaml", profile=name)
+    want = {c.id for c in a.cells() if c.model == "gemma" and a.methods[c.method].budget == tier}
+    assert b.cells() and {c.id for c in b.cells()} == want
+
+
+def test_gemma_halves_cover_placements_gemma_cells():
+    a = load_params(ROOT / "params.yaml", profile="placement")
+    parts = [load_params(ROOT / "params.yaml", profile=p) for p in ("placement_gemma_module", "placement_gemma_kappa")]
+    assert {c.id for p in parts for c in p.cells()} == {c.id for c in a.cells() if c.model == "gemma"}
