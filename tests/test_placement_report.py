@@ -101,6 +101,11 @@ def test_paired_differences_and_the_verdict_follow_the_numbers():
     assert text.startswith("Tier `t` (16% of LoRA): by exact match **PAGE rank** leads")
     assert "more than the seeds' noise" in text and "PAGE's PAGE rank ranks 1 of 3" in text
     assert "PAGE rank minus LoRA r=10 at the same parameter count: +6.0 ± 0.6 points" in text
+    # without a tier the counts differ, so the verdict says them instead of calling them equal
+    untiered = verdict(None, [dict(lora, budget=None, trainable_params=73_859_072),
+                              dict(pr, budget=None, trainable_params=671_744)])
+    assert "same parameter count" not in untiered
+    assert "PAGE rank minus LoRA r=10 (671.7k against 73.86M trainable parameters): +6.0 ± 0.6 points" in untiered
     # the other way round: a tie within the noise is called one
     flipped = verdict("t", [_row("A", "all", [50.0, 40.0, 60.0], [0.1, 0.1, 0.1]),
                             _row("B", "page_budget", [52.0, 38.0, 61.0], [0.1, 0.1, 0.1])])

@@ -209,7 +209,11 @@ def verdict(tier: str | None, rows: list[dict], *, label: str | None = None) -> 
         for pr in page:
             dd = paired_difference(pr["em_by_seed"], r["em_by_seed"])
             if dd[0] is not None:
-                parts.append(f"{pr['label']} minus {r['label']} at the same parameter count: "
+                # only a tier guarantees (nearly) equal counts; without one, the counts are said
+                at = ("at the same parameter count" if tier is not None else
+                      f"({fmt_params(pr.get('trainable_params'))} against {fmt_params(r.get('trainable_params'))} "
+                      "trainable parameters)")
+                parts.append(f"{pr['label']} minus {r['label']} {at}: "
                              f"{dd[0]:+.1f}" + (f" ± {dd[1]:.1f}" if dd[1] is not None else "") + " points")
     return "; ".join(parts) + "."
 
