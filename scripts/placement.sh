@@ -30,7 +30,8 @@ echo "placement: dvc repro of profile $profile took $(( $(date +%s) - t0 )) s (c
 case "$profile" in
   placement|placement_smol|placement_gemma_module|placement_gemma_kappa|placement_all)
     mkdir -p "reports/$profile/figures"
-    cp reports/placement.md "reports/$profile/placement.md"
+    # one folder deeper: its links to docs/ gain a ../
+    sed 's#(\.\./docs/#(../../docs/#g' reports/placement.md > "reports/$profile/placement.md"
     for f in reports/figures/placement_*.png; do [ ! -e "$f" ] || cp "$f" "reports/$profile/figures/"; done
     echo "placement: report kept in reports/$profile/" ;;
 esac
